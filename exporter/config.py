@@ -1,0 +1,363 @@
+"""Typed configuration: YAML in, validated dataclasses out.
+
+Each component declares its options as a dataclass next to its code; this
+module turns YAML into those dataclasses and rejects anything else with an
+error naming the file, the key path and what was expected, e.g.::
+
+    flowship.yaml: sinks[1].batch.max_bytes: expected a byte size like "4MiB", got "lots"
+
+Supported field types: str, int, float, bool, Duration, ByteSize, Literal[...],
+list[T], dict[str, T], T | None, nested dataclasses and ``Any`` (passed through).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(Exception):
+    """One or more problems in a config file; ``str()`` lists every one."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class Duration(float):
+    """Seconds, written as a number or with a unit: 500ms, 10s, 5m, 1h, 7d."""
+
+    _UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+    @classmethod
+    def parse(cls, value: object) -> Duration:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, (int, float)):
+            return cls(float(value))
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ns|us|ms|s|m|h|d)?\s*", str(value))
+        if not match:
+            raise ValueError
+        return cls(float(match.group(1)) * cls._UNITS[match.group(2) or "s"])
+
+    expected = 'a duration like "10s", "500ms" or "5m"'
+
+
+class ByteSize(int):
+    """Bytes, written as a number or with a unit: 512KiB, 64MiB, 1GB."""
+
+    _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+              "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "tib": 1024**4}
+
+    @classmethod
+    def parse(cls, value: object) -> ByteSize:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, int):
+            return cls(value)
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if not match or match.group(2).lower() not in cls._UNITS:
+            raise ValueError
+        return cls(int(float(match.group(1)) * cls._UNITS[match.group(2).lower()]))
+
+    expected = 'a byte size like "4MiB" or 1048576'
+
+
+def secret_value(value: str | None) -> str | None:
+    """Resolve ``env:NAME`` and ``file:/path`` references for credentials.
+
+    Secrets stay out of config files that get committed; the resolved value is
+    never logged (components log the reference, not the value).
+    """
+    if value is None:
+        return None
+    if value.startswith("env:"):
+        name = value[4:]
+        if name not in os.environ:
+            raise ValueError(f"environment variable {name} is not set")
+        return os.environ[name]
+    if value.startswith("file:"):
+        return Path(value[5:]).read_text().strip()
+    return value
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp in (Duration, ByteSize):
+        return tp.expected
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of {_describe(typing.get_args(tp)[1])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None))
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(tp, str(tp))
+
+
+def _fmt_path(path: str) -> str:
+    return path or "<top level>"
+
+
+class _Parser:
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+        self.problems: list[str] = []
+
+    def fail(self, path: str, message: str) -> None:
+        self.problems.append(f"{self.filename}: {_fmt_path(path)}: {message}")
+
+    def convert(self, tp: Any, value: Any, path: str) -> Any:
+        origin = typing.get_origin(tp)
+        if tp is Any:
+            return value
+        if origin in (typing.Union, types.UnionType):
+            args = typing.get_args(tp)
+            if value is None and type(None) in args:
+                return None
+            candidates = [a for a in args if a is not type(None)]
+            if len(candidates) == 1:
+                return self.convert(candidates[0], value, path)
+            for candidate in candidates:
+                sub = _Parser(self.filename)
+                result = sub.convert(candidate, value, path)
+                if not sub.problems:
+                    return result
+            self.fail(path, f"expected {_describe(tp)}, got {value!r}")
+            return None
+        if origin is Literal:
+            allowed = typing.get_args(tp)
+            if value not in allowed:
+                self.fail(path, f"expected one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+            return value
+        if tp in (Duration, ByteSize):
+            try:
+                return tp.parse(value)
+            except (ValueError, TypeError):
+                self.fail(path, f"expected {tp.expected}, got {value!r}")
+                return None
+        if origin is list:
+            (item,) = typing.get_args(tp)
+            if not isinstance(value, list):
+                self.fail(path, f"expected a list, got {type(value).__name__} {value!r}")
+                return []
+            return [self.convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        if origin is dict:
+            _, item = typing.get_args(tp)
+            if not isinstance(value, dict):
+                self.fail(path, f"expected a mapping, got {type(value).__name__} {value!r}")
+                return {}
+            return {str(k): self.convert(item, v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if dataclasses.is_dataclass(tp):
+            return self.dataclass(tp, value, path)
+        if tp is bool:
+            if not isinstance(value, bool):
+                self.fail(path, f"expected true or false, got {value!r}")
+            return value
+        if tp is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                self.fail(path, f"expected an integer, got {value!r}")
+            return value
+        if tp is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                self.fail(path, f"expected a number, got {value!r}")
+                return value
+            return float(value)
+        if tp is str:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)  # a port or a number-like name written without quotes
+            if not isinstance(value, str):
+                self.fail(path, f"expected a string, got {type(value).__name__} {value!r}")
+            return value
+        raise TypeError(f"config type {tp!r} is not supported")
+
+    def dataclass(self, cls: type, value: Any, path: str) -> Any:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            self.fail(path, f"expected a mapping, got {type(value).__name__} {value!r}")
+            return None
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        kwargs: dict[str, Any] = {}
+        for key, raw in value.items():
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in fields:
+                known = ", ".join(sorted(fields))
+                self.fail(sub, f"unknown key (known keys here: {known})")
+                continue
+            kwargs[key] = self.convert(hints[key], raw, sub)
+        for name, f in fields.items():
+            if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                self.fail(f"{path}.{name}" if path else name,
+                          f"required key is missing (expected {_describe(hints[name])})")
+        if any(p.startswith(f"{self.filename}: {_fmt_path(path)}") for p in self.problems):
+            # Construct anyway when possible so that later checks can run.
+            pass
+        try:
+            obj = cls(**kwargs)
+        except TypeError:
+            return None
+        check = getattr(obj, "validate", None)
+        if callable(check):
+            for message in check() or []:
+                key, _, text = message.partition(": ") if ": " in message else ("", "", message)
+                where = f"{path}.{key}" if path and key else (key or path)
+                self.fail(where, text)
+        return obj
+
+
+def parse(cls: type, data: Any, filename: str, path: str = "") -> Any:
+    """Build ``cls`` from plain data or raise ConfigError listing every problem."""
+    parser = _Parser(filename)
+    obj = parser.dataclass(cls, data, path)
+    if parser.problems:
+        raise ConfigError(parser.problems)
+    return obj
+
+
+# -------------------------------------------------------------------------------------------
+# The top-level document
+# -------------------------------------------------------------------------------------------
+
+@dataclass
+class ComponentSpec:
+    """One entry of ``sources:``, ``stages:`` or ``sinks:``, resolved through the registry."""
+
+    type: str
+    name: str
+    config: Any
+    stages: list[ComponentSpec] = field(default_factory=list)
+
+
+@dataclass
+class PipelineConfig:
+    node_name: str
+    sources: list[ComponentSpec]
+    stages: list[ComponentSpec]
+    sinks: list[ComponentSpec]
+    metrics_address: str | None
+    data_dir: Path
+    shutdown_timeout: float
+    queue_batches: int
+    batch_rows: int
+    filename: str
+
+
+@dataclass
+class _TopLevel:
+    node_name: str | None = None
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    sinks: list[dict[str, Any]] = field(default_factory=list)
+    metrics: str | None = None  # "host:port" for /metrics, /healthz, /readyz
+    data_dir: str = "./.flowship"  # checkpoints and other state
+    shutdown_timeout: Duration = Duration(30.0)
+    queue_batches: int = 8  # bounded queue length between pipeline steps
+    batch_rows: int = 65536  # target rows per batch produced by sources
+
+
+def _component(kind: str, raw: Any, path: str, filename: str, parser: _Parser,
+               allow_stages: bool) -> ComponentSpec | None:
+    from exporter import registry
+
+    if not isinstance(raw, dict):
+        parser.fail(path, f"expected a mapping with a 'type' key, got {raw!r}")
+        return None
+    type_name = raw.get("type")
+    known = registry.names(kind)
+    if type_name is None:
+        parser.fail(f"{path}.type", f"required key is missing (one of: {', '.join(known)})")
+        return None
+    if type_name not in known:
+        parser.fail(f"{path}.type", f"unknown {kind[:-1]} type {type_name!r} (one of: {', '.join(known)})")
+        return None
+    body = {k: v for k, v in raw.items() if k not in ("type", "name", "stages")}
+    name = str(raw.get("name") or type_name)
+    config_cls = registry.config_class(kind, type_name)
+    sub = _Parser(filename)
+    config = sub.dataclass(config_cls, body, path)
+    parser.problems.extend(sub.problems)
+    stages: list[ComponentSpec] = []
+    if "stages" in raw:
+        if not allow_stages:
+            parser.fail(f"{path}.stages", "only sinks have their own stages")
+        elif not isinstance(raw["stages"], list):
+            parser.fail(f"{path}.stages", f"expected a list, got {raw['stages']!r}")
+        else:
+            for i, item in enumerate(raw["stages"]):
+                spec = _component("stages", item, f"{path}.stages[{i}]", filename, parser, False)
+                if spec:
+                    stages.append(spec)
+    return ComponentSpec(type_name, name, config, stages)
+
+
+def load_text(text: str, filename: str) -> PipelineConfig:
+    """Parse and validate a whole config document."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        raise ConfigError([f"{filename}: {where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    if data is None:
+        data = {}
+    parser = _Parser(filename)
+    top = parser.dataclass(_TopLevel, data, "")
+    if top is None:
+        raise ConfigError(parser.problems)
+    sources = [s for i, raw in enumerate(top.sources)
+               if (s := _component("sources", raw, f"sources[{i}]", filename, parser, False))]
+    stages = [s for i, raw in enumerate(top.stages)
+              if (s := _component("stages", raw, f"stages[{i}]", filename, parser, False))]
+    sinks = [s for i, raw in enumerate(top.sinks)
+             if (s := _component("sinks", raw, f"sinks[{i}]", filename, parser, True))]
+    if not top.sources and "sources" in (data or {}):
+        parser.fail("sources", "at least one source is needed")
+    if not top.sinks and "sinks" in (data or {}):
+        parser.fail("sinks", "at least one sink is needed")
+    if top.queue_batches is not None and isinstance(top.queue_batches, int) and top.queue_batches < 1:
+        parser.fail("queue_batches", f"expected an integer >= 1, got {top.queue_batches}")
+    if top.batch_rows is not None and isinstance(top.batch_rows, int) and top.batch_rows < 1:
+        parser.fail("batch_rows", f"expected an integer >= 1, got {top.batch_rows}")
+    names: dict[str, str] = {}
+    for kind, specs in (("sources", sources), ("sinks", sinks)):
+        for i, spec in enumerate(specs):
+            if spec.name in names:
+                parser.fail(f"{kind}[{i}].name", f"duplicate name {spec.name!r}: give each {kind[:-1]} its own 'name'")
+            names[spec.name] = kind
+    if parser.problems:
+        raise ConfigError(parser.problems)
+    return PipelineConfig(
+        node_name=top.node_name or socket.gethostname(),
+        sources=sources,
+        stages=stages,
+        sinks=sinks,
+        metrics_address=top.metrics,
+        data_dir=Path(top.data_dir),
+        shutdown_timeout=float(top.shutdown_timeout),
+        queue_batches=top.queue_batches,
+        batch_rows=top.batch_rows,
+        filename=filename,
+    )
+
+
+def load_file(path: str | Path) -> PipelineConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config: {exc.strerror}"]) from None
+    return load_text(text, str(path))

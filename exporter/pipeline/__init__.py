@@ -1,0 +1,1 @@
+"""Pipeline runtime: envelopes, acknowledgements, queues, the run loop."""
