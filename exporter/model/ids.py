@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
-import uuid as uuidlib
 
 import numpy as np
 import pyarrow as pa
@@ -33,9 +32,6 @@ IANA_PROTO: dict[str, int] = {
 _ICMP4_PAIRS = {8: 0, 0: 8, 13: 14, 14: 13, 15: 16, 16: 15, 10: 9, 9: 10, 17: 18, 18: 17}
 _ICMP6_PAIRS = {128: 129, 129: 128, 133: 134, 134: 133, 135: 136, 136: 135, 130: 131, 131: 130,
                 144: 145, 145: 144}
-
-_UUID_NAMESPACE = uuidlib.UUID("6f1f3e1c-4a7e-5b8e-9a59-2f1e0c6d9b11")
-
 
 def community_id(
     src_ip: str, dst_ip: str, proto: int, src_port: int = 0, dst_port: int = 0, seed: int = 0,
@@ -165,19 +161,28 @@ _UUID_COLUMNS = (
 )
 
 
+def digest_uuid(hexdigest: str) -> str:
+    """Format 32 hex digits of a hash as a uuid (version 8 "custom" layout, RFC 9562)."""
+    h = hexdigest
+    variant = "89ab"[int(h[16], 16) & 3]
+    return f"{h[:8]}-{h[8:12]}-8{h[13:16]}-{variant}{h[17:20]}-{h[20:32]}"
+
+
 def content_uuid(parts: bytes) -> str:
-    """A name-based uuid (version 5 layout) of some bytes: same input, same id."""
-    return str(uuidlib.uuid5(_UUID_NAMESPACE, parts.hex()))
+    """A uuid derived from some bytes: same input, same id, in every process."""
+    return digest_uuid(hashlib.blake2b(parts, digest_size=16).hexdigest())
 
 
 def content_uuids(batch: pa.RecordBatch, rows: np.ndarray) -> list[str]:
     """Deterministic uuids for the given row indices, from the flow's content."""
     sub = batch.select(list(_UUID_COLUMNS)).take(pa.array(rows, type=pa.int64()))
-    columns = [col.cast(pa.string()).to_pylist() if col.type != pa.string() else col.to_pylist()
-               for col in (sub.column(i) if not pa.types.is_timestamp(sub.schema.field(i).type)
-                           else sub.column(i).cast(pa.int64()) for i in range(sub.num_columns))]
+    columns = []
+    for col in sub.columns:
+        if pa.types.is_timestamp(col.type):
+            col = col.cast(pa.int64())
+        columns.append(col.to_pylist())
     out = []
-    for values in zip(*columns):
+    for values in zip(*columns, strict=False):
         out.append(content_uuid("\x1f".join("" if v is None else str(v) for v in values).encode()))
     return out
 
@@ -198,7 +203,7 @@ def complete(batch: pa.RecordBatch) -> pa.RecordBatch:
     missing_rows = np.flatnonzero(missing.to_numpy(zero_copy_only=False))
     if len(missing_rows):
         values = uuid_col.to_pylist()
-        for row, generated in zip(missing_rows.tolist(), content_uuids(batch, missing_rows)):
+        for row, generated in zip(missing_rows.tolist(), content_uuids(batch, missing_rows), strict=False):
             values[row] = generated
         columns[names.index("uuid")] = pa.array(values, type=pa.string())
 
