@@ -66,9 +66,13 @@ class Envelope:
     batch: pa.RecordBatch
     receipts: list[Receipt] = field(default_factory=list)
     kind: BatchKind = "flows"
+    on_ack: Callable[[int], None] | None = None  # the runtime counts delivered rows here
 
     def ack(self) -> None:
         """The rows are durably delivered (or deliberately dropped)."""
+        if self.on_ack is not None:
+            self.on_ack(self.batch.num_rows)
+            self.on_ack = None
         release_all(self.receipts)
         self.receipts = []
 

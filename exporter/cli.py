@@ -1,0 +1,174 @@
+"""The ``flowship`` command: export, agent, validate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+
+import structlog
+
+from exporter import logs
+from exporter.config import ConfigError, PipelineConfig, load_file, load_text
+from exporter.defaults import AGENT_DEFAULT, EXPORT_DEFAULT
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_REJECTED = 0, 1, 2, 3
+
+DESCRIPTION = """\
+flowship exports network flows into long-term storage, SIEMs and analytics.
+
+  flowship agent   capture this node's flows with eBPF and export them (root)
+  flowship export  read flows from Hubble, Hubble files, Kafka or stdin and export them
+  flowship validate --config FILE   check a config without running it
+  flowship demo    build a small namespace topology, capture it, answer the two questions
+
+Exit codes: 0 ok, 1 failure, 2 invalid config, 3 finished but some input lines were rejected.
+"""
+
+
+def _load(args: argparse.Namespace, default: str, what: str) -> PipelineConfig:
+    log = structlog.get_logger()
+    if args.config:
+        return load_file(args.config)
+    log.info(f"no --config given: running the embedded default {what} config", config=default.splitlines()[0])
+    return load_text(default, "<embedded default>")
+
+
+def _print_summary(summary, stream=sys.stderr) -> None:  # noqa: ANN001
+    lines = [f"flowship: finished in {summary.seconds:.1f}s"]
+    for name, info in summary.sources.items():
+        detail = ", ".join(f"{k} {v}" for k, v in info.items() if not isinstance(v, dict))
+        lines.append(f"  source {name}: {detail}")
+        for reason, count in (info.get("rejected_by_reason") or {}).items():
+            lines.append(f"    rejected ({reason}): {count}")
+    for name, count in summary.sinks.items():
+        lines.append(f"  sink {name}: {count} rows delivered")
+    for name, count in summary.dropped.items():
+        lines.append(f"  dropped by {name}: {count:.0f}")
+    for error in summary.errors:
+        lines.append(f"  error: {error}")
+    stream.write("\n".join(lines) + "\n")
+
+
+def run_pipeline(config: PipelineConfig, metrics_address: str | None, progress: bool,
+                 extra_sources=None, metrics=None) -> int:  # noqa: ANN001
+    from exporter.metrics import Metrics
+    from exporter.pipeline.runtime import Pipeline
+    from exporter.progress import Progress
+
+    metrics = metrics or Metrics()
+    pipeline = Pipeline(config, metrics, sources=extra_sources)
+    address = metrics_address or config.metrics_address
+    server = metrics.serve(address) if address else None
+
+    def on_signal(signum: int, _frame: object) -> None:
+        structlog.get_logger().info("stopping: flushing sinks", signal=signal.Signals(signum).name,
+                                    deadline_s=config.shutdown_timeout)
+        pipeline.stop()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends at once
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    display = Progress(metrics, [b.name for b in pipeline.branches]) if progress else None
+    if display:
+        display.start()
+    try:
+        summary = pipeline.run()
+    finally:
+        if display:
+            display.stop()
+        if server:
+            server.shutdown()
+    _print_summary(summary)
+    structlog.get_logger().info("run summary", sources=summary.sources, sinks=summary.sinks,
+                                dropped=summary.dropped, errors=summary.errors, seconds=round(summary.seconds, 3))
+    return summary.exit_code
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    config = _load(args, EXPORT_DEFAULT, "export")
+    return run_pipeline(config, args.metrics, not args.no_progress)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    config = load_file(args.config)
+    report = {
+        "file": args.config,
+        "node_name": config.node_name,
+        "sources": [f"{s.name} ({s.type})" for s in config.sources],
+        "stages": [f"{s.name} ({s.type})" for s in config.stages],
+        "sinks": [f"{s.name} ({s.type})" + (f" + stages {[t.type for t in s.stages]}" if s.stages else "")
+                  for s in config.sinks],
+    }
+    print(f"{args.config}: valid")
+    print(json.dumps(report, indent=2))
+    return EXIT_OK
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from agent.cli import run_agent
+
+    config = _load(args, AGENT_DEFAULT, "agent")
+    return run_agent(config, args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from agent.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowship", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser, needs_config: bool = False) -> None:
+        p.add_argument("--config", "-c", required=needs_config, help="YAML config file (see configs/ and docs/config.md)")
+
+    p = sub.add_parser("export", help="run the pipeline on Hubble/Kafka/file/stdin input",
+                       description="Run the export pipeline. Without --config: Hubble JSON lines on stdin "
+                                   "-> Parquet under ./flows.")
+    common(p)
+    p.add_argument("--metrics", help="serve /metrics, /healthz, /readyz on HOST:PORT")
+    p.add_argument("--no-progress", action="store_true", help="no live progress line on a terminal")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("agent", help="capture this node's flows with eBPF (root) and export them",
+                       description="Run the node agent. Without --config: capture every non-loopback "
+                                   "interface that is up and write Parquet under ./flows.")
+    common(p)
+    p.add_argument("--metrics", help="serve /metrics, /healthz, /readyz on HOST:PORT")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.set_defaults(func=cmd_agent)
+
+    p = sub.add_parser("validate", help="check a config file without running it")
+    common(p, needs_config=True)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("demo", help="namespace topology + traffic + capture; prints latency and drops (root)")
+    common(p)
+    p.add_argument("--out", default="./flowship-demo", help="where the demo writes its Parquet files")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logs.configure(args.log_level, None if args.log_format == "auto" else args.log_format == "json")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        sys.stderr.write(f"invalid configuration:\n{exc}\n")
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

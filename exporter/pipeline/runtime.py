@@ -1,0 +1,331 @@
+"""The run loop: sources → shared stages → fan-out → per-sink stages → sinks.
+
+Threads and queues, all bounded:
+
+    source threads ──emit──► input queue ──► router thread (shared stages)
+                                               │ fan-out: one envelope per sink,
+                                               ▼ receipts retained per branch
+                                  sink queue ► sink thread (sink stages → sink)
+
+A full queue blocks the step before it, so a slow sink slows the source
+instead of growing memory. Shutdown (SIGTERM/SIGINT or finite sources
+exhausted) drains in order: sources stop, the router drains and closes the
+shared stages (aggregation windows flush), each sink thread drains, closes
+its stages, flushes and closes its sink — all within ``shutdown_timeout``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import structlog
+
+from exporter import registry
+from exporter.components import Context, Sink, Source, Stage
+from exporter.config import ComponentSpec, PipelineConfig
+from exporter.metrics import Metrics
+from exporter.pipeline.envelope import Envelope, Receipt
+
+_STOP = object()
+TICK_SECONDS = 1.0
+
+
+class PipelineError(RuntimeError):
+    """A component failed in a way the pipeline cannot continue from."""
+
+
+class BoundedQueue:
+    """queue.Queue with its depth and capacity exported as metrics."""
+
+    def __init__(self, name: str, capacity: int, metrics: Metrics) -> None:
+        self.name = name
+        self._q: queue.Queue = queue.Queue(maxsize=capacity)
+        self._depth = metrics.queue_depth(name)
+        metrics.queue_capacity(name).set(capacity)
+
+    def put(self, item: Any, stop: threading.Event | None = None) -> bool:
+        """Block until there is room; give up (False) only if ``stop`` is set meanwhile."""
+        while True:
+            try:
+                self._q.put(item, timeout=0.2)
+                self._depth.set(self._q.qsize())
+                return True
+            except queue.Full:
+                if stop is not None and stop.is_set():
+                    return False
+
+    def put_final(self, item: Any) -> None:
+        self._q.put(item)
+
+    def get(self, timeout: float) -> Any:
+        item = self._q.get(timeout=timeout)
+        self._depth.set(self._q.qsize())
+        return item
+
+
+@dataclass
+class Branch:
+    """One sink with its own stages, queue and thread."""
+
+    name: str
+    sink: Sink
+    stages: list[Stage]
+    queue: BoundedQueue
+    thread: threading.Thread | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class RunSummary:
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sinks: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, float] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    rejected: int = 0
+    seconds: float = 0.0
+    clean_shutdown: bool = True
+
+    @property
+    def exit_code(self) -> int:
+        if self.errors or not self.clean_shutdown:
+            return 1
+        return 3 if self.rejected else 0
+
+
+def _build_stages(specs: list[ComponentSpec], metrics: Metrics, pc: PipelineConfig, prefix: str) -> list[Stage]:
+    stages = []
+    for i, spec in enumerate(specs):
+        name = spec.name if spec.name != spec.type else f"{prefix}{spec.type}[{i}]"
+        ctx = Context(name=name, metrics=metrics, node_name=pc.node_name, data_dir=pc.data_dir,
+                      config_file=pc.filename)
+        stages.append(registry.build("stages", spec.type, spec.config, ctx))
+    return stages
+
+
+def _run_stages(stages: list[Stage], envs: list[Envelope]) -> list[Envelope]:
+    for stage in stages:
+        out: list[Envelope] = []
+        for env in envs:
+            out.extend(stage.process(env))
+        envs = out
+    return envs
+
+
+def _tick_stages(stages: list[Stage], now_ns: int) -> list[Envelope]:
+    """Tick each stage; what a stage emits passes through the stages after it."""
+    out: list[Envelope] = []
+    for i, stage in enumerate(stages):
+        emitted = stage.tick(now_ns)
+        if emitted:
+            out.extend(_run_stages(stages[i + 1:], emitted))
+    return out
+
+
+def _close_stages(stages: list[Stage]) -> list[Envelope]:
+    out: list[Envelope] = []
+    for i, stage in enumerate(stages):
+        emitted = stage.close()
+        if emitted:
+            out.extend(_run_stages(stages[i + 1:], emitted))
+    return out
+
+
+class Pipeline:
+    """A configured pipeline, ready to :meth:`run`."""
+
+    def __init__(self, config: PipelineConfig, metrics: Metrics | None = None,
+                 sources: list[Source] | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.log = structlog.get_logger().bind(component="pipeline")
+        self.stop_event = threading.Event()  # asks sources to stop
+        self._failed = threading.Event()
+        self._errors: list[str] = []
+        Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+
+        self.sources: list[Source] = list(sources or [])
+        for spec in config.sources:
+            ctx = Context(name=spec.name, metrics=self.metrics, node_name=config.node_name,
+                          data_dir=config.data_dir, config_file=config.filename)
+            self.sources.append(registry.build("sources", spec.type, spec.config, ctx))
+        self.stages = _build_stages(config.stages, self.metrics, config, "")
+        self.branches: list[Branch] = []
+        for spec in config.sinks:
+            ctx = Context(name=spec.name, metrics=self.metrics, node_name=config.node_name,
+                          data_dir=config.data_dir, config_file=config.filename)
+            sink = registry.build("sinks", spec.type, spec.config, ctx)
+            stages = _build_stages(spec.stages, self.metrics, config, f"{spec.name}.")
+            self.branches.append(Branch(spec.name, sink, stages,
+                                        BoundedQueue(f"sink:{spec.name}", config.queue_batches, self.metrics)))
+        self.input = BoundedQueue("input", config.queue_batches, self.metrics)
+        self._source_threads: list[threading.Thread] = []
+        self._flows_in = {s.ctx.name: self.metrics.flows_in(s.ctx.name) for s in self.sources}
+        self.metrics.ready = lambda: not self._failed.is_set()
+
+    # -- sources ------------------------------------------------------------------------------
+    def _emit_for(self, source: Source) -> Callable[[pa.RecordBatch, Receipt], None]:
+        counter = self._flows_in[source.ctx.name]
+
+        def emit(batch: pa.RecordBatch, receipt: Receipt) -> None:
+            counter.inc(batch.num_rows)
+            if not self.input.put(Envelope(batch, [receipt]), self.stop_event):
+                # Stopping while blocked: the batch is not delivered and its receipt never
+                # completes, so the source's checkpoint stays before it and it is read again.
+                return
+
+        return emit
+
+    def _run_source(self, source: Source) -> None:
+        try:
+            source.run(self._emit_for(source), self.stop_event)
+        except Exception as exc:  # noqa: BLE001 - reported, then the pipeline stops
+            self._fail(f"source {source.ctx.name}: {exc}", exc)
+
+    # -- router -------------------------------------------------------------------------------
+    def _fan_out(self, envs: list[Envelope]) -> None:
+        for env in envs:
+            if env.batch.num_rows == 0 or not self.branches:
+                env.ack()
+                continue
+            for _ in self.branches[1:]:
+                env.retain()
+            for branch in self.branches:
+                branch.queue.put(Envelope(env.batch, list(env.receipts), env.kind))
+
+    def _router(self, sources_done: threading.Event) -> None:
+        next_tick = time.monotonic() + TICK_SECONDS
+        while True:
+            try:
+                item = self.input.get(timeout=0.2)
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                break
+            try:
+                if item is not None:
+                    self._fan_out(_run_stages(self.stages, [item]))
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + TICK_SECONDS
+                    self._fan_out(_tick_stages(self.stages, time.time_ns()))
+            except Exception as exc:  # noqa: BLE001
+                self._fail(f"stage: {exc}", exc)
+                break
+        try:
+            self._fan_out(_close_stages(self.stages))
+        except Exception as exc:  # noqa: BLE001
+            self._fail(f"stage close: {exc}", exc)
+        for branch in self.branches:
+            branch.queue.put_final(_STOP)
+
+    # -- sinks --------------------------------------------------------------------------------
+    def _sink_worker(self, branch: Branch) -> None:
+        sink = branch.sink
+        counter = self.metrics.flows_out(branch.name)
+        next_tick = time.monotonic() + TICK_SECONDS
+
+        def deliver(envs: list[Envelope]) -> None:
+            for env in envs:
+                if env.batch.num_rows == 0:
+                    env.ack()
+                    continue
+                env.on_ack = counter.inc
+                sink.write(env)
+
+        try:
+            while True:
+                try:
+                    item = branch.queue.get(timeout=0.2)
+                except queue.Empty:
+                    item = None
+                if item is _STOP:
+                    break
+                if item is not None:
+                    deliver(_run_stages(branch.stages, [item]))
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + TICK_SECONDS
+                    now = time.time_ns()
+                    deliver(_tick_stages(branch.stages, now))
+                    sink.tick(now)
+            deliver(_close_stages(branch.stages))
+            sink.flush()
+        except Exception as exc:  # noqa: BLE001
+            branch.error = exc
+            self._fail(f"sink {branch.name}: {exc}", exc)
+        finally:
+            try:
+                sink.close()
+            except Exception as exc:  # noqa: BLE001
+                self.log.error("sink close failed", sink=branch.name, error=str(exc))
+
+    def _fail(self, message: str, exc: BaseException) -> None:
+        self.log.error("pipeline component failed", error=message, exc_type=type(exc).__name__)
+        self._errors.append(message)
+        self._failed.set()
+        self.stop_event.set()
+
+    # -- run ----------------------------------------------------------------------------------
+    def start_sinks(self) -> None:
+        for branch in self.branches:
+            branch.sink.start()
+
+    def run(self, on_started: Callable[[Pipeline], None] | None = None) -> RunSummary:
+        """Run until the sources finish or :meth:`stop` is called; return the summary."""
+        started = time.monotonic()
+        summary = RunSummary()
+        self.start_sinks()
+        for branch in self.branches:
+            branch.thread = threading.Thread(target=self._sink_worker, args=(branch,),
+                                             name=f"sink:{branch.name}", daemon=True)
+            branch.thread.start()
+        sources_done = threading.Event()
+        router = threading.Thread(target=self._router, args=(sources_done,), name="router", daemon=True)
+        router.start()
+        for source in self.sources:
+            t = threading.Thread(target=self._run_source, args=(source,), name=f"source:{source.ctx.name}",
+                                 daemon=True)
+            t.start()
+            self._source_threads.append(t)
+        if on_started:
+            on_started(self)
+        for t in self._source_threads:
+            while t.is_alive():
+                t.join(timeout=0.5)
+        sources_done.set()
+        deadline = time.monotonic() + self.config.shutdown_timeout
+        self.input.put_final(_STOP)
+        router.join(timeout=max(0.0, deadline - time.monotonic()))
+        for branch in self.branches:
+            if branch.thread:
+                branch.thread.join(timeout=max(0.0, deadline - time.monotonic()))
+                if branch.thread.is_alive():
+                    summary.clean_shutdown = False
+                    self._errors.append(f"sink {branch.name} did not finish within shutdown_timeout "
+                                        f"({self.config.shutdown_timeout:g}s); undelivered flows will be "
+                                        "read again on the next start")
+        if router.is_alive():
+            summary.clean_shutdown = False
+        summary.seconds = time.monotonic() - started
+        for source in self.sources:
+            info = dict(source.summary())
+            info["flows"] = int(self.metrics.value("flowship_flows_in_total", source=source.ctx.name))
+            summary.sources[source.ctx.name] = info
+            summary.rejected += int(info.get("rejected", 0))
+        for branch in self.branches:
+            summary.sinks[branch.name] = int(self.metrics.value("flowship_sink_flows_total", sink=branch.name))
+        for family in self.metrics.registry.collect():
+            for sample in family.samples:
+                if sample.name == "flowship_stage_dropped_total" and sample.value:
+                    summary.dropped[f"{sample.labels['stage']}/{sample.labels['reason']}"] = sample.value
+        summary.errors = list(self._errors)
+        return summary
+
+    def stop(self) -> None:
+        """Ask sources to stop; the run loop then drains and flushes everything."""
+        self.stop_event.set()

@@ -1,0 +1,1 @@
+"""Sources: where flows come from (files, stdin, Hubble, Kafka, the node agent)."""
