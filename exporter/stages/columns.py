@@ -83,5 +83,7 @@ def uint_values(column: pa.Array | pa.ChunkedArray, fill: int = 0) -> np.ndarray
     """An integer column as int64 numpy values, nulls replaced by ``fill``."""
     column = as_array(column)
     if column.null_count:
+        if fill < 0:
+            column = column.cast(pa.int64())
         column = column.fill_null(fill)
     return column.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
