@@ -332,12 +332,12 @@ def load_text(text: str, filename: str) -> PipelineConfig:
         parser.fail("queue_batches", f"expected an integer >= 1, got {top.queue_batches}")
     if top.batch_rows is not None and isinstance(top.batch_rows, int) and top.batch_rows < 1:
         parser.fail("batch_rows", f"expected an integer >= 1, got {top.batch_rows}")
-    names: dict[str, str] = {}
     for kind, specs in (("sources", sources), ("sinks", sinks)):
+        seen: set[str] = set()
         for i, spec in enumerate(specs):
-            if spec.name in names:
+            if spec.name in seen:
                 parser.fail(f"{kind}[{i}].name", f"duplicate name {spec.name!r}: give each {kind[:-1]} its own 'name'")
-            names[spec.name] = kind
+            seen.add(spec.name)
     if parser.problems:
         raise ConfigError(parser.problems)
     return PipelineConfig(

@@ -153,18 +153,38 @@ class FileSource(Source):
 
     def _read_some(self, f: _OpenFile) -> tuple[bytes, bool]:
         """(complete lines read, at_eof)."""
-        try:
-            data = f.fh.read(self.config.read_size)
-        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-            # A gzip file cut short (a copy in progress, a crash): keep what decoded.
-            f.decoder.reject(f.decoder.line + 1, f"truncated or corrupt gzip stream after {f.read_total} bytes: {exc}")
-            return self._final_line(f), True
-        if not data:
-            return b"", True
-        f.read_total += len(data)
-        lines, f.pending = split_complete(f.pending + data)
-        f.offset = f.read_total - len(f.pending)
-        return lines, False
+        data, error = self._read_raw(f)
+        if data:
+            f.read_total += len(data)
+            lines, f.pending = split_complete(f.pending + data)
+            f.offset = f.read_total - len(f.pending)
+        else:
+            lines = b""
+        if error is not None:
+            # A gzip file cut short (a copy in progress, a crash): keep every complete line.
+            f.decoder.reject(f.decoder.line + lines.count(b"\n") + 1,
+                             f"truncated or corrupt gzip stream after {f.read_total} bytes: {error}")
+            f.pending = b""  # the partial line before the cut is not trustworthy
+            f.offset = f.read_total
+            return lines, True
+        return lines, not data
+
+    def _read_raw(self, f: _OpenFile) -> tuple[bytes, Exception | None]:
+        """Up to read_size bytes; for gzip, in pieces so a corrupt tail keeps the good head."""
+        if not f.gzip:
+            return f.fh.read(self.config.read_size), None
+        pieces: list[bytes] = []
+        total = 0
+        while total < self.config.read_size:
+            try:
+                piece = f.fh.read1(256 * 1024)
+            except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+                return b"".join(pieces), exc
+            if not piece:
+                break
+            pieces.append(piece)
+            total += len(piece)
+        return b"".join(pieces), None
 
     @staticmethod
     def _final_line(f: _OpenFile) -> bytes:
