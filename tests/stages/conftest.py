@@ -1,0 +1,57 @@
+"""Helpers for the stage tests: flow batches from rows, the recorded fixtures, a context."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from exporter.components import Context
+from exporter.metrics import Metrics
+from exporter.model.hubble_json import decode_lines
+from exporter.model.schema import flows_from_rows
+
+T0 = 1_700_000_000_000_000_000  # ns
+
+
+def make_flows(rows: list[dict], **defaults) -> pa.RecordBatch:
+    """A flow batch from partial rows; every row gets a time and the given defaults."""
+    full = []
+    for i, row in enumerate(rows):
+        merged = {"time": T0 + i * 1_000_000, **defaults, **row}
+        full.append(merged)
+    return flows_from_rows(full)
+
+
+def new_context(name: str = "stage") -> Context:
+    return Context(name=name, metrics=Metrics(), node_name="test-node", data_dir=Path("/tmp"))
+
+
+def dropped(ctx: Context, reason: str | None = None) -> float:
+    labels = {"stage": ctx.name}
+    if reason is not None:
+        labels["reason"] = reason
+    return ctx.metrics.value("flowship_stage_dropped_total", **labels)
+
+
+@pytest.fixture()
+def ctx() -> Context:
+    return new_context()
+
+
+@pytest.fixture(scope="session")
+def fixture_batches(fixture_files: list[Path]) -> dict[str, pa.RecordBatch]:
+    """Each recorded Hubble file decoded to one flow batch, by file name."""
+    out = {}
+    for path in fixture_files:
+        result = decode_lines(path.read_bytes())
+        assert not result.errors, f"{path.name}: {result.errors[:3]}"
+        out[path.name] = result.batch
+    return out
+
+
+@pytest.fixture(scope="session")
+def all_fixture_flows(fixture_batches: dict[str, pa.RecordBatch]) -> pa.RecordBatch:
+    table = pa.Table.from_batches(list(fixture_batches.values()))
+    return table.combine_chunks().to_batches()[0]
