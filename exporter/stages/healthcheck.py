@@ -88,6 +88,11 @@ class RecentConnections:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def expire(self, now_ns: int) -> None:
+        alive = self.seen >= now_ns - self.ttl_ns
+        if not alive.all():
+            self.keys, self.seen = self.keys[alive], self.seen[alive]
+
     def contains(self, hashes: np.ndarray) -> np.ndarray:
         if len(self.keys) == 0:
             return np.zeros(len(hashes), dtype=bool)
@@ -104,8 +109,9 @@ class RecentConnections:
         first = np.ones(len(keys), dtype=bool)
         first[1:] = keys[1:] != keys[:-1]
         keys, seen = keys[first], seen[first]
-        alive = seen >= now_ns - self.ttl_ns
-        keys, seen = keys[alive], seen[alive]
+        self.keys, self.seen = keys, seen
+        self.expire(now_ns)
+        keys, seen = self.keys, self.seen
         if len(keys) > self.capacity:
             newest = np.argsort(-seen, kind="stable")[: self.capacity]
             newest.sort()
@@ -219,6 +225,7 @@ class HealthcheckStage(Stage):
             if http_removed.any() or len(self._recent):
                 hashes = connection_hashes(batch)
                 now = int(pc.max(batch.column("time").cast(pa.int64())).as_py())
+                self._recent.expire(now)
                 paired = self._recent.contains(hashes)
                 if http_removed.any():
                     paired |= np.isin(hashes, hashes[http_removed])
