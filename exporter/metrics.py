@@ -58,6 +58,11 @@ class Metrics:
                             "Events lost upstream (Hubble LostEvent or kernel ring buffer), by where.",
                             ["source", "lost_source"]).labels(source, lost_source)
 
+    def record_lost(self, source: str, lost_source: str, count: int) -> None:
+        """Events lost upstream: flowship's series and Hubble's hubble_lost_events_total."""
+        self.lost_events(source, lost_source).inc(count)
+        self.counter("hubble_lost_events_total", "Number of lost events", ["source"]).labels(lost_source).inc(count)
+
     def stage_dropped(self, stage: str, reason: str) -> Counter:
         return self.counter("flowship_stage_dropped_total",
                             "Flows a stage removed on purpose, by stage and rule.",

@@ -30,6 +30,7 @@ import structlog
 from exporter import registry
 from exporter.components import Context, Sink, Source, Stage
 from exporter.config import ComponentSpec, PipelineConfig
+from exporter.hubble_metrics import HubbleMetrics
 from exporter.metrics import Metrics
 from exporter.pipeline.envelope import Envelope, Receipt
 
@@ -168,6 +169,7 @@ class Pipeline:
         self._source_threads: list[threading.Thread] = []
         self._flows_in = {s.ctx.name: self.metrics.flows_in(s.ctx.name) for s in self.sources}
         self.metrics.ready = lambda: not self._failed.is_set()
+        self.hubble_metrics = HubbleMetrics(self.metrics)
 
     # -- sources ------------------------------------------------------------------------------
     def _emit_for(self, source: Source) -> Callable[[pa.RecordBatch, Receipt], None]:
@@ -210,6 +212,8 @@ class Pipeline:
                 break
             try:
                 if item is not None:
+                    if item.kind == "flows":
+                        self.hubble_metrics.observe(item.batch)
                     self._fan_out(_run_stages(self.stages, [item]))
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + TICK_SECONDS

@@ -62,7 +62,7 @@ class LineDecoder:
         for lost in result.lost_events:
             count = int(lost.get("num_events_lost") or 0)
             self.stats.lost_events += count
-            self.ctx.metrics.lost_events(self.ctx.name, str(lost.get("source"))).inc(count)
+            self.ctx.metrics.record_lost(self.ctx.name, str(lost.get("source")), count)
             self.ctx.log.warning("upstream lost events", input=self.name, lost_source=lost.get("source"),
                                  count=count, node=lost.get("node_name"))
         self.stats.other_events += result.other_events
