@@ -55,3 +55,22 @@ def fixture_batches(fixture_files: list[Path]) -> dict[str, pa.RecordBatch]:
 def all_fixture_flows(fixture_batches: dict[str, pa.RecordBatch]) -> pa.RecordBatch:
     table = pa.Table.from_batches(list(fixture_batches.values()))
     return table.combine_chunks().to_batches()[0]
+
+
+def columns_batch(n: int, **columns) -> pa.RecordBatch:
+    """A flow batch of ``n`` rows from whole columns (numpy or lists); the rest null. Fast for big tests."""
+    from exporter.model.schema import FLOW_SCHEMA
+
+    arrays = []
+    for field in FLOW_SCHEMA:
+        if field.name in columns:
+            arrays.append(pa.array(columns[field.name], type=field.type))
+        elif field.name == "time":
+            arrays.append(pa.array(T0 + pa.array(range(n)).to_numpy() * 1000, type=field.type))
+        elif field.name == "uuid":
+            arrays.append(pa.array([f"u{i}" for i in range(n)], type=pa.string()))
+        elif field.name == "sample_rate":
+            arrays.append(pa.array([1] * n, type=pa.uint32()))
+        else:
+            arrays.append(pa.nulls(n, field.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=FLOW_SCHEMA)
