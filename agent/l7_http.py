@@ -430,6 +430,8 @@ class HttpPairer:
         dir_l = np.asarray(direction, dtype=np.int64).tolist() if direction is not None else None
         port_l = np.asarray(dst_port, dtype=np.int64).tolist() if dst_port is not None else None
         errors = self.stats.parse_errors
+        if ts_l:
+            self.expire(min(ts_l))  # before the new rows compete for room
         for i in range(n):
             payload = payloads[i]
             if not payload:
