@@ -23,7 +23,7 @@ import numpy as np
 
 from agent import events as ev
 from agent import kernel_features, loader
-from agent.attach import Attacher, AttachMode, Attachment, netns_path
+from agent.attach import Attacher, Attachment, AttachMode, netns_path
 from agent.ringbuf import READERS, RingReader, RingWaiter
 
 log = logging.getLogger(__name__)
@@ -399,6 +399,11 @@ class KernelCapture:
         """Wait until an interface that appeared after start() is attached."""
         st = self._state()
         return bool(st.attacher and st.attacher.wait_attached(name, timeout))
+
+    def wait_detached(self, name: str, timeout: float = 5.0) -> bool:
+        """Wait until an interface is no longer attached (deleted, or renamed to a non-matching name)."""
+        st = self._state()
+        return st.attacher is None or st.attacher.wait_detached(name, timeout)
 
     def attach_errors(self) -> list[str]:
         """Interfaces that could not be attached, and why."""

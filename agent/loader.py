@@ -110,6 +110,8 @@ _PROTOS: dict[str, tuple[object, list[object]]] = {
     "bpf_prog_test_run_opts": (_I, [_I, ctypes.POINTER(_TestRunOpts)]),
     "bpf_map_lookup_elem": (_I, [_I, _P, _P]),
     "bpf_map_update_elem": (_I, [_I, _P, _P, ctypes.c_uint64]),
+    "bpf_prog_query": (_I, [_I, _I, _U32, ctypes.POINTER(_U32), ctypes.POINTER(_U32), ctypes.POINTER(_U32)]),
+    "bpf_obj_get_info_by_fd": (_I, [_I, _P, ctypes.POINTER(_U32)]),
     "libbpf_num_possible_cpus": (_I, []),
     "libbpf_probe_bpf_map_type": (_I, [_I, _P]),
     "libbpf_probe_bpf_prog_type": (_I, [_I, _P]),
@@ -409,6 +411,24 @@ def tc_detach(ifindex: int, point: int, handle: int, priority: int) -> None:
     ret = libbpf().bpf_tc_detach(ctypes.byref(hook), ctypes.byref(opts))
     if ret < 0 and ret not in (-errno.ENOENT, -errno.ENODEV, -errno.EINVAL):
         _check(f"bpf_tc_detach(ifindex {ifindex})", ret)
+
+
+def prog_id(fd: int) -> int:
+    """Kernel id of a loaded program (what `bpftool prog/link show` print)."""
+    info = (ctypes.c_uint32 * 2)()  # struct bpf_prog_info starts with type, id
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check("bpf_obj_get_info_by_fd", libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)))
+    return int(info[1])
+
+
+def prog_query(target: int, attach_type: int, max_progs: int = 64) -> list[int]:
+    """Ids of programs attached at a hook (tcx: target is the ifindex, in the caller's netns)."""
+    ids = (ctypes.c_uint32 * max_progs)()
+    count = ctypes.c_uint32(max_progs)
+    flags = ctypes.c_uint32(0)
+    ret = libbpf().bpf_prog_query(target, attach_type, 0, ctypes.byref(flags), ids, ctypes.byref(count))
+    _check(f"bpf_prog_query(type {attach_type})", ret)
+    return list(ids[: count.value])
 
 
 def num_possible_cpus() -> int:

@@ -34,6 +34,19 @@ def _round8(n: int) -> int:
     return (n + 7) & ~7
 
 
+def committed_prefix(lens: np.ndarray, itemsize: int) -> tuple[int, np.ndarray | None]:
+    """From the length words of consecutive records: how many may be consumed (those before the
+    first BUSY one) and which of them to keep (None: all; DISCARD records are skipped). Returns
+    n = -1 when a consumable record's length is not itemsize (the region is not a regular array)."""
+    busy = (lens & BUSY_BIT) != 0
+    n = int(np.argmax(busy)) if busy.any() else len(lens)
+    lens = lens[:n]
+    if np.any((lens & np.uint32(~(BUSY_BIT | DISCARD_BIT) & 0xFFFFFFFF)) != itemsize):
+        return -1, None
+    discard = (lens & DISCARD_BIT) != 0
+    return n, (~discard if discard.any() else None)
+
+
 class RingReader(Protocol):
     """What capture.py needs from a ring reader."""
 
@@ -94,17 +107,13 @@ class MmapRing:
         if max_records is not None:
             n = min(n, max_records)
         recs = np.frombuffer(self._prod_mm, dtype=self._rec_dtype, count=n, offset=self._data_off + (cons & self._mask))
-        lens = recs["len"]
-        busy = (lens & BUSY_BIT) != 0
-        if busy.any():
-            n = int(np.argmax(busy))
-            recs, lens = recs[:n], lens[:n]
+        n, keep = committed_prefix(recs["len"], self.dtype.itemsize)
+        if n < 0:
+            return self._read_walk(cons, prod, max_records)
         if n == 0:
             return np.empty(0, dtype=self.dtype)
-        if np.any((lens & ~np.uint32(BUSY_BIT | DISCARD_BIT)) != self.dtype.itemsize):
-            return self._read_walk(cons, prod, max_records)
-        keep = (lens & DISCARD_BIT) == 0
-        out = recs["rec"].copy() if keep.all() else recs["rec"][keep]
+        recs = recs[:n]
+        out = recs["rec"].copy() if keep is None else recs["rec"][keep]
         self._cons[0] = cons + n * self._stride
         return out
 

@@ -48,33 +48,39 @@ static __always_inline __u8 fs_http_kind(const __u8 *b)
 	return 0;
 }
 
-/* Which kind of L7 snippet this packet starts, 0 for none. */
-static __always_inline __u8 fs_l7_kind(struct __sk_buff *skb, const struct fs_pkt *p)
+#define FS_CAND_DNS_UDP 1
+#define FS_CAND_DNS_TCP 2
+#define FS_CAND_HTTP 3
+
+/* Port-based preselection, before any payload byte is read. */
+static __always_inline __u8 fs_l7_candidate(const struct fs_pkt *p)
 {
 	__u16 dns = fs_cfg.dns_port;
 
-	if (!p->has_l4 || p->payload_len == 0)
-		return 0;
-	if ((fs_cfg.l7_flags & FS_L7F_DNS) && (p->proto == IPPROTO_UDP || p->proto == IPPROTO_TCP) &&
-	    (p->sport == dns || p->dport == dns)) {
-		if (p->proto == IPPROTO_UDP) {
-			__u8 hdr[3];
-
-			if (p->payload_len < 12 || fs_load(skb, p->payload_off, hdr, sizeof(hdr)) < 0)
-				return 0;
-			return (hdr[2] & 0x80) ? FS_L7_DNS_RESPONSE : FS_L7_DNS_QUERY;
-		}
-		return p->dport == dns ? FS_L7_DNS_QUERY : FS_L7_DNS_RESPONSE;
+	if ((fs_cfg.l7_flags & FS_L7F_DNS) && (p->sport == dns || p->dport == dns)) {
+		if (p->proto == IPPROTO_UDP && p->payload_len >= 12)
+			return FS_CAND_DNS_UDP;
+		if (p->proto == IPPROTO_TCP)
+			return FS_CAND_DNS_TCP;
 	}
 	if ((fs_cfg.l7_flags & FS_L7F_HTTP) && p->proto == IPPROTO_TCP && p->payload_len >= 8 &&
-	    ((fs_cfg.l7_flags & FS_L7F_ALL_PORTS) || fs_l7_port(p->sport) || fs_l7_port(p->dport))) {
-		__u8 b[8];
-
-		if (fs_load(skb, p->payload_off, b, sizeof(b)) < 0)
-			return 0;
-		return fs_http_kind(b);
-	}
+	    ((fs_cfg.l7_flags & FS_L7F_ALL_PORTS) || fs_l7_port(p->sport) || fs_l7_port(p->dport)))
+		return FS_CAND_HTTP;
 	return 0;
+}
+
+/* Which kind of L7 message starts at the payload (absolute offset off), 0 for none. */
+static __always_inline __u8 fs_l7_kind(struct __sk_buff *skb, const struct fs_pkt *p, __u8 cand, __u32 off)
+{
+	__u8 b[8];
+
+	if (cand == FS_CAND_DNS_TCP)
+		return p->dport == fs_cfg.dns_port ? FS_L7_DNS_QUERY : FS_L7_DNS_RESPONSE;
+	if (bpf_skb_load_bytes(skb, off, b, sizeof(b)) < 0) /* both candidates have >= 8 bytes */
+		return 0;
+	if (cand == FS_CAND_DNS_UDP)
+		return (b[2] & 0x80) ? FS_L7_DNS_RESPONSE : FS_L7_DNS_QUERY;
+	return fs_http_kind(b);
 }
 
 static __always_inline void fs_l7_packet(struct __sk_buff *skb, const struct fs_pkt *p,
@@ -82,12 +88,20 @@ static __always_inline void fs_l7_packet(struct __sk_buff *skb, const struct fs_
 {
 	struct fs_l7_event *e;
 	__u32 snap = fs_cfg.l7_snap_len; /* a constant for the verifier: .rodata is frozen */
-	__u32 n;
-	__u8 kind;
+	__u32 n, off;
+	int netoff;
+	__u8 cand, kind;
 
-	if (!fs_cfg.l7_flags)
+	if (!fs_cfg.l7_flags || !p->has_l4 || p->payload_len == 0)
 		return;
-	kind = fs_l7_kind(skb, p);
+	cand = fs_l7_candidate(p);
+	if (!cand)
+		return;
+	netoff = fs_net_offset(skb);
+	if (netoff < 0)
+		return;
+	off = netoff + p->payload_off;
+	kind = fs_l7_kind(skb, p, cand, off);
 	if (!kind)
 		return;
 	if (snap > FS_L7_SNAP_MAX)
@@ -99,7 +113,7 @@ static __always_inline void fs_l7_packet(struct __sk_buff *skb, const struct fs_
 		fs_stat_inc(FS_STAT_LOST_L7_RING);
 		return;
 	}
-	if (n == 0 || n > snap || fs_load(skb, p->payload_off, (__u8 *)(e + 1), n) < 0) {
+	if (n == 0 || n > snap || bpf_skb_load_bytes(skb, off, (__u8 *)(e + 1), n) < 0) {
 		bpf_ringbuf_discard(e, 0);
 		return;
 	}

@@ -173,6 +173,27 @@ static __always_inline int fs_parse_v6(struct __sk_buff *skb, struct fs_pkt *p)
 	return fs_parse_l4(skb, p, off, len > off ? len - off : 0);
 }
 
+/*
+ * Offset of the network header from skb->data (at tc, the MAC header): 14 on Ethernet, 0 on L3
+ * devices, 18 with an in-band VLAN tag. bpf_skb_load_bytes_relative only reads the linear part of
+ * an skb, so payload bytes (often in page fragments) must be read with bpf_skb_load_bytes at an
+ * absolute offset; the offset is found by matching the first 16 bytes of the network header.
+ */
+static __always_inline int fs_net_offset(struct __sk_buff *skb)
+{
+	__u64 want[2], got[2];
+
+	if (fs_load(skb, 0, want, sizeof(want)) < 0)
+		return -1;
+	if (bpf_skb_load_bytes(skb, 14, got, sizeof(got)) == 0 && got[0] == want[0] && got[1] == want[1])
+		return 14;
+	if (bpf_skb_load_bytes(skb, 0, got, sizeof(got)) == 0 && got[0] == want[0] && got[1] == want[1])
+		return 0;
+	if (bpf_skb_load_bytes(skb, 18, got, sizeof(got)) == 0 && got[0] == want[0] && got[1] == want[1])
+		return 18;
+	return -1;
+}
+
 /* Returns 0 when the packet is IPv4/IPv6 and p is filled. */
 static __always_inline int fs_parse(struct __sk_buff *skb, struct fs_pkt *p)
 {
