@@ -38,7 +38,7 @@ import pyarrow as pa
 from exporter.model.schema import FLOW_SCHEMA, TIMESTAMP
 
 DEFAULT_GROUP_BY: tuple[str, ...] = (
-    "src_namespace", "src_workload", "dst_namespace", "dst_workload", "dst_port", "l4_protocol",
+    "src_namespace", "src_workload", "dst_namespace", "dst_workload", "server_port", "l4_protocol",
     "verdict", "drop_reason", "http_method", "http_status_class",
 )
 

@@ -368,16 +368,24 @@ def rows_to_batch(rows: list[dict]) -> pa.RecordBatch:
     return complete(pa.RecordBatch.from_pylist(rows, schema=FLOW_SCHEMA))
 
 
-def decode_lines(data: bytes, first_line: int = 1) -> DecodeResult:
+def decode_lines(data: bytes, first_line: int = 1, fast: bool = True) -> DecodeResult:
     """Decode a chunk of complete lines (or one JSON array) into a flow batch.
 
     ``first_line`` is the 1-based number of the chunk's first line in its
-    file, so errors point at the right place.
+    file, so errors point at the right place. Ordinary chunks take the
+    columnar fast path (:mod:`exporter.model.hubble_arrow`); anything it
+    declines is decoded line by line here, with the same result.
     """
-    rows: list[dict] = []
-    result = DecodeResult(batch=None)  # type: ignore[arg-type]
     camel = any(h in data for h in _CAMEL_HINTS)
     stripped = data.lstrip()
+    if fast and not camel and not stripped.startswith(b"["):
+        from exporter.model.hubble_arrow import decode_fast
+
+        batch = decode_fast(data)
+        if batch is not None:
+            return DecodeResult(batch=batch)
+    rows: list[dict] = []
+    result = DecodeResult(batch=None)  # type: ignore[arg-type]
     if stripped.startswith(b"["):
         items: list[tuple[int, Any, bytes]] = []
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import ipaddress
+import socket
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +33,39 @@ _ICMP4_PAIRS = {8: 0, 0: 8, 13: 14, 14: 13, 15: 16, 16: 15, 10: 9, 9: 10, 17: 18
 _ICMP6_PAIRS = {128: 129, 129: 128, 133: 134, 134: 133, 135: 136, 136: 135, 130: 131, 131: 130,
                 144: 145, 145: 144}
 
+def _pack(ip: str) -> bytes:
+    """Text IP → network-order bytes (ValueError if it is not an address)."""
+    try:
+        return socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
+    except OSError:
+        raise ValueError(f"not an IP address: {ip!r}") from None
+
+
+def _community_id_packed(saddr: bytes, daddr: bytes, proto: int, src_port: int, dst_port: int, seed: int,
+                         icmp_pairs: dict[int, int] | None) -> str:
+    one_way = False
+    if icmp_pairs is not None:
+        icmp_type, icmp_code = src_port, dst_port
+        if icmp_type in icmp_pairs:
+            src_port, dst_port = icmp_type, icmp_pairs[icmp_type]
+        else:
+            src_port, dst_port = icmp_type, icmp_code
+            one_way = True
+    if one_way:
+        if saddr > daddr:
+            saddr, daddr = daddr, saddr
+    elif (saddr, src_port) > (daddr, dst_port):
+        saddr, daddr = daddr, saddr
+        src_port, dst_port = dst_port, src_port
+    data = seed.to_bytes(2, "big") + saddr + daddr + bytes((proto, 0))
+    if proto in _PORTED_PROTOS:
+        data += src_port.to_bytes(2, "big") + dst_port.to_bytes(2, "big")
+    return "1:" + base64.b64encode(hashlib.sha1(data).digest()).decode("ascii")
+
+
+_PORTED_PROTOS = frozenset({1, 6, 17, 58, 132})
+
+
 def community_id(
     src_ip: str, dst_ip: str, proto: int, src_port: int = 0, dst_port: int = 0, seed: int = 0,
     *, icmp: bool = False, icmp_v6: bool = False,
@@ -42,27 +75,15 @@ def community_id(
     For ICMP, ``src_port``/``dst_port`` are the ICMP type and code; they are
     mapped to the spec's (type, counterpart-type) pseudo ports here.
     """
-    saddr = ipaddress.ip_address(src_ip).packed
-    daddr = ipaddress.ip_address(dst_ip).packed
-    one_way = False
-    if icmp or icmp_v6:
-        pairs = _ICMP6_PAIRS if icmp_v6 else _ICMP4_PAIRS
-        icmp_type, icmp_code = src_port, dst_port
-        if icmp_type in pairs:
-            src_port, dst_port = icmp_type, pairs[icmp_type]
-        else:
-            src_port, dst_port = icmp_type, icmp_code
-            one_way = True
-    has_ports = proto in (1, 6, 17, 58, 132)
-    if not one_way and (saddr, src_port) > (daddr, dst_port):
-        saddr, daddr = daddr, saddr
-        src_port, dst_port = dst_port, src_port
-    elif one_way and saddr > daddr:
-        saddr, daddr = daddr, saddr
-    data = seed.to_bytes(2, "big") + saddr + daddr + bytes([proto, 0])
-    if has_ports:
-        data += src_port.to_bytes(2, "big") + dst_port.to_bytes(2, "big")
-    return "1:" + base64.b64encode(hashlib.sha1(data).digest()).decode("ascii")
+    pairs = _ICMP6_PAIRS if icmp_v6 else _ICMP4_PAIRS if icmp else None
+    return _community_id_packed(_pack(src_ip), _pack(dst_ip), proto, src_port, dst_port, seed, pairs)
+
+
+def _try_pack(ip: str) -> bytes | None:
+    try:
+        return _pack(ip)
+    except ValueError:
+        return None
 
 
 def _dict_indices(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list]:
@@ -134,22 +155,23 @@ def community_ids(batch: pa.RecordBatch, seed: int = 0) -> pa.Array:
     icode = _uint(batch, "icmp_code")
     keys = np.stack([src_idx, dst_idx, proto_idx, sport, dport, itype, icode], axis=1)
     uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+    src_packed = [_try_pack(v) for v in src_vals]
+    dst_packed = [_try_pack(v) for v in dst_vals]
+    protos = [IANA_PROTO.get(v, 0) for v in proto_vals]
     out: list[str | None] = []
     for s, d, p, sp, dp, it, ic in uniq.tolist():
-        if s < 0 or d < 0:
-            out.append(None)
+        saddr = src_packed[s] if s >= 0 else None
+        daddr = dst_packed[d] if d >= 0 else None
+        if saddr is None or daddr is None or len(saddr) != len(daddr):
+            out.append(None)  # no addresses (or not IPs): no id rather than a failure
             continue
-        name = proto_vals[p] if p >= 0 else None
-        num = IANA_PROTO.get(name or "", 0)
-        try:
-            if name == "ICMPv4":
-                out.append(community_id(src_vals[s], dst_vals[d], num, it, ic, seed, icmp=True))
-            elif name == "ICMPv6":
-                out.append(community_id(src_vals[s], dst_vals[d], num, it, ic, seed, icmp_v6=True))
-            else:
-                out.append(community_id(src_vals[s], dst_vals[d], num, sp, dp, seed))
-        except ValueError:
-            out.append(None)  # not an IP address: leave the id empty rather than fail
+        num = protos[p] if p >= 0 else 0
+        if num == 1:
+            out.append(_community_id_packed(saddr, daddr, num, it, ic, seed, _ICMP4_PAIRS))
+        elif num == 58:
+            out.append(_community_id_packed(saddr, daddr, num, it, ic, seed, _ICMP6_PAIRS))
+        else:
+            out.append(_community_id_packed(saddr, daddr, num, sp, dp, seed, None))
     return pa.array(out, type=pa.string()).take(pa.array(inverse.reshape(-1)))
 
 

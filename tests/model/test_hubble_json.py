@@ -41,6 +41,22 @@ def test_round_trip_is_semantically_equal_line_by_line(fixture_lines):
     assert mismatches == []
 
 
+def test_columnar_fast_path_equals_the_line_decoder(fixture_lines):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from flowgen import generate_batch
+
+    from exporter.model.hubble_arrow import decode_fast
+
+    generated = b"".join(encode_lines(generate_batch(5000, seed=3)))
+    for data in (b"\n".join(fixture_lines), generated):
+        fast = decode_fast(data)
+        slow = decode_lines(data, fast=False)
+        assert fast is not None and slow.errors == []
+        assert fast.equals(slow.batch)
+
+
 def test_generated_uuids_are_deterministic_and_hubble_uuids_kept(fixture_lines):
     first = decode_lines(b"\n".join(fixture_lines)).batch.column("uuid").to_pylist()
     second = decode_lines(b"\n".join(fixture_lines)).batch.column("uuid").to_pylist()
