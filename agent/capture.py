@@ -365,6 +365,16 @@ class KernelCapture:
         st.last_sweep = time.monotonic()
         return SweepResult(int(res["visited"]), int(res["reported"]), int(res["evicted"]), int(res["ring_full"]))
 
+    def ring_stats(self) -> dict[str, int]:
+        """User-space reader counters: records skipped as discarded or malformed, per ring."""
+        st = self._state()
+        return {
+            "flow_discarded": st.flow_ring.discarded,
+            "flow_malformed": st.flow_ring.malformed,
+            "l7_discarded": st.l7_ring.discarded,
+            "l7_malformed": st.l7_ring.malformed,
+        }
+
     def stats(self) -> dict[str, int]:
         """Cumulative kernel counters (all CPUs) by name."""
         totals = self._stats_totals()
@@ -409,6 +419,10 @@ class KernelCapture:
         """Interfaces that could not be attached, and why."""
         st = self._state()
         return list(st.attacher.errors) if st.attacher else []
+
+    def map(self, name: str) -> loader.BpfMap:
+        """A map of the loaded object (fs_events, fs_l7_events, fs_flows, fs_stats)."""
+        return self._state().obj.map(name)
 
     def program(self, name: str) -> loader.BpfProgram:
         """A program of the loaded object (benchmarks run fs_tc_ingress with BPF_PROG_TEST_RUN)."""

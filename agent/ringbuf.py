@@ -51,6 +51,8 @@ class RingReader(Protocol):
     """What capture.py needs from a ring reader."""
 
     dtype: np.dtype
+    discarded: int
+    malformed: int
 
     def fileno(self) -> int: ...
 
@@ -85,6 +87,7 @@ class MmapRing:
             }
         )
         self.malformed = 0  # records whose length did not match dtype (skipped)
+        self.discarded = 0  # records the kernel reserved and then discarded (skipped)
 
     def fileno(self) -> int:
         """The ring map fd (pollable: readable when records are waiting)."""
@@ -113,7 +116,11 @@ class MmapRing:
         if n == 0:
             return np.empty(0, dtype=self.dtype)
         recs = recs[:n]
-        out = recs["rec"].copy() if keep is None else recs["rec"][keep]
+        if keep is None:
+            out = recs["rec"].copy()
+        else:
+            out = recs["rec"][keep]
+            self.discarded += n - len(out)
         self._cons[0] = cons + n * self._stride
         return out
 
@@ -128,7 +135,9 @@ class MmapRing:
             if length & BUSY_BIT:
                 break
             rec_len = length & ~(BUSY_BIT | DISCARD_BIT)
-            if not length & DISCARD_BIT:
+            if length & DISCARD_BIT:
+                self.discarded += 1
+            else:
                 if rec_len == size:
                     chunks.append(self._prod_mm[off + HEADER_SIZE : off + HEADER_SIZE + size])
                 else:
@@ -159,6 +168,7 @@ class LibbpfRing:
             raise loader.BpfError(ctypes.get_errno(), "ring_buffer__new failed")
         self._item = dtype.itemsize
         self.malformed = 0
+        self.discarded = 0  # libbpf skips discarded records without telling
 
     def _on_sample(self, _ctx: int, data: int, size: int) -> int:
         if size == self._item:

@@ -59,7 +59,7 @@ def _compiler() -> str:
 @pytest.fixture(scope="module")
 def c_layout(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
     """name -> number printed by a C program compiled against the header."""
-    lines = ['#include <stdio.h>', '#include <stddef.h>', '#include "flowship_abi.h"', "int main(void) {"]
+    lines = ["#include <stdio.h>", "#include <stddef.h>", '#include "flowship_abi.h"', "int main(void) {"]
     for struct, dtype in STRUCTS.items():
         lines.append(f'printf("{struct}.sizeof %zu\\n", sizeof(struct {struct}));')
         for name in dtype.names:

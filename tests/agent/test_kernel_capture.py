@@ -126,12 +126,16 @@ def net(kernel_ready: None) -> Iterator[Net]:
 # ---------------------------------------------------------------- capture + ground truth
 
 
+SERVER_SIDE = ["<server veth>"]
+
+
 @contextmanager
-def kernel_capture(net: Net, interfaces: list[str] | None = None, **cfg: Any) -> Iterator[KernelCapture]:
+def kernel_capture(net: Net, interfaces: list[str] | None = SERVER_SIDE, **cfg: Any) -> Iterator[KernelCapture]:
+    """A capture inside the server namespace (interfaces None: the default, every up interface)."""
     config = CaptureConfig(netns=net.srv, drop_netns=net.srv, sweep_interval_s=None, **cfg)
     cap = KernelCapture()
     try:
-        cap.start(interfaces if interfaces is not None else [net.srv_if], config)
+        cap.start([net.srv_if] if interfaces is SERVER_SIDE else interfaces, config)
         yield cap
     finally:
         cap.close()
@@ -827,6 +831,52 @@ def test_interfaces_created_later_are_attached_and_vanished_ones_forgotten(net: 
         assert cap.wait_detached(peer, 5)  # deleted with its pair
         assert set(cap.attached()) == {net.srv_if}
         assert cap.attach_errors() == []
+
+
+def test_default_attaches_every_up_non_loopback_interface(net: Net) -> None:
+    new, peer = f"fsd{net.tag}", f"fsd{net.tag}p"
+    with kernel_capture(net, interfaces=None) as cap:
+        assert set(cap.attached()) == {net.srv_if}  # lo is skipped
+        try:
+            net.exec(net.srv, "ip", "link", "add", new, "type", "veth", "peer", "name", peer)
+            time.sleep(0.2)
+            assert new not in cap.attached()  # down
+            net.exec(net.srv, "ip", "link", "set", new, "up")
+            assert cap.wait_attached(new, 5)
+        finally:
+            net.exec(net.srv, "ip", "link", "del", new, check=False)
+        assert cap.wait_detached(new, 5)
+
+
+RAW_SENDER = r"""
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((sys.argv[1], 0))
+dst, src = bytes.fromhex(sys.argv[2].replace(":", "")), s.getsockname()[4]
+for _ in range(int(sys.argv[3])):
+    s.send(dst + src + b"\x08\x00" + b"\x00" * 46)  # EtherType IPv4, but no IPv4 header
+"""
+
+
+def test_discarded_ring_records_are_skipped(net: Net, tmp_path: Path) -> None:
+    """Frames claiming IPv4 without an IPv4 header are freed by ip_rcv with a drop reason; the drop
+    program reserves a record, fails to parse and discards it. The reader must skip those records
+    and still deliver the flow events behind them."""
+    mac = json.loads(sh("ip", "-n", net.srv, "-j", "link", "show", "dev", net.srv_if).stdout)[0]["address"]
+    with kernel_capture(net) as cap:
+        with tcpdump(net, tmp_path / "raw.pcap") as pcap:
+            finish(net.py(net.cli, RAW_SENDER, net.cli_if, mac, 5))
+            srv = net.py(net.srv, UDP_SERVER, net.srv4, 6004, 2, 1)
+            wait_ready(srv)
+            cport = int(finish(net.py(net.cli, UDP_CLIENT, net.srv4, 6004, 0.01, "100,100")))
+            finish(srv)
+        batch = cap.finish()
+        ring = cap.ring_stats()
+    assert ring["flow_discarded"] >= 5 and ring["flow_malformed"] == 0
+    assert set(batch.flows["kind"].tolist()) == {ev.Kind.FLOW}
+    assert batch.stats["non_ip"] >= 5  # the tc program saw them and did not count them as flows
+    rows = flow_rows(batch.flows, net.cli4, cport, net.srv4, 6004, 17)
+    assert event_counts(rows) == pcap_counts(read_pcap(pcap), net.cli4, cport, net.srv4, 6004, 17)
 
 
 def test_missing_capabilities_are_named() -> None:
