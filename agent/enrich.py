@@ -1,0 +1,963 @@
+"""Endpoint enrichment: who is behind an IP, in Hubble's terms.
+
+Fills the ``src_*``/``dst_*`` endpoint columns of flow batches (namespace, pod,
+labels, workload and kind, identity, service, names, cluster) from
+
+* node-level knowledge — this node's IPs are ``reserved:host`` (identity 1),
+  other nodes' InternalIPs ``reserved:remote-node`` (6), configured health IPs
+  ``reserved:health`` (4), the API server's endpoints get ``reserved:kube-apiserver``
+  (7), and anything unknown is ``reserved:world`` (2), as Cilium labels them;
+* the Kubernetes API — pods, services, EndpointSlices and nodes, listed and
+  then watched with plain HTTP streaming (``requests``), in-cluster
+  service-account or kubeconfig credentials, resourceVersion tracking, a fresh
+  list on ``410 Gone`` and reconnects with exponential backoff;
+* a static map — CIDRs with what to say about them, longest prefix first;
+* DNS answers seen by the agent — IP → names, for ``*_names``.
+
+Lookups are per *distinct* IP of a batch (dictionary-encode, resolve, take), so
+the per-row work stays in Arrow. Identities of pods are a stable hash of their
+identity labels: the same on every node and across restarts, so that flows
+from different agents agree, at the price of a small chance of collisions
+(24-bit space). See docs/agent-enrichment.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import json
+import os
+import random
+import re
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import requests
+import structlog
+import yaml
+
+from exporter.config import Duration
+from exporter.metrics import Metrics
+
+# Cilium's reserved identities (numbers and labels as Hubble shows them).
+RESERVED_IDENTITIES: dict[str, int] = {
+    "host": 1, "world": 2, "unmanaged": 3, "health": 4, "init": 5, "remote-node": 6, "kube-apiserver": 7,
+    "ingress": 8,
+}
+ReservedName = Literal["host", "world", "unmanaged", "health", "init", "remote-node", "kube-apiserver", "ingress"]
+
+# Cluster-local identities are hashed into [256, 2^24): below Cilium's local-scope bit.
+IDENTITY_MIN = 256
+IDENTITY_SPACE = (1 << 24) - IDENTITY_MIN
+
+# Labels that change with every rollout or pod; Cilium leaves them out of identities too.
+DEFAULT_EXCLUDED_LABELS: tuple[str, ...] = (
+    "pod-template-hash", "controller-revision-hash", "pod-template-generation",
+    "statefulset.kubernetes.io/pod-name", "apps.kubernetes.io/pod-index", "controller-uid",
+    "batch.kubernetes.io/controller-uid", "batch.kubernetes.io/job-completion-index", "job-name",
+    "batch.kubernetes.io/job-name",
+)
+
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+RESOURCES: dict[str, str] = {
+    "pods": "/api/v1/pods",
+    "services": "/api/v1/services",
+    "endpointslices": "/apis/discovery.k8s.io/v1/endpointslices",
+    "nodes": "/api/v1/nodes",
+}
+Resource = Literal["pods", "services", "endpointslices", "nodes"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class StaticEndpoint:
+    """One entry of ``enrich.static``: what to say about the IPs of a CIDR."""
+
+    cidr: str
+    namespace: str | None = None
+    pod: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    workload: str | None = None
+    workload_kind: str | None = None
+    service: str | None = None
+    service_namespace: str | None = None
+    names: list[str] = field(default_factory=list)
+    cluster: str | None = None
+    identity: int | None = None
+    reserved: ReservedName | None = None
+
+    def validate(self) -> list[str]:
+        problems = []
+        try:
+            ipaddress.ip_network(self.cidr, strict=False)
+        except ValueError:
+            problems.append(f"cidr: expected an IP network like 10.0.1.0/24 or an address, got {self.cidr!r}")
+        if self.identity is not None and not 0 < self.identity < 2**32:
+            problems.append(f"identity: expected 1..4294967295, got {self.identity}")
+        return problems
+
+
+@dataclass
+class KubernetesConfig:
+    """``enrich.kubernetes``: where the API server is and what to watch."""
+
+    enabled: bool = True
+    kubeconfig: str | None = None          # a kubeconfig file; none means in-cluster service account
+    context: str | None = None             # kubeconfig context (default: current-context)
+    service_account_dir: str = SERVICE_ACCOUNT_DIR
+    resources: list[Resource] = field(default_factory=lambda: list(RESOURCES))
+    watch_timeout: Duration = Duration(300.0)    # server-side timeoutSeconds of one watch
+    request_timeout: Duration = Duration(30.0)   # connect/read timeout of list requests
+    backoff_initial: Duration = Duration(1.0)
+    backoff_max: Duration = Duration(30.0)
+    page_size: int = 500
+    exclude_labels: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDED_LABELS))
+    kube_apiserver: bool = True            # label endpoints of default/kubernetes reserved:kube-apiserver
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.kubeconfig is not None and not Path(self.kubeconfig).expanduser().is_file():
+            problems.append(f"kubeconfig: file not found: {self.kubeconfig}")
+        if self.page_size < 1:
+            problems.append(f"page_size: expected an integer >= 1, got {self.page_size}")
+        return problems
+
+
+@dataclass
+class EnrichConfig:
+    """``enrich:`` in the agent's config. Everything is optional."""
+
+    static: list[StaticEndpoint] = field(default_factory=list)
+    kubernetes: KubernetesConfig | None = None
+    cluster: str = "default"               # cluster name of endpoints (Cilium's cluster-name)
+    host_ips: list[str] = field(default_factory=list)      # this node's IPs, besides detected ones
+    detect_host_ips: bool = True           # add the addresses of this network namespace's interfaces
+    health_ips: list[str] = field(default_factory=list)
+    unknown_as_world: bool = True          # unknown IPs get reserved:world (identity 2)
+    dns_names: bool = True                 # learn IP → names from DNS answers the agent parsed
+    dns_min_ttl: Duration = Duration(3600.0)
+    dns_max_ips: int = 65536
+    rebuild_interval: Duration = Duration(1.0)  # at most one index rebuild per interval after changes
+
+    def validate(self) -> list[str]:
+        problems = []
+        for key in ("host_ips", "health_ips"):
+            for i, ip in enumerate(getattr(self, key)):
+                try:
+                    ipaddress.ip_address(ip)
+                except ValueError:
+                    problems.append(f"{key}[{i}]: expected an IP address, got {ip!r}")
+        return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# What is known about one IP
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class EndpointInfo:
+    """The endpoint columns of one side of a flow (without the ``src_``/``dst_`` prefix)."""
+
+    identity: int | None = None
+    cluster: str | None = None
+    namespace: str | None = None
+    pod: str | None = None
+    labels: tuple[str, ...] | None = None
+    workload: str | None = None
+    workload_kind: str | None = None
+    service: str | None = None
+    service_namespace: str | None = None
+    names: tuple[str, ...] | None = None
+
+
+ENDPOINT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(EndpointInfo))
+
+
+def reserved_info(name: str, extra_labels: Iterable[str] = ()) -> EndpointInfo:
+    labels = tuple(sorted({f"reserved:{name}", *extra_labels}))
+    return EndpointInfo(identity=RESERVED_IDENTITIES[name], labels=labels)
+
+
+def identity_for_labels(labels: Iterable[str]) -> int:
+    """A stable identity number for a label set (same set → same number everywhere)."""
+    digest = hashlib.sha256("\x00".join(sorted(set(labels))).encode()).digest()
+    return IDENTITY_MIN + int.from_bytes(digest[:8], "big") % IDENTITY_SPACE
+
+
+def hubble_labels(labels: dict[str, str], namespace: str | None, *, service_account: str | None = None,
+                  cluster: str | None = None, exclude: Iterable[str] = ()) -> tuple[str, ...]:
+    """``{"app": "frontend"}`` → ``("k8s:app=frontend", "k8s:io.kubernetes.pod.namespace=ns", ...)``."""
+    skip = set(exclude)
+    out = {f"k8s:{k}={v}" for k, v in labels.items() if k not in skip}
+    if namespace:
+        out.add(f"k8s:io.kubernetes.pod.namespace={namespace}")
+    if service_account:
+        out.add(f"k8s:io.cilium.k8s.policy.serviceaccount={service_account}")
+    if cluster:
+        out.add(f"k8s:io.cilium.k8s.policy.cluster={cluster}")
+    return tuple(sorted(out))
+
+
+_CRONJOB_SUFFIX = re.compile(r"^(.+)-\d{8,}$")
+
+
+def workload_of(owner_refs: list[dict] | None, labels: dict[str, str]) -> tuple[str | None, str | None]:
+    """(name, kind) of the controller that owns a pod, as Hubble's ``workloads`` shows it.
+
+    A ReplicaSet ``frontend-5d8f7c9b4`` is the Deployment ``frontend`` (its
+    pod-template-hash suffix removed); a Job named ``<cronjob>-<minutes>`` is
+    that CronJob's.
+    """
+    owner = next((o for o in owner_refs or [] if o.get("controller")), None)
+    if owner is None and owner_refs:
+        owner = owner_refs[0]
+    if not owner or not owner.get("name"):
+        return None, None
+    name, kind = owner["name"], owner.get("kind") or ""
+    if kind == "ReplicaSet":
+        template_hash = labels.get("pod-template-hash")
+        if template_hash and name.endswith("-" + template_hash):
+            return name[: -len(template_hash) - 1], "Deployment"
+        head, dash, tail = name.rpartition("-")
+        if dash and head and tail.isalnum():
+            return head, "Deployment"
+        return name, "ReplicaSet"
+    if kind == "Job":
+        match = _CRONJOB_SUFFIX.match(name)
+        if match:
+            return match.group(1), "CronJob"
+        return name, "Job"
+    return name, kind or None
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes objects → compact entries
+# ---------------------------------------------------------------------------------------------
+
+def _meta(obj: dict) -> dict:
+    return obj.get("metadata") or {}
+
+
+def _key(obj: dict) -> str:
+    meta = _meta(obj)
+    return meta.get("uid") or f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+
+
+@dataclass(frozen=True, slots=True)
+class _PodEntry:
+    ips: tuple[str, ...]
+    info: EndpointInfo
+
+
+@dataclass(frozen=True, slots=True)
+class _ServiceEntry:
+    namespace: str
+    name: str
+    ips: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _SliceEntry:
+    namespace: str
+    service: str | None
+    ips: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _NodeEntry:
+    name: str
+    ips: tuple[str, ...]
+
+
+def pod_entry(obj: dict, cluster: str, exclude: Iterable[str]) -> _PodEntry | None:
+    meta, spec, status = _meta(obj), obj.get("spec") or {}, obj.get("status") or {}
+    if spec.get("hostNetwork"):
+        return None  # its IPs are the node's: reserved:host / remote-node
+    if status.get("phase") in ("Succeeded", "Failed"):
+        return None  # finished pods give their IPs back
+    ips = tuple(p["ip"] for p in status.get("podIPs") or [] if p.get("ip"))
+    if not ips and status.get("podIP"):
+        ips = (status["podIP"],)
+    if not ips:
+        return None
+    namespace = meta.get("namespace")
+    pod_labels = meta.get("labels") or {}
+    labels = hubble_labels(pod_labels, namespace, service_account=spec.get("serviceAccountName"),
+                           cluster=cluster, exclude=exclude)
+    workload, kind = workload_of(meta.get("ownerReferences"), pod_labels)
+    info = EndpointInfo(identity=identity_for_labels(labels), cluster=cluster, namespace=namespace,
+                        pod=meta.get("name"), labels=labels, workload=workload, workload_kind=kind)
+    return _PodEntry(ips, info)
+
+
+def service_entry(obj: dict) -> _ServiceEntry | None:
+    meta, spec = _meta(obj), obj.get("spec") or {}
+    ips = [ip for ip in spec.get("clusterIPs") or [spec.get("clusterIP")] if ip and ip != "None"]
+    ips += spec.get("externalIPs") or []
+    ips += [i["ip"] for i in ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+            if i.get("ip")]
+    return _ServiceEntry(meta.get("namespace", ""), meta.get("name", ""), tuple(dict.fromkeys(ips)))
+
+
+def slice_entry(obj: dict) -> _SliceEntry:
+    meta = _meta(obj)
+    service = (meta.get("labels") or {}).get("kubernetes.io/service-name")
+    ips: list[str] = []
+    for endpoint in obj.get("endpoints") or []:
+        ips.extend(endpoint.get("addresses") or [])
+    return _SliceEntry(meta.get("namespace", ""), service, tuple(dict.fromkeys(ips)))
+
+
+def node_entry(obj: dict) -> _NodeEntry:
+    addresses = (obj.get("status") or {}).get("addresses") or []
+    ips = tuple(a["address"] for a in addresses if a.get("type") == "InternalIP" and a.get("address"))
+    return _NodeEntry(_meta(obj).get("name", ""), ips)
+
+
+class KubeState:
+    """The watched objects, reduced to what enrichment needs; thread-safe."""
+
+    def __init__(self, cluster: str, exclude_labels: Iterable[str] = DEFAULT_EXCLUDED_LABELS) -> None:
+        self.cluster = cluster
+        self.exclude = tuple(exclude_labels)
+        self.lock = threading.Lock()
+        self.generation = 0
+        self.objects: dict[str, dict[str, Any]] = {name: {} for name in RESOURCES}
+        self.synced: set[str] = set()
+
+    def _convert(self, resource: str, obj: dict) -> Any:
+        if resource == "pods":
+            return pod_entry(obj, self.cluster, self.exclude)
+        if resource == "services":
+            return service_entry(obj)
+        if resource == "endpointslices":
+            return slice_entry(obj)
+        return node_entry(obj)
+
+    def replace(self, resource: str, items: list[dict]) -> None:
+        """A fresh list: the store for that resource becomes exactly these objects."""
+        converted = {}
+        for obj in items:
+            entry = self._convert(resource, obj)
+            if entry is not None:
+                converted[_key(obj)] = entry
+        with self.lock:
+            self.objects[resource] = converted
+            self.synced.add(resource)
+            self.generation += 1
+
+    def apply(self, resource: str, event_type: str, obj: dict) -> None:
+        key = _key(obj)
+        entry = None if event_type == "DELETED" else self._convert(resource, obj)
+        with self.lock:
+            store = self.objects[resource]
+            if entry is None:
+                if store.pop(key, None) is None:
+                    return
+            else:
+                store[key] = entry
+            self.generation += 1
+
+    def counts(self) -> dict[str, int]:
+        with self.lock:
+            return {name: len(store) for name, store in self.objects.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The index: IP → EndpointInfo
+# ---------------------------------------------------------------------------------------------
+
+def _ip_key(ip: str) -> tuple[int, int] | None:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    return addr.version, int(addr)
+
+
+class StaticMap:
+    """Longest-prefix match over the static entries (per address family and prefix length)."""
+
+    def __init__(self, entries: Iterable[StaticEndpoint], cluster: str) -> None:
+        # (version, prefix length) -> {network int -> info}, longest prefixes first
+        tables: dict[tuple[int, int], dict[int, EndpointInfo]] = {}
+        for entry in entries:
+            net = ipaddress.ip_network(entry.cidr, strict=False)
+            tables.setdefault((net.version, net.prefixlen), {})[int(net.network_address)] = self._info(entry, cluster)
+        self.tables = sorted(tables.items(), key=lambda kv: -kv[0][1])
+
+    @staticmethod
+    def _info(entry: StaticEndpoint, cluster: str) -> EndpointInfo:
+        if entry.reserved:
+            base = reserved_info(entry.reserved)
+            labels = base.labels
+            identity = entry.identity or base.identity
+        else:
+            labels = hubble_labels(entry.labels, entry.namespace,
+                                   cluster=(entry.cluster or cluster) if entry.namespace else None)
+            identity = entry.identity or (identity_for_labels(labels) if labels else None)
+        return EndpointInfo(
+            identity=identity, cluster=entry.cluster or (cluster if entry.namespace else None),
+            namespace=entry.namespace, pod=entry.pod, labels=labels or None, workload=entry.workload,
+            workload_kind=entry.workload_kind or ("Deployment" if entry.workload else None),
+            service=entry.service, service_namespace=entry.service_namespace or (
+                entry.namespace if entry.service else None),
+            names=tuple(entry.names) or None)
+
+    def lookup(self, version: int, value: int) -> EndpointInfo | None:
+        bits = 32 if version == 4 else 128
+        for (v, plen), table in self.tables:
+            if v != version:
+                continue
+            mask = ((1 << plen) - 1) << (bits - plen) if plen else 0
+            hit = table.get(value & mask)
+            if hit is not None:
+                return hit
+        return None
+
+
+class Index:
+    """An immutable snapshot: node IPs, pods, services, static map; memoised per IP."""
+
+    def __init__(self, *, host_ips: Iterable[str], health_ips: Iterable[str], static: StaticMap,
+                 state: KubeState | None, node_name: str, cluster: str, unknown_as_world: bool,
+                 kube_apiserver: bool) -> None:
+        self.static = static
+        self.unknown_as_world = unknown_as_world
+        self.exact: dict[tuple[int, int], EndpointInfo] = {}
+        self._memo: dict[str, EndpointInfo | None] = {}
+        apiserver: set[tuple[int, int]] = set()
+        host = {k for ip in host_ips if (k := _ip_key(ip))}
+        remote: set[tuple[int, int]] = set()
+        pods: dict[tuple[int, int], EndpointInfo] = {}
+        services: dict[tuple[int, int], tuple[str, str]] = {}
+        backends: dict[tuple[int, int], tuple[str, str]] = {}
+        if state is not None:
+            with state.lock:
+                for node in state.objects["nodes"].values():
+                    keys = {k for ip in node.ips if (k := _ip_key(ip))}
+                    (host if node.name == node_name else remote).update(keys)
+                for pod in state.objects["pods"].values():
+                    for ip in pod.ips:
+                        if (k := _ip_key(ip)) is not None:
+                            pods[k] = pod.info
+                for svc in state.objects["services"].values():
+                    for ip in svc.ips:
+                        if (k := _ip_key(ip)) is not None:
+                            services[k] = (svc.namespace, svc.name)
+                for sl in sorted(state.objects["endpointslices"].values(),
+                                 key=lambda s: (s.namespace, s.service or "")):
+                    if not sl.service:
+                        continue
+                    for ip in sl.ips:
+                        if (k := _ip_key(ip)) is None:
+                            continue
+                        backends.setdefault(k, (sl.namespace, sl.service))
+                        if kube_apiserver and sl.namespace == "default" and sl.service == "kubernetes":
+                            apiserver.add(k)
+        for k, info in pods.items():
+            svc = backends.get(k)
+            self.exact[k] = replace(info, service=svc[1], service_namespace=svc[0]) if svc else info
+        for k, (ns, name) in services.items():
+            self.exact.setdefault(k, EndpointInfo(cluster=cluster, namespace=ns, service=name, service_namespace=ns))
+        for k in apiserver - host - remote:
+            self.exact.setdefault(k, reserved_info("kube-apiserver"))
+        for k in remote:
+            extra = ("reserved:kube-apiserver",) if k in apiserver else ()
+            self.exact[k] = reserved_info("remote-node", extra)
+        for ip in health_ips:
+            if (k := _ip_key(ip)) is not None:
+                self.exact[k] = reserved_info("health")
+        for k in host:
+            extra = ("reserved:kube-apiserver",) if k in apiserver else ()
+            self.exact[k] = reserved_info("host", extra)
+        self.world = reserved_info("world")
+
+    def lookup(self, ip: str) -> EndpointInfo | None:
+        if ip in self._memo:
+            return self._memo[ip]
+        key = _ip_key(ip)
+        info = None
+        if key is not None:
+            info = self.exact.get(key)
+            if info is None:
+                info = self.static.lookup(*key)
+            if info is None and self.unknown_as_world:
+                info = self.world
+        if len(self._memo) < 1_000_000:
+            self._memo[ip] = info
+        return info
+
+
+# ---------------------------------------------------------------------------------------------
+# Names learnt from DNS answers
+# ---------------------------------------------------------------------------------------------
+
+class DnsNames:
+    """IP → names (query and CNAMEs of the answers that returned it), expiring, bounded."""
+
+    def __init__(self, min_ttl_s: float, max_ips: int) -> None:
+        self.min_ttl_ns = int(min_ttl_s * 1e9)
+        self.max_ips = max_ips
+        self.lock = threading.Lock()
+        self._by_ip: OrderedDict[str, dict[str, int]] = OrderedDict()  # ip -> {name: expiry ns}
+
+    def learn(self, ip: str, names: Iterable[str], ttl_s: int, now_ns: int) -> None:
+        expiry = now_ns + max(self.min_ttl_ns, int(ttl_s) * 1_000_000_000)
+        with self.lock:
+            entry = self._by_ip.pop(ip, None) or {}
+            for name in names:
+                name = name.rstrip(".").lower()
+                if name:
+                    entry[name] = max(entry.get(name, 0), expiry)
+            self._by_ip[ip] = entry
+            while len(self._by_ip) > self.max_ips:
+                self._by_ip.popitem(last=False)
+
+    def learn_batch(self, batch: pa.RecordBatch) -> int:
+        """Learn from the DNS response rows of a flow batch; returns the rows used."""
+        mask = pc.and_kleene(pc.equal(batch.column("l7_type"), "RESPONSE"),
+                             pc.greater(pc.list_value_length(batch.column("dns_ips")), 0)).fill_null(False)
+        rows = batch.filter(mask)
+        times = rows.column("time").cast(pa.int64()).to_pylist()
+        for t, query, ips, cnames, ttl in zip(times, *(rows.column(c).to_pylist() for c in (
+                "dns_query", "dns_ips", "dns_cnames", "dns_ttl")), strict=True):
+            names = [query or "", *(cnames or [])]
+            for ip in ips:
+                self.learn(ip, names, ttl or 0, t if t is not None else time.time_ns())
+        return rows.num_rows
+
+    def names(self, ip: str, now_ns: int) -> tuple[str, ...] | None:
+        with self.lock:
+            entry = self._by_ip.get(ip)
+            if not entry:
+                return None
+            live = sorted(name for name, expiry in entry.items() if expiry > now_ns)
+            if len(live) != len(entry):
+                for name in [n for n, e in entry.items() if e <= now_ns]:
+                    del entry[name]
+                if not entry:
+                    del self._by_ip[ip]
+            return tuple(live) or None
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes API access (requests, no client library)
+# ---------------------------------------------------------------------------------------------
+
+class KubeConfigError(ValueError):
+    """Credentials or server address could not be worked out."""
+
+
+@dataclass
+class KubeCredentials:
+    server: str
+    ca_file: str | None = None
+    verify: bool = True
+    token: str | None = None
+    token_file: str | None = None     # re-read on every request: projected tokens rotate
+    client_cert: str | None = None
+    client_key: str | None = None
+
+    def bearer(self) -> str | None:
+        if self.token_file:
+            try:
+                return Path(self.token_file).read_text().strip()
+            except OSError:
+                return self.token
+        return self.token
+
+
+def in_cluster_credentials(sa_dir: str = SERVICE_ACCOUNT_DIR, env: dict[str, str] | None = None) -> KubeCredentials:
+    """Service-account token and CA, and KUBERNETES_SERVICE_HOST/PORT."""
+    env = os.environ if env is None else env
+    host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT")
+    if not host or not port:
+        raise KubeConfigError("not running in a cluster: KUBERNETES_SERVICE_HOST/PORT are not set "
+                              "(set enrich.kubernetes.kubeconfig to use a kubeconfig file)")
+    token_file = Path(sa_dir) / "token"
+    if not token_file.is_file():
+        raise KubeConfigError(f"service account token not found: {token_file}")
+    ca = Path(sa_dir) / "ca.crt"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return KubeCredentials(server=f"https://{host}:{port}", ca_file=str(ca) if ca.is_file() else None,
+                           token_file=str(token_file))
+
+
+def _data_file(data_b64: str, directory: str, name: str) -> str:
+    """Write ``*-data`` (base64) of a kubeconfig to a private file: requests wants paths."""
+    path = Path(directory) / name
+    path.write_bytes(base64.b64decode(data_b64))
+    path.chmod(0o600)
+    return str(path)
+
+
+def kubeconfig_credentials(path: str, context: str | None = None, scratch_dir: str | None = None) -> KubeCredentials:
+    """Server, CA and token or client certificate from a kubeconfig file."""
+    path = str(Path(path).expanduser())
+    try:
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise KubeConfigError(f"{path}: cannot read kubeconfig: {exc}") from None
+    base = Path(path).parent
+
+    def named(section: str, name: str) -> dict:
+        for item in doc.get(section) or []:
+            if item.get("name") == name:
+                return item.get(section[:-1]) or {}
+        raise KubeConfigError(f"{path}: {section[:-1]} {name!r} not found")
+
+    ctx_name = context or doc.get("current-context")
+    if not ctx_name:
+        raise KubeConfigError(f"{path}: no current-context; set enrich.kubernetes.context")
+    ctx = named("contexts", ctx_name)
+    cluster = named("clusters", ctx.get("cluster", ""))
+    user = named("users", ctx["user"]) if ctx.get("user") else {}
+    if "exec" in user or "auth-provider" in user:
+        raise KubeConfigError(f"{path}: user {ctx.get('user')!r} uses an exec/auth-provider plugin, which is "
+                              "not supported; use a token or a client certificate")
+    scratch = scratch_dir or tempfile.mkdtemp(prefix="flowship-kube-")
+
+    def file_or_data(section: dict, key: str, name: str) -> str | None:
+        if section.get(f"{key}-data"):
+            return _data_file(section[f"{key}-data"], scratch, name)
+        if section.get(key):
+            return str((base / section[key]).expanduser())
+        return None
+
+    server = cluster.get("server")
+    if not server:
+        raise KubeConfigError(f"{path}: cluster {ctx.get('cluster')!r} has no server")
+    token_file = user.get("tokenFile")
+    return KubeCredentials(
+        server=server.rstrip("/"),
+        ca_file=file_or_data(cluster, "certificate-authority", "ca.crt"),
+        verify=not cluster.get("insecure-skip-tls-verify", False),
+        token=user.get("token"),
+        token_file=str((base / token_file).expanduser()) if token_file else None,
+        client_cert=file_or_data(user, "client-certificate", "client.crt"),
+        client_key=file_or_data(user, "client-key", "client.key"),
+    )
+
+
+class KubeAPIError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(f"HTTP {status}: {message}")
+
+
+class KubeClient:
+    """List and watch over HTTP(S) with bearer token or client certificate."""
+
+    def __init__(self, creds: KubeCredentials, request_timeout: float = 30.0) -> None:
+        self.creds = creds
+        self.timeout = request_timeout
+        self.session = requests.Session()
+        self.session.verify = (creds.ca_file or True) if creds.verify else False
+        if creds.client_cert:
+            self.session.cert = (creds.client_cert, creds.client_key) if creds.client_key else creds.client_cert
+        self.session.headers["Accept"] = "application/json"
+        self.session.headers["User-Agent"] = "flowship-agent"
+
+    def _headers(self) -> dict[str, str]:
+        token = self.creds.bearer()
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    def list(self, path: str, page_size: int = 500) -> tuple[list[dict], str]:
+        """All items (following ``continue``) and the list's resourceVersion."""
+        items: list[dict] = []
+        params: dict[str, Any] = {"limit": page_size}
+        while True:
+            resp = self.session.get(self.creds.server + path, params=params, headers=self._headers(),
+                                    timeout=self.timeout)
+            if resp.status_code != 200:
+                raise KubeAPIError(resp.status_code, resp.text[:300])
+            body = resp.json()
+            items.extend(body.get("items") or [])
+            meta = body.get("metadata") or {}
+            if not meta.get("continue"):
+                return items, str(meta.get("resourceVersion", ""))
+            params = {"limit": page_size, "continue": meta["continue"]}
+
+    def watch(self, path: str, resource_version: str, timeout_s: int,
+              on_response: Callable[[requests.Response | None], None] | None = None) -> Iterator[dict]:
+        """Watch events (dicts with ``type`` and ``object``) until the server ends the stream."""
+        params = {"watch": "1", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
+                  "timeoutSeconds": str(timeout_s)}
+        resp = self.session.get(self.creds.server + path, params=params, headers=self._headers(), stream=True,
+                                timeout=(self.timeout, timeout_s + self.timeout))
+        if on_response is not None:
+            on_response(resp)
+        try:
+            if resp.status_code != 200:
+                raise KubeAPIError(resp.status_code, resp.text[:300])
+            for line in resp.iter_lines(chunk_size=None):
+                if line:
+                    yield json.loads(line)
+        finally:
+            resp.close()
+            if on_response is not None:
+                on_response(None)
+
+
+class _GoneError(Exception):
+    """The resourceVersion is too old: list again."""
+
+
+class KubeWatcher:
+    """One thread per resource: list, then watch from the list's resourceVersion.
+
+    410 Gone (as a status or an ERROR event) → list again. Any other failure →
+    wait (exponential backoff with jitter, capped) and watch again from the
+    last resourceVersion seen; after a failed list, list again.
+    """
+
+    def __init__(self, client: KubeClient, state: KubeState, config: KubernetesConfig,
+                 metrics: Metrics | None = None, log: Any = None) -> None:
+        self.client = client
+        self.state = state
+        self.config = config
+        self.metrics = metrics
+        self.log = log or structlog.get_logger().bind(component="enrich.kubernetes")
+        self.stop_event = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self._responses: dict[str, requests.Response] = {}
+        self._lock = threading.Lock()
+        self.relists: dict[str, int] = dict.fromkeys(config.resources, 0)
+        self.resource_versions: dict[str, str] = {}
+
+    def _count(self, name: str, doc: str, **labels: str) -> None:
+        if self.metrics is not None:
+            self.metrics.counter(name, doc, list(labels)).labels(*labels.values()).inc()
+
+    def start(self) -> None:
+        for resource in self.config.resources:
+            t = threading.Thread(target=self._run, args=(resource,), name=f"k8s-watch-{resource}", daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.stop_event.set()
+        with self._lock:
+            for resp in list(self._responses.values()):
+                try:
+                    resp.close()
+                except Exception:  # noqa: BLE001 - closing a half-dead stream
+                    pass
+        for t in self.threads:
+            t.join(timeout)
+
+    def wait_synced(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if set(self.config.resources) <= self.state.synced:
+                return True
+            time.sleep(0.02)
+        return False
+
+    def _track(self, resource: str) -> Callable[[requests.Response | None], None]:
+        def track(resp: requests.Response | None) -> None:
+            with self._lock:
+                if resp is None:
+                    self._responses.pop(resource, None)
+                else:
+                    self._responses[resource] = resp
+            if resp is not None and self.stop_event.is_set():
+                resp.close()
+        return track
+
+    def _run(self, resource: str) -> None:
+        path = RESOURCES[resource]
+        delay = float(self.config.backoff_initial)
+        rv: str | None = None
+        while not self.stop_event.is_set():
+            try:
+                if rv is None:
+                    items, rv = self.client.list(path, self.config.page_size)
+                    self.state.replace(resource, items)
+                    self.relists[resource] += 1
+                    self._count("flowship_k8s_lists_total", "Kubernetes list requests completed.",
+                                resource=resource)
+                    self.resource_versions[resource] = rv
+                rv = self._watch(resource, path, rv)
+                delay = float(self.config.backoff_initial)  # a watch that ended normally: reset
+                continue
+            except _GoneError:
+                self.log.info("k8s watch expired, listing again", resource=resource)
+                self._count("flowship_k8s_relists_total", "Lists repeated after 410 Gone.", resource=resource)
+                rv = None
+                continue
+            except Exception as exc:  # noqa: BLE001 - network, HTTP, JSON: retry them all
+                if self.stop_event.is_set():
+                    return
+                self._count("flowship_k8s_watch_errors_total", "Failed Kubernetes list/watch requests.",
+                            resource=resource)
+                self.log.warning("k8s list/watch failed, retrying", resource=resource, error=str(exc),
+                                 retry_in_s=round(delay, 2))
+            self.stop_event.wait(delay * (0.8 + 0.4 * random.random()))
+            delay = min(delay * 2, float(self.config.backoff_max))
+
+    def _watch(self, resource: str, path: str, rv: str) -> str:
+        try:
+            for event in self.client.watch(path, rv, int(self.config.watch_timeout), self._track(resource)):
+                kind = event.get("type")
+                obj = event.get("object") or {}
+                if kind == "ERROR":
+                    if obj.get("code") == 410:
+                        raise _GoneError()
+                    raise KubeAPIError(int(obj.get("code") or 0), str(obj.get("message")))
+                if kind in ("ADDED", "MODIFIED", "DELETED"):
+                    self.state.apply(resource, kind, obj)
+                    self._count("flowship_k8s_watch_events_total", "Kubernetes watch events applied.",
+                                resource=resource, type=kind)
+                new_rv = _meta(obj).get("resourceVersion")
+                if new_rv:  # BOOKMARK events carry only this
+                    rv = new_rv
+                    self.resource_versions[resource] = rv
+        except KubeAPIError as exc:
+            if exc.status == 410:
+                raise _GoneError() from None
+            raise
+        return rv
+
+
+# ---------------------------------------------------------------------------------------------
+# The enricher
+# ---------------------------------------------------------------------------------------------
+
+def detect_local_ips() -> list[str]:
+    """Addresses of this network namespace's interfaces (the node's own IPs)."""
+    try:
+        from pyroute2 import IPRoute
+    except ImportError:  # pragma: no cover - pyroute2 is a dependency
+        return []
+    out = []
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr():
+            addr = msg.get_attr("IFA_ADDRESS") or msg.get_attr("IFA_LOCAL")
+            if addr:
+                out.append(addr)
+    return sorted(set(out))
+
+
+class Enricher:
+    """Fills endpoint columns of flow batches; owns the Kubernetes watchers if configured."""
+
+    def __init__(self, config: EnrichConfig, node_name: str, metrics: Metrics | None = None,
+                 log: Any = None, scratch_dir: str | None = None) -> None:
+        self.config = config
+        self.node_name = node_name
+        self.metrics = metrics
+        self.log = log or structlog.get_logger().bind(component="enrich")
+        self.static = StaticMap(config.static, config.cluster)
+        self.host_ips = list(config.host_ips) + (detect_local_ips() if config.detect_host_ips else [])
+        self.state: KubeState | None = None
+        self.watcher: KubeWatcher | None = None
+        self.dns = DnsNames(float(config.dns_min_ttl), config.dns_max_ips) if config.dns_names else None
+        kube = config.kubernetes
+        if kube is not None and kube.enabled:
+            if kube.kubeconfig:
+                creds = kubeconfig_credentials(kube.kubeconfig, kube.context, scratch_dir)
+            else:
+                creds = in_cluster_credentials(kube.service_account_dir)
+            self.state = KubeState(config.cluster, kube.exclude_labels)
+            self.watcher = KubeWatcher(KubeClient(creds, float(kube.request_timeout)), self.state, kube,
+                                       metrics, self.log)
+        self._index: Index | None = None
+        self._index_generation = -1
+        self._index_built = 0.0
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        if self.watcher is not None:
+            self.watcher.start()
+
+    def stop(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+
+    def wait_synced(self, timeout: float = 30.0) -> bool:
+        """True once every watched resource was listed (immediately without Kubernetes)."""
+        return True if self.watcher is None else self.watcher.wait_synced(timeout)
+
+    def index(self, force: bool = False) -> Index:
+        """The current snapshot; rebuilt after changes, at most once per rebuild_interval."""
+        with self._lock:
+            generation = self.state.generation if self.state is not None else 0
+            now = time.monotonic()
+            stale = self._index is None or generation != self._index_generation
+            if stale and (force or self._index is None
+                          or now - self._index_built >= float(self.config.rebuild_interval)):
+                kube = self.config.kubernetes
+                self._index = Index(host_ips=self.host_ips, health_ips=self.config.health_ips,
+                                    static=self.static, state=self.state, node_name=self.node_name,
+                                    cluster=self.config.cluster, unknown_as_world=self.config.unknown_as_world,
+                                    kube_apiserver=bool(kube and kube.kube_apiserver))
+                self._index_generation = generation
+                self._index_built = now
+                if self.metrics is not None and self.state is not None:
+                    gauge = self.metrics.gauge("flowship_k8s_objects", "Kubernetes objects held for enrichment.",
+                                               ["resource"])
+                    for resource, count in self.state.counts().items():
+                        gauge.labels(resource).set(count)
+            assert self._index is not None
+            return self._index
+
+    def lookup(self, ip: str, now_ns: int | None = None) -> EndpointInfo | None:
+        info = self.index().lookup(ip)
+        return self._with_names(ip, info, time.time_ns() if now_ns is None else now_ns)
+
+    def _with_names(self, ip: str, info: EndpointInfo | None, now_ns: int) -> EndpointInfo | None:
+        if self.dns is None:
+            return info
+        names = self.dns.names(ip, now_ns)
+        if not names:
+            return info
+        merged = tuple(sorted(set(names) | set(info.names or ()))) if info else names
+        return replace(info, names=merged) if info else EndpointInfo(names=merged)
+
+    def learn_dns(self, batch: pa.RecordBatch) -> int:
+        """Remember the names of IPs in DNS answers of this batch (before enriching it)."""
+        return self.dns.learn_batch(batch) if self.dns is not None else 0
+
+    def enrich(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """Fill the src_/dst_ endpoint columns that are null; values already present are kept."""
+        if batch.num_rows == 0:
+            return batch
+        index = self.index()
+        now = time.time_ns()
+        names = batch.schema.names
+        columns = list(batch.columns)
+        for side in ("src", "dst"):
+            encoded = pc.dictionary_encode(batch.column(f"ip_{side}"))
+            if isinstance(encoded, pa.ChunkedArray):
+                encoded = encoded.combine_chunks()
+            infos = [self._with_names(ip, index.lookup(ip), now) for ip in encoded.dictionary.to_pylist()]
+            for attr in ENDPOINT_FIELDS:
+                name = f"{side}_{attr}"
+                pos = names.index(name)
+                field_type = batch.schema.field(pos).type
+                per_ip = pa.array([None if info is None else _value(getattr(info, attr)) for info in infos],
+                                  type=field_type)
+                filled = per_ip.take(encoded.indices)
+                existing = columns[pos]
+                columns[pos] = filled if existing.null_count == len(existing) else pc.coalesce(existing, filled)
+        return pa.RecordBatch.from_arrays(columns, schema=batch.schema)
+
+
+def _value(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
