@@ -597,8 +597,8 @@ def _column_values(batch: pa.RecordBatch, name: str) -> list:
     return column.to_pylist()
 
 
-def encode_lines(batch: pa.RecordBatch, extensions: bool = True) -> list[bytes]:
-    """Each flow as one ExportEvent JSON line (with trailing newline), as Hubble writes them."""
+def encode_lines_slow(batch: pa.RecordBatch, extensions: bool = True) -> list[bytes]:
+    """Each flow as one ExportEvent JSON line, one Python dict per row (the reference encoder)."""
     lines = []
     dumps = orjson.dumps
     for f, ext in flow_dicts(batch):
@@ -625,3 +625,179 @@ def dumps_line(obj: Any) -> bytes:
 def as_numpy_time(batch: pa.RecordBatch) -> np.ndarray:
     """The ``time`` column as int64 ns (a convenience for sinks and stages)."""
     return batch.column("time").cast(pa.int64()).to_numpy()
+
+
+# ------------------------------------------------------------------------------------------
+# columnar encode
+# ------------------------------------------------------------------------------------------
+def encode_text_column(batch: pa.RecordBatch, extensions: bool = True) -> pa.Array:
+    """Every row's ExportEvent JSON (without newline) as one Arrow string column.
+
+    The same text :func:`encode_lines_slow` produces (up to key order), built
+    with Arrow string kernels; rows with unusual control characters in a string
+    are encoded with orjson instead.
+    """
+    import pyarrow.compute as pc
+
+    from exporter.model import json_columns as jc
+
+    n = batch.num_rows
+    c = batch.column
+
+    def s(name: str) -> pa.Array:
+        return jc.string(jc.nonzero(c(name)))
+
+    def enum(name: str) -> pa.Array:
+        col = c(name)
+        zero = pc.is_in(col, pa.array(sorted(_ZERO_ENUMS)))
+        return jc.string(pc.if_else(pc.fill_null(zero, False), pa.scalar(None, pa.string()), jc.nonzero(col)))
+
+    def num(name: str) -> pa.Array:
+        return jc.number(jc.nonzero(c(name)))
+
+    def q64(name: str) -> pa.Array:
+        return jc.quoted_number(jc.nonzero(c(name)))
+
+    def lst(name: str) -> pa.Array:
+        return jc.string_list(c(name))
+
+    m = jc.member
+    ip_version = pc.if_else(pc.equal(c("ip_version"), 4), "IPv4",
+                            pc.if_else(pc.equal(c("ip_version"), 6), "IPv6", pa.scalar(None, pa.string())))
+    ip = jc.obj([m("source", s("ip_src")), m("source_xlated", s("ip_src_xlated")), m("destination", s("ip_dst")),
+                 m("ipVersion", jc.string(ip_version)), m("encrypted", jc.boolean(jc.nonzero(c("ip_encrypted"))))], n)
+    ip = pc.if_else(pc.or_(pc.is_valid(jc.nonzero(c("ip_src"))), pc.is_valid(jc.nonzero(c("ip_dst")))), ip,
+                    pa.scalar(None, pa.string()))
+    eth = jc.obj([m("source", s("eth_src")), m("destination", s("eth_dst"))], n)
+
+    proto = c("l4_protocol")
+    flags_int = c("tcp_flags")
+    flag_members = []
+    for name, bit in TCP_FLAG_BITS.items():
+        has = pc.not_equal(pc.bit_wise_and(pc.fill_null(flags_int, 0), bit), 0)
+        flag_members.append(m(name, pc.if_else(has, "true", pa.scalar(None, pa.string()))))
+    flags = jc.obj(flag_members, n)
+    ported = jc.obj([m("source_port", num("src_port")), m("destination_port", num("dst_port")),
+                     m("flags", flags)], n, keep_empty=True)
+    ported_no_flags = jc.obj([m("source_port", num("src_port")), m("destination_port", num("dst_port"))], n,
+                             keep_empty=True)
+    icmp = jc.obj([m("type", num("icmp_type")), m("code", num("icmp_code"))], n, keep_empty=True)
+    is_tcp = pc.equal(proto, "TCP")
+    is_ported = pc.is_in(proto, pa.array(["TCP", "UDP", "SCTP"]))
+    is_icmp = pc.is_in(proto, pa.array(["ICMPv4", "ICMPv6"]))
+    body = pc.if_else(is_tcp, ported, pc.if_else(is_ported, ported_no_flags,
+                                                   pc.if_else(is_icmp, icmp, "{}")))
+    l4 = pc.binary_join_element_wise('{"', proto, '":', body, "}", "")
+
+    def endpoint(prefix: str) -> pa.Array:
+        workload = jc.obj([m("name", s(f"{prefix}_workload")), m("kind", s(f"{prefix}_workload_kind"))], n)
+        workloads = pc.binary_join_element_wise("[", workload, "]", "")
+        return jc.obj([m("ID", num(f"{prefix}_id")), m("identity", num(f"{prefix}_identity")),
+                       m("cluster_name", s(f"{prefix}_cluster")), m("namespace", s(f"{prefix}_namespace")),
+                       m("labels", lst(f"{prefix}_labels")), m("pod_name", s(f"{prefix}_pod")),
+                       m("workloads", pc.if_else(pc.is_valid(jc.nonzero(c(f"{prefix}_workload"))), workloads,
+                                                 pa.scalar(None, pa.string())))], n, keep_empty=True)
+
+    def service(prefix: str) -> pa.Array:
+        svc = jc.obj([m("name", s(f"{prefix}_service")), m("namespace", s(f"{prefix}_service_namespace"))], n)
+        return pc.if_else(pc.is_valid(jc.nonzero(c(f"{prefix}_service"))), svc, pa.scalar(None, pa.string()))
+
+    headers = jc.object_list(c("http_headers"), lambda st: jc.obj(
+        [m("key", jc.string(jc.nonzero(pc.struct_field(st, "key")))),
+         m("value", jc.string(jc.nonzero(pc.struct_field(st, "value"))))], len(st), keep_empty=True))
+    http = jc.obj([m("code", num("http_code")), m("method", s("http_method")), m("url", s("http_url")),
+                   m("protocol", s("http_protocol")), m("headers", headers)], n, keep_empty=True)
+    dns = jc.obj([m("query", s("dns_query")), m("ips", lst("dns_ips")), m("ttl", num("dns_ttl")),
+                  m("cnames", lst("dns_cnames")), m("observation_source", s("dns_observation_source")),
+                  m("rcode", num("dns_rcode")), m("qtypes", lst("dns_qtypes")), m("rrtypes", lst("dns_rrtypes"))],
+                 n, keep_empty=True)
+    has_dns = pc.or_(pc.is_valid(c("dns_query")), pc.is_valid(c("dns_rcode")))
+    has_http = pc.or_(pc.or_(pc.is_valid(jc.nonzero(c("http_method"))), pc.is_valid(jc.nonzero(c("http_code")))),
+                      pc.is_valid(jc.nonzero(c("http_url"))))
+    record = pc.if_else(has_dns, m("dns", dns), pc.if_else(has_http, m("http", http), pa.scalar(None, pa.string())))
+    l7 = jc.obj([m("type", enum("l7_type")), m("latency_ns", q64("l7_latency_ns")), record], n)
+
+    event = jc.obj([m("type", jc.number(c("event_type"))), m("sub_type", num("event_subtype"))], n, keep_empty=True)
+    event = pc.if_else(pc.is_valid(c("event_type")), event, pa.scalar(None, pa.string()))
+    iface = jc.obj([m("index", num("interface_index")), m("name", s("interface_name"))], n, keep_empty=True)
+    iface = pc.if_else(pc.or_(pc.is_valid(c("interface_index")), pc.is_valid(jc.nonzero(c("interface_name")))),
+                       iface, pa.scalar(None, pa.string()))
+    agg = jc.obj([m("ingress_flow_count", num("aggregate_ingress_count")),
+                  m("egress_flow_count", num("aggregate_egress_count")),
+                  m("unknown_direction_flow_count", num("aggregate_unknown_count"))], n)
+    time_text = jc.string(jc.rfc3339(c("time")))
+    flow = jc.obj([
+        m("time", time_text), m("uuid", s("uuid")), m("verdict", enum("verdict")),
+        m("drop_reason", num("drop_reason_code")), m("ethernet", eth), m("IP", ip),
+        m("l4", pc.if_else(pc.is_valid(jc.nonzero(proto)), l4, pa.scalar(None, pa.string()))),
+        m("source", endpoint("src")), m("destination", endpoint("dst")), m("Type", enum("flow_type")),
+        m("node_name", s("node_name")), m("node_labels", lst("node_labels")),
+        m("source_names", lst("src_names")), m("destination_names", lst("dst_names")), m("l7", l7),
+        m("reply", jc.boolean(jc.nonzero(c("reply")))), m("event_type", event),
+        m("source_service", service("src")), m("destination_service", service("dst")),
+        m("traffic_direction", enum("traffic_direction")), m("policy_match_type", num("policy_match_type")),
+        m("trace_observation_point", enum("trace_point")), m("trace_reason", enum("trace_reason")),
+        m("drop_reason_desc", enum("drop_reason")), m("is_reply", jc.boolean(c("is_reply"))),
+        m("interface", iface), m("proxy_port", num("proxy_port")), m("socket_cookie", q64("socket_cookie")),
+        m("cgroup_id", q64("cgroup_id")), m("Summary", s("summary")), m("aggregate", agg),
+    ], n, keep_empty=True)
+    members = [m("flow", flow), m("node_name", jc.string(pc.fill_null(c("node_name"), ""))), m("time", time_text)]
+    if extensions:
+        rate = c("sample_rate")
+        ext_members = [m("start_time", jc.string(jc.rfc3339(c("start_time")))), m("flow_event", s("flow_event")),
+                       m("kernel_drop_reason", s("kernel_drop_reason"))]
+        for key in ("bytes", "packets", "reply_bytes", "reply_packets", "tcp_handshake_ns", "server_time_ns"):
+            ext_members.append(m(key, jc.quoted_number(c(key))))
+        ext_members.append(m("sample_rate", jc.number(pc.if_else(pc.equal(rate, 1), pa.scalar(None, rate.type), rate))))
+        members.append(m("flowship", jc.obj(ext_members, n)))
+    text = jc.finish(jc.obj(members, n, keep_empty=True))
+
+    slow = np.zeros(n, dtype=bool)
+    for name in batch.schema.names:
+        col = c(name)
+        if pa.types.is_string(col.type):
+            slow |= jc.needs_slow_path(col)
+        elif pa.types.is_list(col.type) and pa.types.is_string(col.type.value_type) and col.null_count < n:
+            flat_slow = jc.needs_slow_path(col.flatten())
+            if flat_slow.any():
+                parents = pc.list_parent_indices(col).to_numpy()
+                slow[parents[flat_slow]] = True
+        elif name == "http_headers" and col.null_count < n:
+            flat = col.flatten()
+            for key in ("key", "value"):
+                flat_slow = jc.needs_slow_path(pc.struct_field(flat, key))
+                if flat_slow.any():
+                    slow[pc.list_parent_indices(col).to_numpy()[flat_slow]] = True
+    if slow.any():
+        rows = np.flatnonzero(slow)
+        replacement = encode_lines_slow(batch.take(pa.array(rows)), extensions)
+        values = text.to_pylist()
+        for row, line in zip(rows.tolist(), replacement, strict=True):
+            values[row] = line.rstrip(b"\n").decode()
+        text = pa.array(values, pa.string())
+    return text
+
+
+def _newline_terminated(batch: pa.RecordBatch, extensions: bool) -> pa.Array:
+    import pyarrow.compute as pc
+
+    return pc.binary_join_element_wise(encode_text_column(batch, extensions), "\n", "").cast(pa.binary())
+
+
+def encode_lines(batch: pa.RecordBatch, extensions: bool = True) -> list[bytes]:
+    """Each flow as one ExportEvent JSON line (newline-terminated), as Hubble writes them."""
+    if batch.num_rows == 0:
+        return []
+    return _newline_terminated(batch, extensions).to_pylist()
+
+
+def encode_ndjson(batch: pa.RecordBatch, extensions: bool = True) -> bytes:
+    """All flows of a batch as one NDJSON body, without a Python object per row."""
+    if batch.num_rows == 0:
+        return b""
+    lines = _newline_terminated(batch, extensions)
+    offsets = lines.offsets.to_numpy() if hasattr(lines, "offsets") else None
+    if offsets is None:
+        return b"".join(lines.to_pylist())
+    data = lines.buffers()[2]
+    return data.to_pybytes()[offsets[0]:offsets[-1]] if data is not None else b""

@@ -57,6 +57,23 @@ def test_columnar_fast_path_equals_the_line_decoder(fixture_lines):
         assert fast.equals(slow.batch)
 
 
+def test_columnar_encoder_equals_the_reference_encoder(fixture_lines):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from flowgen import generate_batch
+
+    from exporter.model.hubble_json import encode_lines_slow, encode_ndjson
+
+    tricky = decode_lines(b'{"flow":{"time":"2024-01-01T00:00:00.000001Z","l7":{"type":"REQUEST","http":{"method":"GET",'
+                          b'"url":"/a\\"b\\\\c\\u0001d\\ne","headers":[{"key":"X","value":"tab\\there"}]}},'
+                          b'"source":{"labels":["k8s:a=\\"q\\""]}},"node_name":"n","time":"2024-01-01T00:00:00Z"}').batch
+    for batch in (decode_lines(b"\n".join(fixture_lines)).batch, generate_batch(3000, seed=9), tricky):
+        reference = [orjson.loads(line) for line in encode_lines_slow(batch)]
+        assert [orjson.loads(line) for line in encode_lines(batch)] == reference
+        assert b"".join(encode_lines(batch)) == encode_ndjson(batch)
+
+
 def test_generated_uuids_are_deterministic_and_hubble_uuids_kept(fixture_lines):
     first = decode_lines(b"\n".join(fixture_lines)).batch.column("uuid").to_pylist()
     second = decode_lines(b"\n".join(fixture_lines)).batch.column("uuid").to_pylist()
