@@ -171,7 +171,7 @@ class _Window:
     known: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
     keys: list[pa.Table] = field(default_factory=list)
     metrics: list[pa.Table] = field(default_factory=list)
-    connections: list[pa.Table] = field(default_factory=list)
+    connections: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     latency: list[pa.Table] = field(default_factory=list)
     pending_rows: int = 0
     receipts: list[Receipt] = field(default_factory=list)
@@ -194,8 +194,16 @@ def _reduce_metrics(table: pa.Table) -> pa.Table:
     return pa.table({"kh": merged.column("kh"), **{c: merged.column(f"{c}_{op}") for c, op in _MERGE.items()}})
 
 
-def _reduce_connections(table: pa.Table) -> pa.Table:
-    return table.group_by(["kh", "conn"], use_threads=False).aggregate([]).select(["kh", "conn"])
+def _distinct_connections(kh: np.ndarray, pair: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(group key, group-and-connection hash) without repeated pairs."""
+    pair, first = np.unique(pair, return_index=True)
+    return kh[first], pair
+
+
+def _merge_connections(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    if len(parts) == 1:
+        return parts[0]
+    return _distinct_connections(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
 
 
 def _reduce_latency(table: pa.Table) -> pa.Table:
@@ -206,6 +214,17 @@ def _reduce_latency(table: pa.Table) -> pa.Table:
 def _merged(parts: list[pa.Table], reduce: Any) -> pa.Table:
     """Partials of one window combined into one table (already reduced if there is one part)."""
     return parts[0] if len(parts) == 1 else reduce(pa.concat_tables(parts))
+
+
+def _lookup_sorted(kh: np.ndarray, keys: np.ndarray, values: np.ndarray, default: Any) -> np.ndarray:
+    """values[keys == kh] for each kh (``keys`` sorted and unique), ``default`` where absent."""
+    out = np.full(len(kh), default, dtype=values.dtype if len(values) else np.float64)
+    if len(keys) == 0:
+        return out
+    pos = np.clip(np.searchsorted(keys, kh), 0, len(keys) - 1)
+    hit = keys[pos] == kh
+    out[hit] = values[pos[hit]]
+    return out
 
 
 class AggregateStage(Stage):
@@ -294,8 +313,7 @@ class AggregateStage(Stage):
             if window is None:
                 window = self.windows[start] = _Window(start)
             touched.append(window)
-            wkh = self._admit(window, kh[rows], [v.take(pa.array(rows)) if len(starts) > 1 else v
-                                                 for v in values])
+            wkh = self._admit(window, kh[rows], rows, values)
             lat_rows = lat[rows]
             sub = pa.table({
                 "kh": wkh,
@@ -309,21 +327,24 @@ class AggregateStage(Stage):
             })
             partial = sub.group_by("kh", use_threads=False).aggregate(_METRIC_AGGS)
             window.metrics.append(partial.select(["kh", *_MERGE]))
-            conns = pa.table({"kh": wkh, "conn": conn[rows]})
-            window.connections.append(_reduce_connections(conns))
+            conns = _distinct_connections(wkh, _mix64(wkh ^ _mix64(conn[rows])))
+            window.connections.append(conns)
             lat_hit = has_lat[rows]
             if lat_hit.any():
                 lt = pa.table({"kh": wkh[lat_hit], "bucket": latency_bucket(lat_rows[lat_hit]),
                                "w": weight[rows][lat_hit]})
                 window.latency.append(_reduce_latency(lt))
-            window.pending_rows += partial.num_rows + conns.num_rows
+            window.pending_rows += partial.num_rows + len(conns[0])
             if window.pending_rows > max(65536, 4 * len(window.known)):
                 self._compact(window)
         self._open.set(sum(len(w.known) for w in self.windows.values()))
         return touched
 
-    def _admit(self, window: _Window, kh: np.ndarray, values: list[pa.Array]) -> np.ndarray:
-        """Register new keys of a window (up to max_groups); map the rest to the overflow key."""
+    def _admit(self, window: _Window, kh: np.ndarray, rows: np.ndarray, values: list[pa.Array]) -> np.ndarray:
+        """Register new keys of a window (up to max_groups); map the rest to the overflow key.
+
+        ``kh`` are the keys of the batch rows ``rows``; ``values`` the key columns of the whole batch.
+        """
         uniq, first = np.unique(kh, return_index=True)
         if len(window.known):
             pos = np.clip(np.searchsorted(window.known, uniq), 0, len(window.known) - 1)
@@ -336,8 +357,8 @@ class AggregateStage(Stage):
         new_idx = np.flatnonzero(new)
         admitted, rejected = new_idx[:room], new_idx[room:]
         if len(admitted):
-            rows = pa.array(first[admitted])
-            key_table = pa.table({"kh": uniq[admitted], **{name: col.take(rows)
+            take = pa.array(rows[first[admitted]])
+            key_table = pa.table({"kh": uniq[admitted], **{name: col.take(take)
                                                             for name, col in zip(self.keys, values, strict=True)}})
             window.keys.append(key_table)
             window.known = np.union1d(window.known, uniq[admitted])
@@ -354,25 +375,27 @@ class AggregateStage(Stage):
 
     def _compact(self, window: _Window) -> None:
         window.metrics = [_merged(window.metrics, _reduce_metrics)]
-        window.connections = [_merged(window.connections, _reduce_connections)]
+        window.connections = [_merge_connections(window.connections)]
         if window.latency:
             window.latency = [_merged(window.latency, _reduce_latency)]
-        window.pending_rows = window.metrics[0].num_rows + window.connections[0].num_rows
+        window.pending_rows = window.metrics[0].num_rows + len(window.connections[0][0])
 
     # ------------------------------------------------------------------------------- output
     def _emit(self, window: _Window) -> Envelope:
         metrics = _merged(window.metrics, _reduce_metrics)
         kh = metrics.column("kh").to_numpy()
+        order = np.argsort(kh)
+        kh = kh[order]
+        metrics = metrics.take(pa.array(order))
+        n = len(kh)
         keys = pa.concat_tables(window.keys)
         key_hashes = keys.column("kh").to_numpy()
         key_order = np.argsort(key_hashes)
         key_rows = key_order[np.searchsorted(key_hashes, kh, sorter=key_order)]
-        n = len(kh)
 
-        conns = _merged(window.connections, _reduce_connections)
-        conn_counts = conns.group_by("kh", use_threads=False).aggregate([("conn", "count")])
-        connections = self._lookup(kh, conn_counts.column("kh").to_numpy(),
-                                   conn_counts.column("conn_count").to_numpy(), 0).astype(np.uint64)
+        conn_kh, _ = _merge_connections(window.connections)
+        conn_keys, conn_counts = np.unique(conn_kh, return_counts=True)
+        connections = _lookup_sorted(kh, conn_keys, conn_counts.astype(np.uint64), 0)
 
         lat_min = metrics.column("lat_min").to_numpy(zero_copy_only=False)
         lat_max = metrics.column("lat_max")
@@ -385,7 +408,7 @@ class AggregateStage(Stage):
             lo = np.nan_to_num(lat_min.astype(np.float64), nan=0.0)
             hi = np.nan_to_num(lat_max.to_numpy(zero_copy_only=False).astype(np.float64), nan=0.0)
             for (name, _), b in zip(QUANTILES, buckets, strict=True):
-                est = self._lookup(kh, lkeys, bucket_value(b), 0.0)
+                est = _lookup_sorted(kh, lkeys, bucket_value(b), 0.0)
                 percentiles[name] = np.rint(np.clip(est, lo, hi)).astype(np.uint64)
         no_lat = lat_count == 0
 
@@ -416,24 +439,10 @@ class AggregateStage(Stage):
             "latency_max_ns": lat_max.cast(pa.uint64()),
             "late_flows": metrics.column("late_sum").cast(pa.uint64()),
         })
-        arrays = [as_array(columns[f.name]) for f in self.schema]
-        batch = pa.RecordBatch.from_arrays(arrays, schema=self.schema)
-        order = pc.sort_indices(batch, sort_keys=[(name, "ascending") for name in self.keys])
-        batch = batch.take(order)
+        # rows come out in group-hash order: deterministic, and no sort over the key columns
+        batch = pa.RecordBatch.from_arrays([as_array(columns[f.name]) for f in self.schema], schema=self.schema)
         self._rows_out.inc(batch.num_rows)
         return Envelope(batch, window.receipts, kind="aggregates")
-
-    @staticmethod
-    def _lookup(kh: np.ndarray, keys: np.ndarray, values: np.ndarray, default: Any) -> np.ndarray:
-        out = np.full(len(kh), default, dtype=values.dtype if len(values) else np.float64)
-        if len(keys) == 0:
-            return out
-        order = np.argsort(keys)
-        pos = np.clip(np.searchsorted(keys, kh, sorter=order), 0, len(keys) - 1)
-        idx = order[pos]
-        hit = keys[idx] == kh
-        out[hit] = values[idx[hit]]
-        return out
 
     def _emit_until(self, limit_ns: int | None) -> list[Envelope]:
         """Emit every window ending at or before ``limit_ns`` (all when None)."""

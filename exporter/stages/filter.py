@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from exporter.components import Stage
 from exporter.model.schema import TCP_FLAG_BITS
 from exporter.proto.flow import flow_pb2
-from exporter.stages.columns import distinct_map, list_any, not_null, to_mask, uint_values, url_path
+from exporter.stages.columns import distinct_map, filter_rows, list_any, not_null, to_mask, uint_values, url_path
 
 Predicate = Callable[[pa.RecordBatch], np.ndarray]
 
@@ -958,4 +958,4 @@ class FilterStage(Stage):
             self._not_allowed.inc(not_allowed)
         if batch.num_rows - kept - not_allowed:
             self._denied.inc(batch.num_rows - kept - not_allowed)
-        return batch.filter(pa.array(keep, type=pa.bool_()))
+        return filter_rows(batch, keep)

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 from exporter.components import Stage
 from exporter.config import Duration
 from exporter.model.ids import connection_hashes
-from exporter.stages.columns import list_any, not_null, to_mask, uint_values, url_path
+from exporter.stages.columns import filter_rows, list_any, not_null, to_mask, uint_values, url_path
 
 DEFAULT_PATHS = ["/healthz", "/readyz", "/livez", "/health", "/ping"]
 
@@ -241,4 +241,4 @@ class HealthcheckStage(Stage):
                 self._counters[reason].inc(count)
         if not removed.any():
             return batch
-        return batch.filter(pa.array(~removed, type=pa.bool_()))
+        return filter_rows(batch, ~removed)

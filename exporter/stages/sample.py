@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from exporter.components import Stage
 from exporter.model.ids import connection_hashes
-from exporter.stages.columns import uint_values
+from exporter.stages.columns import filter_rows, uint_values
 from exporter.stages.filter import compile_filter_list, filter_problems
 
 DEFAULT_ALWAYS_KEEP: list[dict[str, Any]] = [
@@ -115,4 +115,4 @@ class SampleStage(Stage):
         columns = list(batch.columns)
         columns[names.index("sample_rate")] = pa.array(new_rate.astype(np.uint32), type=pa.uint32())
         out = pa.RecordBatch.from_arrays(columns, schema=batch.schema)
-        return out if dropped == 0 else out.filter(pa.array(keep, type=pa.bool_()))
+        return filter_rows(out, keep)

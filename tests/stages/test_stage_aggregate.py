@@ -183,8 +183,9 @@ def test_windows_close_on_tick_and_late_flows_count():
     assert again[0].batch.column("late_flows").to_pylist() == [1]
     assert again[0].batch.column("window_start").cast(pa.int64()).to_pylist() == [base]
     rest = stage.close()
-    assert [e.batch.column("verdict").to_pylist() for e in rest] == [["DROPPED", "FORWARDED"]]
-    assert [e.batch.column("late_flows").to_pylist() for e in rest] == [[0, 0]]
+    assert len(rest) == 1
+    assert sorted(rest[0].batch.column("verdict").to_pylist()) == ["DROPPED", "FORWARDED"]
+    assert rest[0].batch.column("late_flows").to_pylist() == [0, 0]
     for env in emitted + again + rest:
         env.ack()
     assert receipt.done
@@ -235,11 +236,10 @@ def test_max_groups_overflow():
     stage.process(Envelope(make_flows(rows[:3]), [Receipt()]))
     stage.process(Envelope(make_flows(rows[3:]), [Receipt()]))
     (env,) = stage.close()
-    t = plain(env.batch).to_pydict()
-    assert t["dst_port"] == [1, 2, 3, None]
-    assert t["overflow"] == [False, False, False, True]
-    assert t["flows_raw"] == [2, 1, 1, 3]
-    assert sum(t["bytes"]) == 70
+    rows = sorted(plain(env.batch).to_pylist(), key=lambda r: (r["dst_port"] is None, r["dst_port"]))
+    assert [(r["dst_port"], r["overflow"], r["flows_raw"]) for r in rows] == [
+        (1, False, 2), (2, False, 1), (3, False, 1), (None, True, 3)]
+    assert sum(r["bytes"] for r in rows) == 70
     assert ctx.metrics.value("flowship_aggregate_overflow_flows_total") == 3
 
 
