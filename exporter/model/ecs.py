@@ -982,35 +982,33 @@ def _lookup(doc: dict, dotted: str, path: tuple[str, ...]) -> Any:
     return value
 
 
+_RESTORABLE = tuple((f, tuple(f.path.split(".")), f.inverse) for f in FLOW_FIELDS if f.inverse)
+
+
+def _document_row(doc: dict) -> dict:
+    """Flow columns of one ECS document (times as ns integers)."""
+    row: dict[str, Any] = {}
+    for f, path, column in _RESTORABLE:
+        value = _lookup(doc, f.path, path)
+        if value is None:
+            continue
+        row[column] = f.decode(value) if f.decode else value
+    if row.get("time") is None:
+        raise ValueError("document has no @timestamp")
+    return row
+
+
 def documents_to_flows(docs: Sequence[dict]) -> pa.RecordBatch:
     """Flow rows from ECS documents, for every column the mapping can restore.
 
-    Raises ValueError when a document lacks ``@timestamp``; values of the wrong
-    type raise ``pyarrow.ArrowInvalid``/``TypeError``.
+    Raises ValueError when a document lacks ``@timestamp``, and Arrow errors
+    when a value has the wrong type.
     """
-    from exporter.model.schema import flows_from_rows
-
-    restorable = [(f, tuple(f.path.split(".")), f.inverse) for f in FLOW_FIELDS if f.inverse]
-    rows = []
-    for doc in docs:
-        row: dict[str, Any] = {}
-        for f, path, column in restorable:
-            value = _lookup(doc, f.path, path)
-            if value is None:
-                continue
-            row[column] = f.decode(value) if f.decode else value
-        if row.get("time") is None:
-            raise ValueError("document has no @timestamp")
-        row["time"] = pa.scalar(row["time"], pa.int64()).cast(TIMESTAMP).as_py() if isinstance(
-            row["time"], int) else row["time"]
-        if isinstance(row.get("start_time"), int):
-            row["start_time"] = pa.scalar(row["start_time"], pa.int64()).cast(TIMESTAMP).as_py()
-        rows.append(row)
-    return _rows_to_batch(rows) if rows else flows_from_rows([])
+    return _rows_to_batch([_document_row(doc) for doc in docs])
 
 
 def _rows_to_batch(rows: list[dict]) -> pa.RecordBatch:
-    """Like schema.flows_from_rows but keeps nanosecond timestamps exact."""
+    """Flat rows (times as ns integers) → a complete FLOW_SCHEMA batch."""
     from exporter.model.ids import complete
 
     arrays = []
@@ -1019,11 +1017,13 @@ def _rows_to_batch(rows: list[dict]) -> pa.RecordBatch:
         if field.name == "uuid":
             values = [v if v is not None else "" for v in values]
         if pa.types.is_timestamp(field.type):
-            arrays.append(pa.array(values, pa.int64()).cast(field.type) if all(
-                v is None or isinstance(v, int) for v in values) else pa.array(values, field.type))
+            arrays.append(pa.array(values, pa.int64()).cast(field.type))
         else:
             arrays.append(pa.array(values, type=field.type))
     return complete(pa.RecordBatch.from_arrays(arrays, schema=FLOW_SCHEMA))
+
+
+_DECODE_ERRORS = (ValueError, TypeError, KeyError, OverflowError, pa.ArrowException)
 
 
 def decode_ndjson(lines: Sequence[bytes | str]) -> tuple[pa.RecordBatch, list[tuple[int, str]]]:
@@ -1032,20 +1032,32 @@ def decode_ndjson(lines: Sequence[bytes | str]) -> tuple[pa.RecordBatch, list[tu
     Returns the batch of the decodable documents and ``(index, reason)`` for
     every line that could not be decoded.
     """
-    good: list[dict] = []
+    rows: list[dict] = []
+    indexes: list[int] = []
     bad: list[tuple[int, str]] = []
     for i, line in enumerate(lines):
         try:
             doc = orjson.loads(line)
             if not isinstance(doc, dict):
                 raise ValueError("not a JSON object")
-            if _lookup(doc, "@timestamp", ("@timestamp",)) is None:
-                raise ValueError("document has no @timestamp")
-            documents_to_flows([doc])  # validates types of this one document
-            good.append(doc)
-        except (ValueError, TypeError, pa.ArrowException) as exc:
+            rows.append(_document_row(doc))
+            indexes.append(i)
+        except orjson.JSONDecodeError as exc:
+            bad.append((i, f"invalid JSON: {exc}"))
+        except _DECODE_ERRORS as exc:
             bad.append((i, f"{type(exc).__name__}: {exc}"))
-    return documents_to_flows(good), bad
+    try:
+        return _rows_to_batch(rows), bad
+    except _DECODE_ERRORS:
+        good = []
+        for i, row in zip(indexes, rows, strict=True):
+            try:
+                _rows_to_batch([row])
+                good.append(row)
+            except _DECODE_ERRORS as exc:
+                bad.append((i, f"wrong value type: {exc}"))
+        bad.sort()
+        return _rows_to_batch(good), bad
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,442 @@
+"""``elasticsearch`` sink: ECS documents into Elasticsearch 8/9 or OpenSearch 2.x.
+
+Documents are the ECS mapping of :mod:`exporter.model.ecs`, written with
+``_bulk`` ``create`` actions whose ``_id`` is the flow uuid: a retried request
+cannot duplicate a flow, and a 409 answer means "already delivered". By
+default flows go to the data stream ``logs-flowship.flows-default`` (aggregate
+rows to ``logs-flowship.aggregates-default``); ``mode: index`` writes dated
+indices (``flowship-flows-%Y.%m.%d``, dated by flow time) instead.
+
+At start the sink installs its index templates (mapping: ``ip``, ``keyword``,
+``long``, ``date_nanos`` for ``@timestamp``...) when missing, and, with
+``retention:``, an ILM policy (Elasticsearch) or ISM policy (OpenSearch).
+
+Client: elastic-transport (the HTTP layer under elasticsearch-py) rather than
+the elasticsearch-py client, which refuses to talk to anything that does not
+answer ``X-Elastic-Product: Elasticsearch`` (so not to OpenSearch). The
+transport gives node pools, keep-alive and TLS without that check; its own
+retries are turned off because :mod:`exporter.sinks.delivery` retries per
+item (429/5xx items only), dead-letters refused documents (400 mapping
+errors) with the server's reason and splits requests answered with 413.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+from elastic_transport import NodeConfig, Serializer, Transport, TransportError
+
+from exporter.components import Context, Sink
+from exporter.config import ByteSize, Duration
+from exporter.model import ecs
+from exporter.model.schema import TIMESTAMP
+from exporter.pipeline.envelope import Envelope
+from exporter.sinks import http
+from exporter.sinks.delivery import (
+    BatchConfig,
+    DeadLetterWriter,
+    Delivery,
+    RejectedError,
+    RequestTooLargeError,
+    RetryableError,
+    RetryConfig,
+    SendResult,
+    default_dead_letter_path,
+    parse_retry_after,
+)
+
+_ID_NAMESPACE = uuidlib.UUID("0b6e3c5e-2f59-4c1a-9d1e-4f3b8a6c7d21")
+_INDEX_NAME = re.compile(r'^[a-z0-9][^A-Z\\/*?"<>| ,#:]*$')
+_FILTER_PATH = "errors,items.*.status,items.*.error"
+
+
+@dataclass
+class ElasticsearchBatchConfig(BatchConfig):
+    max_events: int = 5000
+    max_bytes: ByteSize = ByteSize(10 * 1024 * 1024)
+    timeout: Duration = Duration(1.0)
+
+
+@dataclass
+class ElasticsearchSinkConfig:
+    """``type: elasticsearch`` — see docs/sinks.md."""
+
+    url: str | list[str] = "http://127.0.0.1:9200"
+    flavor: Literal["auto", "elasticsearch", "opensearch"] = "auto"
+    mode: Literal["data_stream", "index"] = "data_stream"
+    data_stream: str = "logs-flowship.flows-default"
+    aggregates_data_stream: str = "logs-flowship.aggregates-default"
+    index: str = "flowship-flows-%Y.%m.%d"  # mode: index; strftime of the flow time (UTC)
+    aggregates_index: str = "flowship-aggregates-%Y.%m.%d"
+    template: Literal["install", "overwrite", "skip"] = "install"
+    template_priority: int = 200
+    number_of_shards: int = 1
+    number_of_replicas: int | None = None  # None: the server's default
+    refresh_interval: str | None = None
+    retention: Duration | None = None  # delete indices older than this (ILM / ISM policy)
+    rollover_max_age: Duration = Duration(86400.0)  # data streams, with retention
+    rollover_max_primary_shard_size: str = "50gb"
+    policy_name: str = "flowship-flows"
+    pipeline: str | None = None  # ingest pipeline
+    username: str | None = None  # secrets as env:NAME or file:PATH
+    password: str | None = None
+    api_key: str | None = None  # Elasticsearch "ApiKey" credentials (base64 id:key)
+    headers: dict[str, str] = field(default_factory=dict)
+    tls_ca_file: str | None = None
+    tls_verify: bool = True
+    compression: bool = False  # gzip request bodies
+    dead_letter_path: str | None = None  # default: <data_dir>/dead-letter/<sink name>.jsonl
+    batch: ElasticsearchBatchConfig = field(default_factory=ElasticsearchBatchConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+
+    def urls(self) -> list[str]:
+        return [self.url] if isinstance(self.url, str) else list(self.url or [])
+
+    def validate(self) -> list[str]:
+        problems = []
+        urls = self.urls()
+        if not urls:
+            problems.append("url: at least one URL is needed")
+        for u in urls:
+            if not isinstance(u, str) or not re.match(r"^https?://[^/]+", u):
+                problems.append(f"url: expected http(s)://host:port, got {u!r}")
+        names = (("data_stream", self.data_stream), ("aggregates_data_stream", self.aggregates_data_stream)) \
+            if self.mode == "data_stream" else (("index", self.index), ("aggregates_index", self.aggregates_index))
+        for key, name in names:
+            sample = re.sub(r"%[a-zA-Z]", "0", name) if isinstance(name, str) else name
+            if not isinstance(sample, str) or not _INDEX_NAME.match(sample) or sample.startswith(("-", "_", "+")):
+                problems.append(f"{key}: {name!r} is not a valid index name (lowercase, no spaces or \\/*?\"<>|,#:)")
+        if self.mode == "data_stream" and self.data_stream == self.aggregates_data_stream:
+            problems.append("aggregates_data_stream: must differ from data_stream")
+        if self.retention is not None and float(self.retention) <= 0:
+            problems.append("retention: expected a positive duration")
+        if self.username and not self.password:
+            problems.append("password: required with username")
+        if self.api_key and self.username:
+            problems.append("api_key: use either username/password or api_key")
+        return problems
+
+
+class _RawBytes(Serializer):
+    """Leaves bodies as bytes both ways: the sink parses responses itself (orjson)."""
+
+    mimetype: ClassVar[str] = "application/json"
+
+    def loads(self, data: bytes) -> bytes:
+        return data
+
+    def dumps(self, data: Any) -> bytes:
+        if isinstance(data, bytes):
+            return data
+        if isinstance(data, str):
+            return data.encode()
+        return orjson.dumps(data)
+
+
+def _pattern_of(name: str, mode: str) -> str:
+    """Index pattern a template needs to cover ``name``."""
+    if mode == "index":
+        head = name.split("%", 1)[0]
+        return head + "*"
+    parts = name.split("-")
+    if len(parts) >= 3:  # type-dataset-namespace
+        return "-".join(parts[:-1]) + "-*"
+    return name
+
+
+def _duration_text(seconds: float) -> str:
+    if seconds % 86400 == 0:
+        return f"{int(seconds // 86400)}d"
+    if seconds % 3600 == 0:
+        return f"{int(seconds // 3600)}h"
+    if seconds % 60 == 0:
+        return f"{int(seconds // 60)}m"
+    return f"{max(1, int(seconds))}s"
+
+
+def index_names(times: pa.Array, pattern: str) -> pa.Array:
+    """Index name per row from a strftime pattern of the flow time (UTC)."""
+    if "%" not in pattern:
+        return pa.array([pattern] * len(times), pa.string())
+    ns = times.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
+    unit = 1_000_000_000 if re.search(r"%[HIMSpsTrRc]", pattern) else 86_400_000_000_000
+    floored = ns // unit * unit
+    distinct, inverse = np.unique(floored, return_inverse=True)
+    names = pc.strftime(pa.array(distinct, pa.int64()).cast(TIMESTAMP).cast(pa.timestamp("s", tz="UTC")),
+                        format=pattern)
+    return names.take(pa.array(inverse.reshape(-1), pa.int64()))
+
+
+class ElasticsearchSink(Sink):
+    """Bulk-indexes ECS documents; see the module doc."""
+
+    def __init__(self, config: ElasticsearchSinkConfig, ctx: Context) -> None:
+        super().__init__(config, ctx)
+        self.transport: Transport | None = None
+        self.flavor: str = config.flavor
+        self.server_version: str = ""
+        self.policy_installed: bool | None = None  # None: no retention configured
+        self._delivery: Delivery | None = None
+        self._bulk_path = "/_bulk?filter_path=" + _FILTER_PATH
+        if config.pipeline:
+            self._bulk_path += f"&pipeline={config.pipeline}"
+        self._headers = {"content-type": "application/x-ndjson", "accept": "application/json"}
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        c = self.config
+        nodes = []
+        auth = http.auth_headers(c.username, c.password, api_key=c.api_key)
+        headers = {"user-agent": "flowship", **auth, **(c.headers or {})}
+        for u in c.urls():
+            parts = urlsplit(u)
+            port = parts.port or (443 if parts.scheme == "https" else 9200)
+            kw: dict[str, Any] = {}
+            if parts.scheme == "https":
+                kw["verify_certs"] = c.tls_verify
+                if c.tls_ca_file:
+                    kw["ca_certs"] = c.tls_ca_file
+                if not c.tls_verify:
+                    kw["ssl_show_warn"] = False
+            nodes.append(NodeConfig(parts.scheme, parts.hostname, port, path_prefix=parts.path.rstrip("/"),
+                                    headers=headers, request_timeout=float(c.retry.request_timeout),
+                                    connections_per_node=max(2, c.retry.concurrency), **kw))
+        raw = _RawBytes()
+        self.transport = Transport(nodes, serializers={"application/json": raw, "application/x-ndjson": raw,
+                                                       "text/*": raw, "application/*": raw},
+                                   max_retries=0, retry_on_status=(), retry_on_timeout=False, meta_header=False)
+        self._probe()
+        if c.template != "skip":
+            self._install_templates()
+        path = c.dead_letter_path or default_dead_letter_path(self.ctx)
+        self._delivery = Delivery(self.ctx, c.batch, c.retry, self._send,
+                                  DeadLetterWriter(path, self.ctx.name, self.ctx), self._describe)
+        self.ctx.log.info("elasticsearch sink ready", urls=c.urls(), flavor=self.flavor,
+                          version=self.server_version, mode=c.mode, dead_letter_path=str(path))
+
+    def write(self, env: Envelope) -> None:
+        records, sizes = self.encode(env.batch, env.kind)
+        self._delivery.submit(env, records, sizes)
+
+    def tick(self, now_ns: int) -> None:
+        self._delivery.tick()
+
+    def flush(self) -> None:
+        self._delivery.flush()
+
+    def close(self) -> None:
+        if self._delivery is not None:
+            self._delivery.close()
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- requests -------------------------------------------------------------------------
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """One request without retries: (status, parsed JSON body or None)."""
+        headers = {"accept": "application/json"}
+        if body is not None:
+            headers["content-type"] = "application/json"
+        resp = self.transport.perform_request(method, path, body=body, headers=headers)
+        data = resp.body
+        parsed = None
+        if data:
+            try:
+                parsed = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                parsed = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+        return resp.meta.status, parsed
+
+    def _probe(self) -> None:
+        try:
+            status, info = self.request("GET", "/")
+        except TransportError as exc:
+            raise RuntimeError(f"cannot reach {', '.join(self.config.urls())}: {exc}") from None
+        if status in (401, 403):
+            raise RuntimeError(f"{self.config.urls()[0]} refused the credentials (HTTP {status})")
+        version = (info or {}).get("version", {}) if isinstance(info, dict) else {}
+        self.server_version = str(version.get("number", ""))
+        detected = "opensearch" if version.get("distribution") == "opensearch" else "elasticsearch"
+        if self.flavor == "auto":
+            self.flavor = detected
+        elif self.flavor != detected:
+            self.ctx.log.warning("configured flavor differs from the server", configured=self.flavor,
+                                 server=detected)
+
+    def _template_body(self, kind: str) -> tuple[str, dict]:
+        c = self.config
+        target = (c.data_stream if kind == "flows" else c.aggregates_data_stream) if c.mode == "data_stream" \
+            else (c.index if kind == "flows" else c.aggregates_index)
+        name = f"flowship-{kind}" if c.mode == "data_stream" else f"flowship-{kind}-index"
+        settings: dict[str, Any] = {"number_of_shards": c.number_of_shards}
+        if c.number_of_replicas is not None:
+            settings["number_of_replicas"] = c.number_of_replicas
+        if c.refresh_interval:
+            settings["refresh_interval"] = c.refresh_interval
+        if c.retention is not None and self.flavor == "elasticsearch":
+            settings["lifecycle"] = {"name": c.policy_name}
+        mappings = {
+            "dynamic_templates": [
+                {"strings_as_keyword": {"match_mapping_type": "string",
+                                        "mapping": {"type": "keyword", "ignore_above": 1024}}},
+            ],
+            "properties": ecs.es_properties(aggregates=kind == "aggregates"),
+        }
+        body: dict[str, Any] = {
+            "index_patterns": [_pattern_of(target, c.mode)],
+            "priority": c.template_priority,
+            "template": {"settings": {"index": settings}, "mappings": mappings},
+            "_meta": {"managed_by": "flowship", "ecs_version": ecs.ECS_VERSION},
+        }
+        if c.mode == "data_stream":
+            body["data_stream"] = {}
+        return name, body
+
+    def _install_templates(self) -> None:
+        c = self.config
+        if c.retention is not None:
+            self._install_policy()
+        for kind in ("flows", "aggregates"):
+            name, body = self._template_body(kind)
+            status, _ = self.request("HEAD", f"/_index_template/{name}")
+            if status == 200 and c.template == "install":
+                continue
+            status, answer = self.request("PUT", f"/_index_template/{name}", body)
+            if status >= 300:
+                raise RuntimeError(f"installing index template {name} failed (HTTP {status}): {answer}")
+            self.ctx.log.info("index template installed", template=name, patterns=body["index_patterns"])
+
+    def _install_policy(self) -> None:
+        c = self.config
+        retention = _duration_text(float(c.retention))
+        rollover_age = _duration_text(float(c.rollover_max_age))
+        if self.flavor == "elasticsearch":
+            hot: dict[str, Any] = {"actions": {}}
+            if c.mode == "data_stream":
+                hot["actions"]["rollover"] = {"max_age": rollover_age,
+                                              "max_primary_shard_size": c.rollover_max_primary_shard_size}
+            body = {"policy": {"phases": {"hot": hot, "delete": {"min_age": retention,
+                                                                  "actions": {"delete": {}}}}}}
+            status, answer = self.request("PUT", f"/_ilm/policy/{c.policy_name}", body)
+        else:
+            hot_actions = [{"rollover": {"min_index_age": rollover_age}}] if c.mode == "data_stream" else []
+            patterns = [_pattern_of(t, c.mode) for t in (
+                (c.data_stream, c.aggregates_data_stream) if c.mode == "data_stream"
+                else (c.index, c.aggregates_index))]
+            body = {"policy": {
+                "description": "flowship retention",
+                "default_state": "hot",
+                "states": [
+                    {"name": "hot", "actions": hot_actions,
+                     "transitions": [{"state_name": "delete", "conditions": {"min_index_age": retention}}]},
+                    {"name": "delete", "actions": [{"delete": {}}], "transitions": []},
+                ],
+                "ism_template": [{"index_patterns": patterns, "priority": c.template_priority}],
+            }}
+            path = f"/_plugins/_ism/policies/{c.policy_name}"
+            status, existing = self.request("GET", path)
+            if status == 200 and isinstance(existing, dict):
+                path += f"?if_seq_no={existing.get('_seq_no')}&if_primary_term={existing.get('_primary_term')}"
+            status, answer = self.request("PUT", path, body)
+        if status >= 300:
+            self.ctx.log.warning("retention policy not installed: indices are kept until deleted by hand",
+                                 flavor=self.flavor, status=status, answer=str(answer)[:300])
+            self.policy_installed = False
+        else:
+            self.policy_installed = True
+            self.ctx.log.info("retention policy installed", policy=c.policy_name, retention=retention)
+
+    # -- encoding -------------------------------------------------------------------------
+    def encode(self, batch: pa.RecordBatch, kind: str = "flows") -> tuple[list[bytes], np.ndarray]:
+        """Bulk records (action line + document line) and their sizes."""
+        c = self.config
+        n = batch.num_rows
+        if n == 0:
+            return [], np.zeros(0, dtype=np.int64)
+        if kind == "flows":
+            docs = ecs.ndjson_array(batch)
+            ids = batch.column("uuid")
+            if c.mode == "data_stream":
+                targets = pa.array([c.data_stream] * n, pa.string())
+            else:
+                targets = index_names(batch.column("time"), c.index)
+        else:
+            doc_bytes = [orjson.dumps(d) for d in ecs.aggregate_documents(batch)]
+            docs = pa.array(doc_bytes, pa.binary()).cast(pa.string())
+            ids = pa.array([str(uuidlib.uuid5(_ID_NAMESPACE, d.hex())) for d in doc_bytes], pa.string())
+            if c.mode == "data_stream":
+                targets = pa.array([c.aggregates_data_stream] * n, pa.string())
+            else:
+                tcol = next((t for t in ("window_start", "time") if t in batch.schema.names), None)
+                times = batch.column(tcol) if tcol else pa.array([0] * n, pa.int64()).cast(TIMESTAMP)
+                targets = index_names(times, c.aggregates_index)
+        lines = pc.binary_join_element_wise('{"create":{"_index":"', targets, '","_id":"', ids, '"}}\n', docs, "\n",
+                                            "")
+        records = lines.cast(pa.binary()).to_pylist()
+        sizes = pc.binary_length(lines).to_numpy(zero_copy_only=False).astype(np.int64)
+        return records, sizes
+
+    # -- sending --------------------------------------------------------------------------
+    def _send(self, records: list[bytes]) -> SendResult:
+        body = b"".join(records)
+        headers = dict(self._headers)
+        if self.config.compression:
+            body = gzip.compress(body, compresslevel=1)
+            headers["content-encoding"] = "gzip"
+        try:
+            resp = self.transport.perform_request("POST", self._bulk_path, body=body, headers=headers)
+        except TransportError as exc:
+            raise RetryableError("transport", f"{type(exc).__name__}: {exc}") from None
+        status = resp.meta.status
+        data = resp.body or b""
+        if status == 413:
+            raise RequestTooLargeError(f"HTTP 413: {data[:300]!r}")
+        if status >= 300:
+            text = data[:2000].decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+            if status >= 500 or status in http.RETRY_4XX:
+                raise RetryableError(f"http_{status}", f"HTTP {status}: {text}",
+                                     parse_retry_after(resp.meta.headers.get("retry-after")))
+            raise RejectedError(f"http_{status}", f"HTTP {status}: {text}", status)
+        result = SendResult(sent_bytes=len(body))
+        answer = orjson.loads(data) if data else {}
+        if not answer.get("errors"):
+            return result
+        items = answer.get("items") or []
+        if len(items) != len(records):
+            raise RetryableError("bad_response", f"bulk answered {len(items)} items for {len(records)} actions")
+        kinds = set()
+        for i, item in enumerate(items):
+            (_, outcome), = item.items()
+            st = outcome.get("status", 0)
+            if st < 300:
+                continue
+            if st == 409:
+                result.duplicates += 1
+                continue
+            error = outcome.get("error") or {}
+            if st == 429 or st >= 500:
+                result.retry.append(i)
+                kinds.add(f"item_{st}")
+                continue
+            etype = error.get("type", f"http_{st}") if isinstance(error, dict) else f"http_{st}"
+            result.dead.append((i, etype, orjson.dumps(error).decode() if isinstance(error, dict) else str(error)))
+        if kinds:
+            result.retry_kind = sorted(kinds)[0]
+        return result
+
+    def _describe(self, record: bytes) -> dict:
+        action, _, doc = record.partition(b"\n")
+        meta = orjson.loads(action).get("create", {})
+        try:
+            document = orjson.loads(doc)
+        except orjson.JSONDecodeError:
+            document = doc.decode("utf-8", "replace")
+        return {"index": meta.get("_index"), "id": meta.get("_id"), "document": document}

@@ -1,0 +1,383 @@
+"""``kafka`` sink: one message per flow, produced with librdkafka (confluent-kafka).
+
+The producer is idempotent (``enable.idempotence=true``, which implies
+``acks=all``, unlimited internal retries and ordering per partition), batches
+with ``linger.ms`` 50 and compresses with zstd. librdkafka does the batching
+and retrying, so this sink does not use :mod:`exporter.sinks.delivery`'s
+request loop; it shares its dead-letter writer and acknowledgement tracking:
+every message carries its envelope in its delivery-report callback, and the
+envelope is acknowledged once every one of its messages is delivered (or
+dead-lettered after a permanent error such as MSG_SIZE_TOO_LARGE). Messages
+that time out in librdkafka's queue (broker unreachable for longer than
+``message_timeout``) are produced again, never dropped.
+
+The key is the direction-independent connection hash
+(:func:`exporter.model.ids.connection_hashes`, 8 bytes big-endian) so both
+directions of a connection, and its L7 flows, land in one partition in
+order. Values are Hubble ExportEvent JSON (``hubble-json``), serialized
+``flow.Flow`` (``protobuf``) or ECS JSON (``ecs-json``); the
+``flowship-encoding`` and ``content-type`` headers name the encoding so the
+Kafka source can decode any mix.
+
+A full local queue (BufferError) is backpressure: the sink serves delivery
+reports and tries again, blocking the pipeline instead of losing flows.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import orjson
+import pyarrow as pa
+from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from exporter.components import Context, Sink
+from exporter.config import ByteSize, Duration, secret_value
+from exporter.model import ecs
+from exporter.model.ids import connection_hashes
+from exporter.pipeline.envelope import Envelope
+from exporter.sinks import rows_as_json
+from exporter.sinks.delivery import DeadLetterWriter, PendingEnvelope, default_dead_letter_path
+
+Encoding = Literal["hubble-json", "protobuf", "ecs-json"]
+CONTENT_TYPES: dict[str, bytes] = {
+    "hubble-json": b"application/json",
+    "ecs-json": b"application/json",
+    "protobuf": b"application/x-protobuf; messageType=flow.Flow",
+}
+ENCODING_HEADER = "flowship-encoding"
+KIND_HEADER = "flowship-kind"
+
+# Errors after which producing the same message again cannot succeed.
+_PERMANENT = frozenset({
+    KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG, KafkaError.INVALID_MSG_SIZE,
+    KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED, KafkaError.INVALID_RECORD, KafkaError.TOPIC_EXCEPTION,
+    KafkaError.UNSUPPORTED_FOR_MESSAGE_FORMAT, KafkaError._INVALID_ARG,
+})
+
+
+@dataclass
+class CreateTopicConfig:
+    partitions: int = 6
+    replication_factor: int = 1
+    config: dict[str, str] = field(default_factory=dict)  # topic configs, e.g. retention.ms
+
+
+@dataclass
+class KafkaSinkConfig:
+    """``type: kafka`` — see docs/sinks.md."""
+
+    brokers: str | list[str] = "127.0.0.1:9092"
+    topic: str = "flowship.flows"
+    aggregates_topic: str | None = None  # default: "<topic>.aggregates"
+    encoding: Encoding = "hubble-json"
+    key: Literal["connection", "uuid", "none"] = "connection"
+    key_format: Literal["binary", "hex"] = "binary"  # connection key as 8 bytes or 16 hex characters
+    compression: Literal["zstd", "lz4", "snappy", "gzip", "none"] = "zstd"
+    linger_ms: int = 50
+    batch_size: ByteSize = ByteSize(1024 * 1024)
+    batch_num_messages: int = 10000
+    queue_max_messages: int = 500000  # librdkafka's local queue; full = backpressure
+    queue_max_bytes: ByteSize = ByteSize(256 * 1024 * 1024)
+    message_timeout: Duration = Duration(300.0)  # then the message is produced again
+    flush_timeout: Duration = Duration(60.0)
+    client_id: str = "flowship"
+    security_protocol: Literal["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"] = "plaintext"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    sasl_username: str | None = None  # secrets as env:NAME or file:PATH
+    sasl_password: str | None = None
+    ssl_ca_location: str | None = None
+    ssl_certificate_location: str | None = None
+    ssl_key_location: str | None = None
+    create_topic: CreateTopicConfig | None = None
+    librdkafka: dict[str, str] = field(default_factory=dict)  # extra producer properties
+    dead_letter_path: str | None = None
+
+    def broker_list(self) -> str:
+        return self.brokers if isinstance(self.brokers, str) else ",".join(self.brokers)
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not self.broker_list():
+            problems.append("brokers: at least one host:port is needed")
+        if not isinstance(self.topic, str) or not self.topic or len(self.topic) > 249 or not all(
+                ch.isalnum() or ch in "._-" for ch in self.topic):
+            problems.append(f"topic: {self.topic!r} is not a valid topic name ([a-zA-Z0-9._-], 1-249 chars)")
+        if isinstance(self.linger_ms, int) and not 0 <= self.linger_ms <= 900000:
+            problems.append(f"linger_ms: expected 0..900000, got {self.linger_ms}")
+        if self.security_protocol.startswith("sasl") and not self.sasl_username:
+            problems.append("sasl_username: required with a sasl_* security_protocol")
+        if self.create_topic is not None and isinstance(self.create_topic.partitions, int) \
+                and self.create_topic.partitions < 1:
+            problems.append("create_topic.partitions: expected an integer >= 1")
+        return problems
+
+
+def producer_config(c: KafkaSinkConfig) -> dict[str, Any]:
+    conf: dict[str, Any] = {
+        "bootstrap.servers": c.broker_list(),
+        "client.id": c.client_id,
+        "enable.idempotence": True,
+        "acks": "all",
+        "compression.type": c.compression,
+        "linger.ms": c.linger_ms,
+        "batch.size": int(c.batch_size),
+        "batch.num.messages": c.batch_num_messages,
+        "queue.buffering.max.messages": c.queue_max_messages,
+        "queue.buffering.max.kbytes": max(1, int(c.queue_max_bytes) // 1024),
+        "message.timeout.ms": int(float(c.message_timeout) * 1000),
+        "security.protocol": c.security_protocol,
+    }
+    if c.security_protocol.startswith("sasl"):
+        conf["sasl.mechanism"] = c.sasl_mechanism
+        conf["sasl.username"] = secret_value(c.sasl_username)
+        conf["sasl.password"] = secret_value(c.sasl_password)
+    for key, prop in (("ssl_ca_location", "ssl.ca.location"), ("ssl_certificate_location", "ssl.certificate.location"),
+                      ("ssl_key_location", "ssl.key.location")):
+        if getattr(c, key):
+            conf[prop] = getattr(c, key)
+    conf.update(c.librdkafka or {})
+    return conf
+
+
+def admin_config(conf: dict[str, Any]) -> dict[str, Any]:
+    keep = ("bootstrap.servers", "client.id", "security.protocol")
+    return {k: v for k, v in conf.items() if k in keep or k.startswith(("sasl.", "ssl."))}
+
+
+def encode_values(batch: pa.RecordBatch, encoding: str, kind: str = "flows") -> list[bytes]:
+    """Message values for a batch (no trailing newlines)."""
+    if kind != "flows":
+        if encoding == "ecs-json":
+            return ecs.encode_documents(batch, kind="aggregates")
+        return [orjson.dumps(row) for row in rows_as_json(batch)]
+    if encoding == "ecs-json":
+        return ecs.encode_documents(batch)
+    if encoding == "protobuf":
+        from exporter.model.proto import to_flow_bytes
+
+        return to_flow_bytes(batch)
+    from exporter.model.hubble_json import encode_lines
+
+    return [line[:-1] if line.endswith(b"\n") else line for line in encode_lines(batch)]
+
+
+def encode_keys(batch: pa.RecordBatch, key: str, key_format: str = "binary") -> list[bytes] | None:
+    """Message keys: connection hash (8 bytes big-endian or hex), uuid, or None."""
+    if key == "none" or batch.num_rows == 0:
+        return None
+    if key == "uuid":
+        return [u.encode() for u in batch.column("uuid").to_pylist()]
+    hashes = connection_hashes(batch).astype(">u8")
+    if key_format == "hex":
+        return [format(int(h), "016x").encode() for h in hashes.astype(np.uint64).tolist()]
+    raw = hashes.tobytes()
+    return [raw[i:i + 8] for i in range(0, len(raw), 8)]
+
+
+class _Tracker:
+    """Delivery reports of one envelope's messages."""
+
+    __slots__ = ("pending", "topic")
+
+    def __init__(self, pending: PendingEnvelope, topic: str) -> None:
+        self.pending = pending
+        self.topic = topic
+
+
+class KafkaSink(Sink):
+    """Produces flows to a Kafka topic; see the module doc."""
+
+    def __init__(self, config: KafkaSinkConfig, ctx: Context) -> None:
+        super().__init__(config, ctx)
+        self.producer: Producer | None = None
+        self.dead_letters: DeadLetterWriter | None = None
+        self._lock = threading.Lock()
+        self._retry: list[tuple[_Tracker, bytes | None, bytes, list]] = []
+        self._outstanding = 0
+        self._idle = threading.Condition(self._lock)
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        self._fatal: KafkaError | None = None
+        self._checked_topics: set[str] = set()
+        m = ctx.metrics
+        self._bytes = m.sink_bytes(ctx.name)
+        self._ok = m.sink_batches(ctx.name, "ok")
+        self._reproduced = m.counter("flowship_kafka_reproduced_total",
+                                     "Messages produced again after librdkafka gave up on them (timeouts).",
+                                     ["sink"]).labels(ctx.name)
+        self._backpressure = m.counter("flowship_kafka_queue_full_total",
+                                       "Times the local producer queue was full (BufferError).",
+                                       ["sink"]).labels(ctx.name)
+        self.stats: dict[str, Any] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        c = self.config
+        conf = producer_config(c)
+        conf["error_cb"] = self._on_error
+        if "statistics.interval.ms" in conf:
+            conf["stats_cb"] = self._on_stats
+        if c.create_topic is not None:
+            self._create_topics(conf)
+        self.producer = Producer(conf)
+        self.dead_letters = DeadLetterWriter(c.dead_letter_path or default_dead_letter_path(self.ctx),
+                                             self.ctx.name, self.ctx)
+        self._poller = threading.Thread(target=self._poll_loop, name=f"{self.ctx.name}-poll", daemon=True)
+        self._poller.start()
+        self.ctx.log.info("kafka sink ready", brokers=c.broker_list(), topic=c.topic, encoding=c.encoding,
+                          key=c.key, compression=c.compression)
+
+    def _aggregates_topic(self) -> str:
+        return self.config.aggregates_topic or f"{self.config.topic}.aggregates"
+
+    def _create_topics(self, conf: dict[str, Any]) -> None:
+        spec = self.config.create_topic
+        admin = AdminClient(admin_config(conf))
+        topics = [NewTopic(t, num_partitions=spec.partitions, replication_factor=spec.replication_factor,
+                           config=dict(spec.config or {}))
+                  for t in (self.config.topic, self._aggregates_topic())]
+        for topic, future in admin.create_topics(topics, request_timeout=15).items():
+            try:
+                future.result(timeout=30)
+                self.ctx.log.info("topic created", topic=topic, partitions=spec.partitions)
+            except KafkaException as exc:
+                err = exc.args[0]
+                if err.code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise RuntimeError(f"creating topic {topic} failed: {err.str()}") from None
+
+    def write(self, env: Envelope) -> None:
+        self._raise_fatal()
+        c = self.config
+        kind = env.kind
+        topic = c.topic if kind == "flows" else self._aggregates_topic()
+        values = encode_values(env.batch, c.encoding, kind)
+        keys = encode_keys(env.batch, c.key, c.key_format) if kind == "flows" else None
+        headers = [(ENCODING_HEADER, c.encoding.encode() if kind == "flows" or c.encoding == "ecs-json"
+                    else b"json"), ("content-type", CONTENT_TYPES.get(c.encoding, b"application/json"))]
+        if kind != "flows":
+            headers.append((KIND_HEADER, kind.encode()))
+        with self._lock:
+            self._outstanding += 1
+        tracker = _Tracker(PendingEnvelope(env, len(values), self._settled), topic)
+        callback = self._callback(tracker)
+        produce = self.producer.produce
+        nbytes = 0
+        for i, value in enumerate(values):
+            key = keys[i] if keys is not None else None
+            nbytes += len(value) + (len(key) if key else 0)
+            while True:
+                try:
+                    produce(topic, value, key, headers=headers, on_delivery=callback)
+                    break
+                except BufferError:
+                    self._backpressure.inc()
+                    self.producer.poll(0.05)
+                    self._raise_fatal()
+        self._bytes.inc(nbytes)
+        self._produce_retries()
+
+    def tick(self, now_ns: int) -> None:
+        self._raise_fatal()
+        self._produce_retries()
+
+    def flush(self) -> None:
+        """Wait until every produced message is delivered (or dead-lettered)."""
+        deadline = time.monotonic() + float(self.config.flush_timeout)
+        while True:
+            self._produce_retries()
+            remaining = self.producer.flush(max(0.0, min(1.0, deadline - time.monotonic())))
+            with self._lock:
+                done = self._outstanding == 0 and not self._retry
+            if done:
+                return
+            self._raise_fatal()
+            if time.monotonic() >= deadline:
+                self.ctx.log.error("kafka flush timed out; undelivered flows stay unacknowledged",
+                                   queued=remaining, envelopes=self._outstanding)
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join(timeout=5)
+        if self.producer is not None:
+            self.producer.flush(0)
+        if self.dead_letters is not None:
+            self.dead_letters.close()
+
+    # -- delivery reports -------------------------------------------------------------------
+    def _poll_loop(self) -> None:
+        while not self._stop.is_set():
+            self.producer.poll(0.1)
+
+    def _callback(self, tracker: _Tracker):  # noqa: ANN202 - librdkafka callback
+        pending = tracker.pending
+
+        def on_delivery(err: KafkaError | None, msg: Any) -> None:
+            if err is None:
+                pending.settle(delivered=1)
+                return
+            self._on_failure(tracker, err, msg)
+
+        return on_delivery
+
+    def _on_failure(self, tracker: _Tracker, err: KafkaError, msg: Any) -> None:
+        if err.fatal():
+            self._fatal = err
+        if err.code() in _PERMANENT or self._fatal is not None:
+            value = msg.value() or b""
+            record = {"topic": tracker.topic, "key": (msg.key() or b"").hex() or None,
+                      "value": value.decode("utf-8", "replace") if self.config.encoding != "protobuf" else value.hex()}
+            self.dead_letters.write([(err.name().lower().lstrip("_"), err.str(), record)])
+            tracker.pending.settle(failed=1)
+            return
+        # Timed out in the local queue or a transient error: produce it again.
+        with self._lock:
+            self._retry.append((tracker, msg.key(), msg.value(), msg.headers() or []))
+
+    def _produce_retries(self) -> None:
+        with self._lock:
+            retry, self._retry = self._retry, []
+        for tracker, key, value, headers in retry:
+            self._reproduced.inc()
+            while True:
+                try:
+                    self.producer.produce(tracker.topic, value, key, headers=headers,
+                                          on_delivery=self._callback(tracker))
+                    break
+                except BufferError:
+                    self.producer.poll(0.05)
+
+    def _settled(self, _pending: PendingEnvelope) -> None:
+        self._ok.inc()
+        with self._lock:
+            self._outstanding -= 1
+            self._idle.notify_all()
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self._fatal = err
+            self.ctx.log.error("kafka producer fatal error", error=err.str())
+        else:
+            self.ctx.log.warning("kafka client error", error=err.str(), code=err.name())
+
+    def _on_stats(self, text: str) -> None:
+        try:
+            self.stats = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
+
+    def _raise_fatal(self) -> None:
+        if self._fatal is not None:
+            raise RuntimeError(f"kafka producer failed: {self._fatal.str()}")
+
+    @property
+    def outstanding(self) -> int:
+        return self._outstanding

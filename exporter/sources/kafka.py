@@ -1,0 +1,445 @@
+"""``kafka`` source: consume flows from Kafka topics as a consumer group.
+
+Processes sharing a ``group_id`` split the topic's partitions between them
+(the cluster shape: agents produce, a group of ``flowship export`` processes
+consumes). Messages may be Hubble ExportEvent JSON, serialized ``flow.Flow``
+or ECS JSON; the encoding comes from the ``flowship-encoding`` (or
+``content-type``) header the kafka sink writes, from the first byte when a
+message has no header, or from ``encoding:``.
+
+Offsets are committed by hand (``enable.auto.commit=false``) and only up to
+the last offset before which *every* message was acknowledged by every sink:
+each emitted batch carries a receipt naming the offset range it holds per
+partition; receipts complete in any order, and a partition's commit point
+advances over the contiguous prefix of completed ranges. On a rebalance the
+acknowledged prefix of each revoked partition is committed synchronously and
+the rest is forgotten (its batches may still be delivered, and the new owner
+reads them again: at-least-once, duplicates possible, never loss).
+
+Messages that cannot be decoded are counted (``flowship_source_rejected_total``)
+and logged with topic/partition/offset, then skipped (their offsets count as
+done).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pyarrow as pa
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from exporter.components import Context, Emit, Source
+from exporter.config import Duration, secret_value
+from exporter.model import ecs
+from exporter.model.schema import empty_flows
+from exporter.pipeline.envelope import Receipt
+
+Encoding = Literal["auto", "hubble-json", "protobuf", "ecs-json"]
+MAX_REPORTED = 20  # undecodable messages logged one by one; after that only counted
+
+
+@dataclass
+class KafkaSourceConfig:
+    """``type: kafka`` source — see docs/sinks.md (Kafka source)."""
+
+    brokers: str | list[str] = "127.0.0.1:9092"
+    topic: str | None = None  # default: flowship.flows
+    topics: list[str] = field(default_factory=list)
+    group_id: str = "flowship-export"
+    encoding: Encoding = "auto"
+    start_from: Literal["earliest", "latest"] = "earliest"  # with no committed offset
+    batch_rows: int = 20000  # messages per poll at most
+    poll_timeout: Duration = Duration(0.5)
+    commit_interval: Duration = Duration(1.0)
+    drain_timeout: Duration = Duration(10.0)  # on stop: wait for in-flight flows to be acknowledged
+    session_timeout: Duration = Duration(30.0)
+    max_poll_interval: Duration = Duration(300.0)
+    assignment_strategy: Literal["cooperative-sticky", "range", "roundrobin"] = "cooperative-sticky"
+    client_id: str = "flowship"
+    security_protocol: Literal["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"] = "plaintext"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_ca_location: str | None = None
+    ssl_certificate_location: str | None = None
+    ssl_key_location: str | None = None
+    librdkafka: dict[str, str] = field(default_factory=dict)
+
+    def topic_list(self) -> list[str]:
+        if self.topics:
+            return list(self.topics)
+        return [self.topic or "flowship.flows"]
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.topic and self.topics:
+            problems.append("topics: give either topic or topics")
+        if not self.group_id:
+            problems.append("group_id: a consumer group id is needed")
+        if isinstance(self.batch_rows, int) and self.batch_rows < 1:
+            problems.append(f"batch_rows: expected an integer >= 1, got {self.batch_rows}")
+        if self.security_protocol.startswith("sasl") and not self.sasl_username:
+            problems.append("sasl_username: required with a sasl_* security_protocol")
+        return problems
+
+
+def consumer_config(c: KafkaSourceConfig) -> dict[str, Any]:
+    brokers = c.brokers if isinstance(c.brokers, str) else ",".join(c.brokers)
+    conf: dict[str, Any] = {
+        "bootstrap.servers": brokers,
+        "group.id": c.group_id,
+        "client.id": c.client_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": c.start_from,
+        "session.timeout.ms": int(float(c.session_timeout) * 1000),
+        "max.poll.interval.ms": int(float(c.max_poll_interval) * 1000),
+        "partition.assignment.strategy": c.assignment_strategy,
+        "security.protocol": c.security_protocol,
+    }
+    if c.security_protocol.startswith("sasl"):
+        conf["sasl.mechanism"] = c.sasl_mechanism
+        conf["sasl.username"] = secret_value(c.sasl_username)
+        conf["sasl.password"] = secret_value(c.sasl_password)
+    for key, prop in (("ssl_ca_location", "ssl.ca.location"), ("ssl_certificate_location", "ssl.certificate.location"),
+                      ("ssl_key_location", "ssl.key.location")):
+        if getattr(c, key):
+            conf[prop] = getattr(c, key)
+    conf.update(c.librdkafka or {})
+    return conf
+
+
+# ---------------------------------------------------------------------------------------------
+# Offset tracking
+# ---------------------------------------------------------------------------------------------
+
+class _Range:
+    __slots__ = ("first", "last", "done")
+
+    def __init__(self, first: int, last: int) -> None:
+        self.first = first
+        self.last = last
+        self.done = False
+
+
+class _Partition:
+    """Emitted offset ranges of one assigned partition, in order."""
+
+    __slots__ = ("epoch", "ranges", "by_first", "commit_at", "committed")
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.ranges: deque[_Range] = deque()
+        self.by_first: dict[int, _Range] = {}
+        self.commit_at: int | None = None  # next offset to read: everything before it is acknowledged
+        self.committed: int | None = None
+
+    def advance(self) -> None:
+        while self.ranges and self.ranges[0].done:
+            r = self.ranges.popleft()
+            del self.by_first[r.first]
+            self.commit_at = r.last + 1
+
+
+class OffsetTracker:
+    """Per-partition contiguous-acknowledgement tracking (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._parts: dict[tuple[str, int], _Partition] = {}
+        self._epoch = 0
+        self.in_flight = 0
+
+    def assign(self, keys: list[tuple[str, int]]) -> None:
+        with self._lock:
+            for key in keys:
+                self._epoch += 1
+                self._parts[key] = _Partition(self._epoch)
+
+    def revoke(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """Forget partitions; return the commit points not yet committed."""
+        out = {}
+        with self._lock:
+            for key in keys:
+                part = self._parts.pop(key, None)
+                if part is not None and part.commit_at is not None and part.commit_at != part.committed:
+                    out[key] = part.commit_at
+        return out
+
+    def owns(self, key: tuple[str, int]) -> bool:
+        with self._lock:
+            return key in self._parts
+
+    def emitted(self, ranges: dict[tuple[str, int], tuple[int, int]]) -> list[tuple[str, int, int, int]]:
+        """Register ranges about to be emitted; returns the receipt position."""
+        position = []
+        with self._lock:
+            self.in_flight += 1
+            for key, (first, last) in ranges.items():
+                part = self._parts.get(key)
+                if part is None:
+                    continue
+                r = _Range(first, last)
+                part.ranges.append(r)
+                part.by_first[first] = r
+                position.append((key[0], key[1], part.epoch, first))
+        return position
+
+    def completed(self, position: list[tuple[str, int, int, int]]) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            for topic, partition, epoch, first in position:
+                part = self._parts.get((topic, partition))
+                if part is None or part.epoch != epoch:
+                    continue  # revoked meanwhile: the new owner reads it again
+                r = part.by_first.get(first)
+                if r is not None:
+                    r.done = True
+                part.advance()
+
+    def to_commit(self) -> dict[tuple[str, int], int]:
+        with self._lock:
+            return {key: p.commit_at for key, p in self._parts.items()
+                    if p.commit_at is not None and p.commit_at != p.committed}
+
+    def mark_committed(self, offsets: dict[tuple[str, int], int]) -> None:
+        with self._lock:
+            for key, offset in offsets.items():
+                part = self._parts.get(key)
+                if part is not None:
+                    part.committed = offset
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------------------------
+
+def detect_encoding(headers: list[tuple[str, bytes]] | None, value: bytes) -> str:
+    """Encoding of one message: header first, then a look at the bytes."""
+    if headers:
+        for key, raw in headers:
+            if key == "flowship-encoding" and raw:
+                return raw.decode("ascii", "replace")
+        for key, raw in headers:
+            if key == "content-type" and raw and b"protobuf" in raw:
+                return "protobuf"
+    head = value.lstrip()[:1]
+    if head == b"{":
+        return "ecs-json" if b'"@timestamp"' in value[:200] and b'"flow"' not in value[:20] else "hubble-json"
+    return "protobuf"
+
+
+def decode_messages(values: list[bytes], encoding: str) -> tuple[pa.RecordBatch, list[tuple[int, str]]]:
+    """Decode message values of one encoding; returns (batch, [(index, reason)])."""
+    if encoding == "hubble-json":
+        from exporter.model.hubble_json import decode_lines
+
+        bad: list[tuple[int, str]] = []
+        if any(b"\n" in v for v in values):
+            batches = []
+            for i, v in enumerate(values):
+                result = decode_lines(v.replace(b"\n", b" "))
+                if result.errors or result.batch.num_rows != 1:
+                    bad.append((i, result.errors[0][1] if result.errors else "not a flow"))
+                else:
+                    batches.append(result.batch)
+            return (pa.concat_batches(batches) if batches else empty_flows()), bad
+        result = decode_lines(b"\n".join(values))
+        for number, reason in result.errors:
+            bad.append((max(0, number - 1), reason))
+        return result.batch, bad  # lost_events / node status lines are neither flows nor errors
+    if encoding == "protobuf":
+        from exporter.model.proto import from_flow_messages
+        from exporter.proto.flow import flow_pb2
+
+        msgs, bad = [], []
+        for i, v in enumerate(values):
+            try:
+                msgs.append(flow_pb2.Flow.FromString(v))
+            except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and friends
+                bad.append((i, f"invalid flow.Flow protobuf: {exc}"))
+        return (from_flow_messages(msgs) if msgs else empty_flows()), bad
+    if encoding == "ecs-json":
+        return ecs.decode_ndjson(values)
+    return empty_flows(), [(i, f"unknown encoding {encoding!r}") for i in range(len(values))]
+
+
+# ---------------------------------------------------------------------------------------------
+# The source
+# ---------------------------------------------------------------------------------------------
+
+class KafkaSource(Source):
+    """Consumes flows as a member of a consumer group; see the module doc."""
+
+    def __init__(self, config: KafkaSourceConfig, ctx: Context) -> None:
+        super().__init__(config, ctx)
+        self.tracker = OffsetTracker()
+        self.consumer: Consumer | None = None
+        self.counts = {"messages": 0, "flows": 0, "rejected": 0, "skipped_aggregates": 0, "commits": 0,
+                       "rebalances": 0}
+        self._reported = 0
+        self._closed = False
+        m = ctx.metrics
+        self._commits = m.counter("flowship_kafka_commits_total", "Offset commits by the Kafka source.",
+                                  ["source"]).labels(ctx.name)
+        self._in_flight = m.gauge("flowship_kafka_inflight_batches",
+                                  "Batches emitted and not yet acknowledged by every sink.",
+                                  ["source"]).labels(ctx.name)
+        self._assigned = m.gauge("flowship_kafka_assigned_partitions", "Partitions assigned to this process.",
+                                 ["source"]).labels(ctx.name)
+
+    # -- rebalance callbacks (run inside consume()) ------------------------------------------
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        keys = [(p.topic, p.partition) for p in partitions]
+        self.tracker.assign(keys)
+        self.counts["rebalances"] += 1
+        self._assigned.inc(len(keys))
+        self.ctx.log.info("partitions assigned", partitions=[f"{t}[{p}]" for t, p in keys])
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        keys = [(p.topic, p.partition) for p in partitions]
+        pending = self.tracker.revoke(keys)
+        self._assigned.dec(len(keys))
+        if pending:
+            try:
+                consumer.commit(offsets=[TopicPartition(t, p, off) for (t, p), off in pending.items()],
+                                asynchronous=False)
+                self._count_commit()
+            except KafkaException as exc:
+                self.ctx.log.warning("commit on revoke failed", error=str(exc))
+        self.ctx.log.info("partitions revoked", partitions=[f"{t}[{p}]" for t, p in keys],
+                          committed={f"{t}[{p}]": o for (t, p), o in pending.items()})
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        keys = [(p.topic, p.partition) for p in partitions]
+        self.tracker.revoke(keys)
+        self._assigned.dec(len(keys))
+        self.ctx.log.warning("partitions lost (session expired); their in-flight flows will be read again",
+                             partitions=[f"{t}[{p}]" for t, p in keys])
+
+    # -- main loop ----------------------------------------------------------------------------
+    def run(self, emit: Emit, stop: threading.Event) -> None:
+        c = self.config
+        self.consumer = Consumer(consumer_config(c))
+        self.consumer.subscribe(c.topic_list(), on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_lost)
+        self.ctx.log.info("kafka source subscribed", topics=c.topic_list(), group=c.group_id)
+        next_commit = time.monotonic() + float(c.commit_interval)
+        try:
+            while not stop.is_set():
+                msgs = self.consumer.consume(num_messages=c.batch_rows, timeout=float(c.poll_timeout))
+                if msgs:
+                    self._handle(msgs, emit)
+                if time.monotonic() >= next_commit:
+                    next_commit = time.monotonic() + float(c.commit_interval)
+                    self.commit()
+            self._drain()
+        finally:
+            self.close()
+
+    def _handle(self, msgs: list, emit: Emit) -> None:
+        c = self.config
+        ranges: dict[tuple[str, int], tuple[int, int]] = {}
+        groups: dict[str, list[tuple[Any, bytes]]] = {}
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    self.ctx.log.warning("kafka consumer error", error=err.str())
+                continue
+            key = (msg.topic(), msg.partition())
+            if not self.tracker.owns(key):
+                continue  # revoked while fetched
+            offset = msg.offset()
+            first_last = ranges.get(key)
+            ranges[key] = (first_last[0] if first_last else offset, offset)
+            self.counts["messages"] += 1
+            headers = msg.headers()
+            if headers and any(k == "flowship-kind" and v != b"flows" for k, v in headers):
+                self.counts["skipped_aggregates"] += 1
+                continue
+            value = msg.value()
+            if not value:
+                self._reject(msg, "empty message")
+                continue
+            encoding = c.encoding if c.encoding != "auto" else detect_encoding(headers, value)
+            groups.setdefault(encoding, []).append((msg, value))
+        if not ranges:
+            return
+        batches = []
+        for encoding, items in groups.items():
+            batch, bad = decode_messages([v for _, v in items], encoding)
+            for index, reason in bad:
+                self._reject(items[index][0], reason)
+            if batch.num_rows:
+                batches.append(batch)
+        batch = pa.concat_batches(batches) if len(batches) > 1 else (batches[0] if batches else empty_flows())
+        self.counts["flows"] += batch.num_rows
+        position = self.tracker.emitted(ranges)
+        receipt = Receipt(self._completed, position=position, rows=batch.num_rows)
+        self._in_flight.inc()
+        if batch.num_rows == 0:
+            receipt.release()  # nothing to deliver: the offsets are done
+            return
+        emit(batch, receipt)
+
+    def _completed(self, receipt: Receipt) -> None:
+        self._in_flight.dec()
+        self.tracker.completed(receipt.position)
+
+    def _reject(self, msg: Any, reason: str) -> None:
+        self.counts["rejected"] += 1
+        category = reason.split(":", 1)[0].strip().lower().replace(" ", "_")[:40] or "undecodable"
+        self.ctx.metrics.rejected(self.ctx.name, category).inc()
+        if self._reported < MAX_REPORTED:
+            self._reported += 1
+            self.ctx.log.warning("undecodable message skipped", topic=msg.topic(), partition=msg.partition(),
+                                 offset=msg.offset(), reason=str(reason)[:300])
+
+    # -- commits ------------------------------------------------------------------------------
+    def commit(self, synchronous: bool = False) -> None:
+        offsets = self.tracker.to_commit()
+        if not offsets or self.consumer is None:
+            return
+        try:
+            self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                                 asynchronous=not synchronous)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if not (isinstance(err, KafkaError) and err.code() == KafkaError._NO_OFFSET):
+                self.ctx.log.warning("offset commit failed", error=str(exc))
+            return
+        self.tracker.mark_committed(offsets)
+        self._count_commit()
+
+    def _count_commit(self) -> None:
+        self.counts["commits"] += 1
+        self._commits.inc()
+
+    def _drain(self) -> None:
+        """Stop reading; give in-flight flows ``drain_timeout`` to be acknowledged, committing as they are."""
+        deadline = time.monotonic() + float(self.config.drain_timeout)
+        while self.tracker.in_flight and time.monotonic() < deadline:
+            self.commit()
+            time.sleep(0.1)  # heartbeats run in librdkafka's own thread
+        self.commit(synchronous=True)
+        if self.tracker.in_flight:
+            self.ctx.log.warning("stopping with unacknowledged flows; they will be read again",
+                                 batches=self.tracker.in_flight)
+
+    def close(self) -> None:
+        """Commit what is acknowledged and leave the group (idempotent)."""
+        if self._closed or self.consumer is None:
+            return
+        self._closed = True
+        try:
+            self.commit(synchronous=True)
+        finally:
+            self.consumer.close()
+
+    def summary(self) -> dict[str, Any]:
+        return dict(self.counts)
