@@ -36,18 +36,27 @@ def generate_batch(n: int, seed: int = 0, start_ns: int = 1_767_225_600_000_000_
     """``n`` flows over about n/100 seconds of traffic between ``pods`` pods."""
     rng = np.random.default_rng(seed)
     times = start_ns + np.sort(rng.integers(0, max(n, 1) * 10_000_000, n, dtype=np.int64))
-    src = rng.integers(0, pods, n)
-    dst = rng.integers(0, pods, n)
+    # Flows come in connections (handshake, data, request/response, close): ~8 flows each,
+    # both directions sharing the connection's ports, as Hubble reports them.
+    conns = max(n // 8, 1)
+    conn = rng.integers(0, conns, n)
+    conn_src = rng.integers(0, pods, conns)
+    conn_dst = rng.integers(0, pods, conns)
+    conn_kind = rng.choice(4, conns, p=[0.6, 0.2, 0.15, 0.05])  # 0 tcp, 1 http, 2 dns, 3 icmp
+    conn_port = PORTS[rng.integers(0, len(PORTS), conns)]
+    conn_sport = rng.integers(32768, 61000, conns).astype(np.uint16)
+    src = conn_src[conn]
+    dst = conn_dst[conn]
     pod_ns = np.array([NAMESPACES[i % len(NAMESPACES)] for i in range(pods)], dtype=object)
     pod_app = np.array([APPS[i % len(APPS)] for i in range(pods)], dtype=object)
     pod_name = np.array([f"{APPS[i % len(APPS)]}-{i:05d}-x{i % 7}" for i in range(pods)], dtype=object)
     pod_ip = np.array([f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}" for i in range(pods)], dtype=object)
     labels = [[f"k8s:app={APPS[i % len(APPS)]}", f"k8s:io.kubernetes.pod.namespace={NAMESPACES[i % len(NAMESPACES)]}",
                "k8s:io.cilium.k8s.policy.cluster=default"] for i in range(pods)]
-    kind = rng.choice(4, n, p=[0.6, 0.2, 0.15, 0.05])  # 0 tcp, 1 http, 2 dns, 3 icmp
+    kind = conn_kind[conn]
     proto = np.where(kind == 2, "UDP", np.where(kind == 3, "ICMPv4", "TCP")).astype(object)
-    dport = np.where(kind == 2, 53, PORTS[rng.integers(0, len(PORTS), n)]).astype(np.uint16)
-    sport = rng.integers(32768, 61000, n).astype(np.uint16)
+    dport = np.where(kind == 2, 53, conn_port[conn]).astype(np.uint16)
+    sport = conn_sport[conn]
     is_reply = rng.random(n) < 0.45
     sp, dp = np.where(is_reply, dport, sport), np.where(is_reply, sport, dport)
     ip_s, ip_d = pod_ip[src], pod_ip[dst]

@@ -99,15 +99,17 @@ class HubbleMetrics:
         has_dns = pc.is_valid(batch.column("dns_query"))
         if pc.any(has_dns).as_py():
             dns = batch.filter(has_dns)
-            is_response = pc.equal(pc.fill_null(dns.column("l7_type"), ""), "RESPONSE")
-            rcode = dns.column("dns_rcode").fill_null(0).to_pylist()
-            qtypes = [",".join(q or []) for q in dns.column("dns_qtypes").to_pylist()]
-            ips = pc.list_value_length(dns.column("dns_ips")).fill_null(0).to_pylist()
-            w = pc.fill_null(dns.column("sample_rate"), 1).to_pylist()
-            for i, resp in enumerate(is_response.to_pylist()):
-                counter = self.dns_responses if resp else self.dns_queries
-                counter.labels(_DNS_RCODES.get(rcode[i], str(rcode[i])) if resp else "", qtypes[i],
-                               str(ips[i])).inc(w[i])
+            table = pa.table({
+                "response": pc.equal(pc.fill_null(dns.column("l7_type"), ""), "RESPONSE"),
+                "rcode": dns.column("dns_rcode").fill_null(0),
+                "qtypes": pc.binary_join(pc.fill_null(dns.column("dns_qtypes"), pa.scalar([], pa.list_(pa.string()))), ","),
+                "ips": pc.list_value_length(dns.column("dns_ips")).fill_null(0),
+                "weight": pc.fill_null(dns.column("sample_rate"), 1).cast(pa.float64())})
+            for (resp, rcode, qtypes, ips), w in _grouped(table, ["response", "rcode", "qtypes", "ips"]):
+                if resp:
+                    self.dns_responses.labels(_DNS_RCODES.get(rcode, str(rcode)), qtypes, str(ips)).inc(w)
+                else:
+                    self.dns_queries.labels("", qtypes, str(ips)).inc(w)
 
         has_http = pc.or_(pc.is_valid(batch.column("http_method")), pc.is_valid(batch.column("http_code")))
         responses = pc.and_(has_http, pc.equal(pc.fill_null(batch.column("l7_type"), ""), "RESPONSE"))
@@ -122,9 +124,36 @@ class HubbleMetrics:
                               "weight": pc.fill_null(http.column("sample_rate"), 1).cast(pa.float64())})
             for (m, p, s, r), w in _grouped(table, ["method", "protocol", "status", "reporter"]):
                 self.http_requests.labels(m, p, s, r).inc(w)
-            latency = http.column("l7_latency_ns").to_pylist()
-            methods = table.column("method").to_pylist()
-            reporters = reporter.to_pylist()
-            for i, ns in enumerate(latency):
-                if ns:
-                    self.http_duration.labels(methods[i], reporters[i]).observe(ns / 1e9)
+            seconds = pc.divide(pc.cast(http.column("l7_latency_ns"), pa.float64()), 1e9)
+            latency = pa.table({"method": table.column("method"), "reporter": reporter, "seconds": seconds})
+            latency = latency.filter(pc.is_valid(seconds))
+            if latency.num_rows:
+                for (method, rep), values in _split(latency, ["method", "reporter"], "seconds"):
+                    _observe_many(self.http_duration.labels(method, rep), values)
+
+
+def _split(table: pa.Table, keys: list[str], value: str) -> list[tuple[tuple, np.ndarray]]:
+    """Values of ``value`` per distinct key combination."""
+    grouped = table.group_by(keys).aggregate([(value, "list")])
+    out = []
+    for i in range(grouped.num_rows):
+        key = tuple(grouped.column(k)[i].as_py() for k in keys)
+        out.append((key, np.asarray(grouped.column(f"{value}_list")[i].values.to_numpy(zero_copy_only=False))))
+    return out
+
+
+def _observe_many(histogram, values: np.ndarray) -> None:  # noqa: ANN001 - a prometheus_client child
+    """Add many observations at once (prometheus_client has no bulk call; its per-value one is slow)."""
+    upper = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if upper is None or buckets is None or total is None:
+        for v in values.tolist():
+            histogram.observe(v)
+        return
+    index = np.searchsorted(np.asarray(upper, dtype=np.float64), values, side="left")
+    counts = np.bincount(index, minlength=len(upper))
+    for i, count in enumerate(counts.tolist()):
+        if count:
+            buckets[i].inc(count)
+    total.inc(float(values.sum()))

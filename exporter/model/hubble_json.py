@@ -148,9 +148,9 @@ def _snake_keys(obj: Any) -> Any:
     return obj
 
 
-_CAMEL_HINTS = (b'"nodeName"', b'"podName"', b'"sourcePort"', b'"destinationPort"', b'"isReply"',
-                b'"trafficDirection"', b'"dropReasonDesc"', b'"eventType"', b'"latencyNs"',
-                b'"lostEvents"', b'"sourceNames"', b'"traceObservationPoint"')
+# Keys only protojson's camelCase spelling has; one regex scan per chunk finds them.
+_CAMEL_HINTS = re.compile(rb'"(?:nodeName|podName|sourcePort|destinationPort|isReply|trafficDirection|'
+                          rb'dropReasonDesc|eventType|latencyNs|lostEvents|sourceNames|traceObservationPoint)"')
 
 
 def _u64(value: Any) -> int | None:
@@ -376,7 +376,7 @@ def decode_lines(data: bytes, first_line: int = 1, fast: bool = True) -> DecodeR
     columnar fast path (:mod:`exporter.model.hubble_arrow`); anything it
     declines is decoded line by line here, with the same result.
     """
-    camel = any(h in data for h in _CAMEL_HINTS)
+    camel = _CAMEL_HINTS.search(data) is not None
     stripped = data.lstrip()
     if fast and not camel and not stripped.startswith(b"["):
         from exporter.model.hubble_arrow import decode_fast
