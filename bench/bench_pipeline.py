@@ -43,11 +43,40 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _batches(n: int, chunk: int = 65536) -> list:
-    from flowgen import generate_batch
+INPUT = Path(os.environ.get("FLOWSHIP_BENCH_DIR", tempfile.gettempdir())) / "flowship-bench"
 
-    return [generate_batch(min(chunk, n - i), seed=i, start_ns=1_767_225_600_000_000_000 + i * 10_000_000)
-            for i in range(0, n, chunk)]
+
+def _jsonl(n: int) -> Path:
+    return INPUT / f"flows-{n}.jsonl"
+
+
+def _arrow(n: int) -> Path:
+    return INPUT / f"flows-{n}.arrow"
+
+
+def prepare(n: int) -> None:
+    """Generate the inputs once, in the parent, so the cases' RSS is theirs alone."""
+    import pyarrow as pa
+    from flowgen import generate_batch, write_jsonl
+
+    INPUT.mkdir(parents=True, exist_ok=True)
+    for size in (n, 4 * n):
+        if not _jsonl(size).exists():
+            write_jsonl(_jsonl(size), size)
+    if not _arrow(n).exists():
+        batches = [generate_batch(min(65536, n - i), seed=i, start_ns=1_767_225_600_000_000_000 + i * 10_000_000)
+                   for i in range(0, n, 65536)]
+        with pa.OSFile(str(_arrow(n)), "wb") as sink, pa.ipc.new_file(sink, batches[0].schema) as writer:
+            for b in batches:
+                writer.write_batch(b)
+
+
+def _batches(n: int) -> list:
+    import pyarrow as pa
+
+    with pa.memory_map(str(_arrow(n))) as source:
+        reader = pa.ipc.open_file(source)
+        return [reader.get_batch(i) for i in range(reader.num_record_batches)]
 
 
 def _stages(yaml_text: str):  # noqa: ANN202
@@ -60,14 +89,9 @@ def _stages(yaml_text: str):  # noqa: ANN202
 
 
 def case_decode(n: int) -> dict:
-    from flowgen import write_jsonl
-
     from exporter.model.hubble_json import decode_lines
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "in.jsonl"
-        write_jsonl(path, n)
-        data = path.read_bytes()
+    data = _jsonl(n).read_bytes()
     chunks, start = [], 0
     while start < len(data):
         end = data.find(b"\n", start + (4 << 20))
@@ -110,15 +134,12 @@ def case_stages_parquet(n: int, aggregate: bool = False) -> dict:
 
 
 def case_end_to_end(n: int) -> dict:
-    from flowgen import write_jsonl
-
     from exporter.config import load_text
     from exporter.metrics import Metrics
     from exporter.pipeline.runtime import Pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "in.jsonl"
-        write_jsonl(path, n)
+        path = _jsonl(n)
         cfg = load_text(f"""
 data_dir: {tmp}/state
 sources: [{{type: file, paths: ["{path}"]}}]
@@ -130,7 +151,7 @@ sinks: [{{type: parquet, path: {tmp}/out, fsync: false}}]
         summary = Pipeline(cfg, Metrics()).run()
         seconds = time.perf_counter() - t
     return {"flows/s": round(n / seconds), "flows in": summary.sources["file"]["flows"],
-            "rows out": summary.sinks["parquet"], "rss before run MiB": round(before)}
+            "rows out": summary.sinks["parquet"], "RSS before run MiB": round(before)}
 
 
 def case_encode(n: int) -> dict:
@@ -148,9 +169,6 @@ def case_encode(n: int) -> dict:
         from exporter.model import ecs
     except ImportError:
         return out
-    t = time.perf_counter()
-    size = sum(len(b"".join(ecs.encode_ndjson(b))) if isinstance(ecs.encode_ndjson(b), list)
-               else len(ecs.encode_ndjson(b)) for b in batches[:1])
     t = time.perf_counter()
     size = 0
     for b in batches:
@@ -177,6 +195,9 @@ def main() -> int:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child == "prepare":
+        prepare(args.n)
+        return 0
     if args.child:
         os.sched_setaffinity(0, {0})  # one core, as the targets are stated
         result = CASES[args.child](args.n)
@@ -184,6 +205,8 @@ def main() -> int:
         print(json.dumps(result))
         return 0
     print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, n={args.n}, one core per case")
+    # In a process of its own: Linux keeps the peak RSS across fork+exec, so the parent stays small.
+    subprocess.run([sys.executable, __file__, "--child", "prepare", "-n", str(args.n)], check=True)
     for name in args.cases.split(","):
         proc = subprocess.run([sys.executable, __file__, "--child", name, "-n", str(args.n)],
                               capture_output=True, text=True)
