@@ -174,6 +174,7 @@ class _Window:
     connections: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     latency: list[pa.Table] = field(default_factory=list)
     pending_rows: int = 0
+    compact_at: int = 262144  # merge partials beyond this many rows (doubles with the state: amortised)
     receipts: list[Receipt] = field(default_factory=list)
     has_overflow: bool = False
 
@@ -237,6 +238,7 @@ class AggregateStage(Stage):
         self.keys = key_columns(config.group_by)
         self.schema = aggregate_schema(config.group_by)
         self.windows: dict[int, _Window] = {}
+        self.compact_rows = 262144  # first merge of a window's partials; later ones at twice the merged size
         self.closed_through: int | None = None  # windows ending at or before this were emitted
         self.max_event_ns: int | None = None
         self._late = ctx.metrics.counter("flowship_aggregate_late_flows_total",
@@ -264,10 +266,13 @@ class AggregateStage(Stage):
         return out
 
     def _key_hash(self, values: list[pa.Array]) -> np.ndarray:
-        h = np.zeros(len(values[0]), dtype=np.uint64)
+        # column hashes are already well mixed: combine them FNV-style, mix once at the end
+        h = np.full(len(values[0]), np.uint64(0xCBF29CE484222325), dtype=np.uint64)
         with np.errstate(over="ignore"):
-            for i, col in enumerate(values):
-                h = _mix64(h * np.uint64(0x100000001B3) + column_hash(col) + np.uint64(i + 1))
+            for col in values:
+                h ^= column_hash(col)
+                h *= np.uint64(0x100000001B3)
+        h = _mix64(h)
         h[h == OVERFLOW_KEY] = np.uint64(1)
         return h
 
@@ -311,7 +316,7 @@ class AggregateStage(Stage):
             rows = np.flatnonzero(ws == start) if len(starts) > 1 else np.arange(n)
             window = self.windows.get(start)
             if window is None:
-                window = self.windows[start] = _Window(start)
+                window = self.windows[start] = _Window(start, compact_at=self.compact_rows)
             touched.append(window)
             wkh = self._admit(window, kh[rows], rows, values)
             lat_rows = lat[rows]
@@ -335,7 +340,7 @@ class AggregateStage(Stage):
                                "w": weight[rows][lat_hit]})
                 window.latency.append(_reduce_latency(lt))
             window.pending_rows += partial.num_rows + len(conns[0])
-            if window.pending_rows > max(65536, 4 * len(window.known)):
+            if window.pending_rows > window.compact_at:
                 self._compact(window)
         self._open.set(sum(len(w.known) for w in self.windows.values()))
         return touched
@@ -345,25 +350,25 @@ class AggregateStage(Stage):
 
         ``kh`` are the keys of the batch rows ``rows``; ``values`` the key columns of the whole batch.
         """
-        uniq, first = np.unique(kh, return_index=True)
         if len(window.known):
-            pos = np.clip(np.searchsorted(window.known, uniq), 0, len(window.known) - 1)
-            new = window.known[pos] != uniq
+            pos = np.clip(np.searchsorted(window.known, kh), 0, len(window.known) - 1)
+            candidates = np.flatnonzero(window.known[pos] != kh)
         else:
-            new = np.ones(len(uniq), dtype=bool)
-        if not new.any():
+            candidates = np.arange(len(kh))
+        if len(candidates) == 0:
             return kh
+        uniq, first = np.unique(kh[candidates], return_index=True)
+        first = candidates[first]
         room = max(self.config.max_groups - len(window.known), 0)
-        new_idx = np.flatnonzero(new)
-        admitted, rejected = new_idx[:room], new_idx[room:]
+        admitted, rejected = uniq[:room], uniq[room:]
         if len(admitted):
-            take = pa.array(rows[first[admitted]])
-            key_table = pa.table({"kh": uniq[admitted], **{name: col.take(take)
-                                                            for name, col in zip(self.keys, values, strict=True)}})
+            take = pa.array(rows[first[:room]])
+            key_table = pa.table({"kh": admitted, **{name: col.take(take)
+                                                      for name, col in zip(self.keys, values, strict=True)}})
             window.keys.append(key_table)
-            window.known = np.union1d(window.known, uniq[admitted])
+            window.known = np.union1d(window.known, admitted)
         if len(rejected):
-            overflow = np.isin(kh, uniq[rejected])
+            overflow = np.isin(kh, rejected)
             kh = kh.copy()
             kh[overflow] = OVERFLOW_KEY
             self._overflow.inc(int(overflow.sum()))
@@ -379,6 +384,7 @@ class AggregateStage(Stage):
         if window.latency:
             window.latency = [_merged(window.latency, _reduce_latency)]
         window.pending_rows = window.metrics[0].num_rows + len(window.connections[0][0])
+        window.compact_at = max(window.compact_at, 2 * window.pending_rows)
 
     # ------------------------------------------------------------------------------- output
     def _emit(self, window: _Window) -> Envelope:

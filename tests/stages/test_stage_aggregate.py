@@ -44,10 +44,13 @@ def random_flows(rng: np.random.Generator, n: int, span_s: int = 300, weighted: 
     )
 
 
-def run(batches: list[pa.RecordBatch], ticks: list[int | None] | None = None, **cfg) -> tuple[pa.Table, object]:
+def run(batches: list[pa.RecordBatch], ticks: list[int | None] | None = None, compact_rows: int | None = None,
+        **cfg) -> tuple[pa.Table, object]:
     """Feed batches (ticking after each when asked), close, and return every emitted row."""
     ctx = new_context("agg")
     stage = AggregateStage(AggregateConfig(**cfg), ctx)
+    if compact_rows is not None:
+        stage.compact_rows = compact_rows  # merge partial state often, to exercise merging
     outputs: list[Envelope] = []
     for i, batch in enumerate(batches):
         outputs += stage.process(Envelope(batch, [Receipt()]))
@@ -86,7 +89,8 @@ def test_sums_are_preserved(seed, n, pieces, window, tick_every):
     ticks = None
     if tick_every:
         ticks = [T0 + (i + 1) * 60 * SEC if i % tick_every == 0 else None for i in range(len(batches))]
-    out, ctx = run(batches, ticks, window=window, group_by=GROUP_BY, allowed_lateness=5)
+    out, ctx = run(batches, ticks, compact_rows=int(rng.integers(1, 500)), window=window, group_by=GROUP_BY,
+                   allowed_lateness=5)
     assert total(out, "flows_raw") == n
     for column in ("bytes", "packets", "reply_packets"):
         assert total(out, column) == float(np.asarray(batch.column(column).fill_null(0)).sum())
@@ -124,7 +128,8 @@ def reference_groups(batch: pa.RecordBatch, window_ns: int) -> dict:
 def test_groups_connections_and_percentiles(seed):
     rng = np.random.default_rng(seed)
     batch = random_flows(rng, 4000, weighted=False)
-    out, _ = run([batch.slice(0, 1500), batch.slice(1500)], window=60, group_by=GROUP_BY)
+    pieces = [batch.slice(i, 500) for i in range(0, batch.num_rows, 500)]
+    out, _ = run(pieces, compact_rows=seed * 300, window=60, group_by=GROUP_BY)
     ref = reference_groups(batch, 60 * SEC)
     rows = plain(out).to_pydict()
     starts = np.asarray(out.column("window_start").cast(pa.int64()))
