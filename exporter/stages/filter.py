@@ -795,6 +795,8 @@ _BUILDERS: dict[str, Callable[[list, str, list[str]], Predicate | None]] = {
 }
 
 FILTER_FIELDS: tuple[str, ...] = tuple(_BUILDERS)
+_HTTP_FIELDS = frozenset({"http_status_code", "http_method", "http_path", "http_url", "http_header"})
+_L7_EVENT_TYPE = _EVENT_TYPE_NAMES["l7"]
 _JSON_NAMES = {f.json_name: f.name for f in flow_pb2.FlowFilter.DESCRIPTOR.fields}
 _JSON_NAMES["dnsRcodeNonzero"] = "dns_rcode_nonzero"
 
@@ -817,6 +819,12 @@ def _compile_one(spec: Any, path: str, problems: list[str]) -> Predicate:
         problems.append(f"{path}: expected a filter mapping like {{verdict: [DROPPED]}}, got {spec!r}")
         return lambda batch: np.zeros(batch.num_rows, dtype=bool)
     parts: list[Predicate] = []
+    http_keys = [k for k in spec if _JSON_NAMES.get(k, k) in _HTTP_FIELDS and _as_list(spec[k])]
+    event_types = _as_list(spec.get("event_type", spec.get("eventType")))
+    if http_keys and event_types and not any(
+            isinstance(e, Mapping) and e.get("type") in (_L7_EVENT_TYPE, "l7") for e in event_types):
+        problems.append(f"{path}.{http_keys[0]}: filtering by HTTP fields requires the event_type filter "
+                        "to match L7 events (type 129)")
     for key, raw in spec.items():
         name = _JSON_NAMES.get(key, key)
         sub = f"{path}.{key}" if path else str(key)

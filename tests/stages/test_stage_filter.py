@@ -282,6 +282,13 @@ def test_tcp_flags_identity_ipversion_uuid_interface_event_type():
         compile_filter_set([{"tcp_flags": [{"SYNACK": True}]}])
 
 
+def test_http_fields_need_l7_event_type_when_event_type_is_set():
+    rows = [{"http_code": 503, "event_type": 129}, {"http_code": 503, "event_type": 4}]
+    assert matches([{"http_status_code": ["5+"], "event_type": [{"type": 129}]}], rows) == [True, False]
+    with pytest.raises(FilterError, match=r"allow\[0\]\.http_method: filtering by HTTP fields requires"):
+        compile_filter_set([{"http_method": ["GET"], "event_type": [{"type": 4}]}])
+
+
 def test_trace_id_matches_nothing_and_empty_fields_are_unset():
     rows = [{"verdict": "FORWARDED"}, {"verdict": "DROPPED"}]
     assert matches([{"trace_id": ["abc"]}], rows) == [False, False]
