@@ -240,6 +240,7 @@ class ComponentSpec:
     name: str
     config: Any
     stages: list[ComponentSpec] = field(default_factory=list)
+    buffer: Any = None  # sinks: exporter.pipeline.disk_buffer.BufferConfig
 
 
 @dataclass
@@ -284,7 +285,7 @@ def _component(kind: str, raw: Any, path: str, filename: str, parser: _Parser,
     if type_name not in known:
         parser.fail(f"{path}.type", f"unknown {kind[:-1]} type {type_name!r} (one of: {', '.join(known)})")
         return None
-    body = {k: v for k, v in raw.items() if k not in ("type", "name", "stages")}
+    body = {k: v for k, v in raw.items() if k not in ("type", "name", "stages", "buffer")}
     name = str(raw.get("name") or type_name)
     config_cls = registry.config_class(kind, type_name)
     sub = _Parser(filename)
@@ -301,7 +302,17 @@ def _component(kind: str, raw: Any, path: str, filename: str, parser: _Parser,
                 spec = _component("stages", item, f"{path}.stages[{i}]", filename, parser, False)
                 if spec:
                     stages.append(spec)
-    return ComponentSpec(type_name, name, config, stages)
+    buffer = None
+    if "buffer" in raw:
+        if not allow_stages:
+            parser.fail(f"{path}.buffer", "only sinks have a buffer")
+        else:
+            from exporter.pipeline.disk_buffer import BufferConfig
+
+            sub = _Parser(filename)
+            buffer = sub.dataclass(BufferConfig, raw["buffer"], f"{path}.buffer")
+            parser.problems.extend(sub.problems)
+    return ComponentSpec(type_name, name, config, stages, buffer)
 
 
 def load_text(text: str, filename: str) -> PipelineConfig:

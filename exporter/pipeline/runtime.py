@@ -32,6 +32,7 @@ from exporter.components import Context, Sink, Source, Stage
 from exporter.config import ComponentSpec, PipelineConfig
 from exporter.hubble_metrics import HubbleMetrics
 from exporter.metrics import Metrics
+from exporter.pipeline.disk_buffer import DiskBuffer
 from exporter.pipeline.envelope import Envelope, Receipt
 
 _STOP = object()
@@ -81,6 +82,9 @@ class Branch:
     queue: BoundedQueue
     thread: threading.Thread | None = None
     error: BaseException | None = None
+    buffer: DiskBuffer | None = None
+    drain_thread: threading.Thread | None = None
+    intake_done: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -163,8 +167,12 @@ class Pipeline:
                           data_dir=config.data_dir, config_file=config.filename)
             sink = registry.build("sinks", spec.type, spec.config, ctx)
             stages = _build_stages(spec.stages, self.metrics, config, f"{spec.name}.")
-            self.branches.append(Branch(spec.name, sink, stages,
-                                        BoundedQueue(f"sink:{spec.name}", config.queue_batches, self.metrics)))
+            branch = Branch(spec.name, sink, stages,
+                            BoundedQueue(f"sink:{spec.name}", config.queue_batches, self.metrics))
+            if spec.buffer is not None and spec.buffer.type == "disk":
+                directory = Path(spec.buffer.path) if spec.buffer.path else Path(config.data_dir) / "buffers" / spec.name
+                branch.buffer = DiskBuffer(directory, spec.buffer, self.metrics, spec.name, ctx.log)
+            self.branches.append(branch)
         self.input = BoundedQueue("input", config.queue_batches, self.metrics)
         self._source_threads: list[threading.Thread] = []
         self._flows_in = {s.ctx.name: self.metrics.flows_in(s.ctx.name) for s in self.sources}
@@ -230,14 +238,19 @@ class Pipeline:
 
     # -- sinks --------------------------------------------------------------------------------
     def _sink_worker(self, branch: Branch) -> None:
+        """Sink stages, then the sink itself — or the disk buffer, which a drain thread empties."""
         sink = branch.sink
         counter = self.metrics.flows_out(branch.name)
+        buffer = branch.buffer
         next_tick = time.monotonic() + TICK_SECONDS
 
         def deliver(envs: list[Envelope]) -> None:
             for env in envs:
                 if env.batch.num_rows == 0:
                     env.ack()
+                    continue
+                if buffer is not None:
+                    buffer.append(env, self.stop_event)
                     continue
                 env.on_ack = counter.inc
                 sink.write(env)
@@ -252,21 +265,57 @@ class Pipeline:
                     break
                 if item is not None:
                     deliver(_run_stages(branch.stages, [item]))
+                if buffer is not None:
+                    buffer.maybe_sync()
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + TICK_SECONDS
                     now = time.time_ns()
                     deliver(_tick_stages(branch.stages, now))
-                    sink.tick(now)
+                    if buffer is None:
+                        sink.tick(now)
             deliver(_close_stages(branch.stages))
+            if buffer is not None:
+                buffer.sync()
+                branch.intake_done.set()
+                return  # the drain thread flushes and closes the sink
+            sink.flush()
+        except Exception as exc:  # noqa: BLE001
+            branch.error = exc
+            self._fail(f"sink {branch.name}: {exc}", exc)
+            branch.intake_done.set()
+        if buffer is None:
+            self._close_sink(branch)
+
+    def _drain(self, branch: Branch) -> None:
+        """Deliver a disk buffer's batches to its sink, in order, until intake ends and it is empty."""
+        sink, buffer = branch.sink, branch.buffer
+        assert buffer is not None
+        counter = self.metrics.flows_out(branch.name)
+        next_tick = time.monotonic() + TICK_SECONDS
+        try:
+            while True:
+                env = buffer.read(timeout=0.2)
+                if env is not None:
+                    env.on_ack = counter.inc
+                    sink.write(env)
+                elif branch.intake_done.is_set() and buffer.empty:
+                    break
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + TICK_SECONDS
+                    sink.tick(time.time_ns())
             sink.flush()
         except Exception as exc:  # noqa: BLE001
             branch.error = exc
             self._fail(f"sink {branch.name}: {exc}", exc)
         finally:
-            try:
-                sink.close()
-            except Exception as exc:  # noqa: BLE001
-                self.log.error("sink close failed", sink=branch.name, error=str(exc))
+            self._close_sink(branch)
+            buffer.close()
+
+    def _close_sink(self, branch: Branch) -> None:
+        try:
+            branch.sink.close()
+        except Exception as exc:  # noqa: BLE001
+            self.log.error("sink close failed", sink=branch.name, error=str(exc))
 
     def _fail(self, message: str, exc: BaseException) -> None:
         self.log.error("pipeline component failed", error=message, exc_type=type(exc).__name__)
@@ -278,6 +327,8 @@ class Pipeline:
     def start_sinks(self) -> None:
         for branch in self.branches:
             branch.sink.start()
+            if branch.buffer is not None:
+                branch.buffer.open()
 
     def run(self, on_started: Callable[[Pipeline], None] | None = None) -> RunSummary:
         """Run until the sources finish or :meth:`stop` is called; return the summary."""
@@ -288,6 +339,10 @@ class Pipeline:
             branch.thread = threading.Thread(target=self._sink_worker, args=(branch,),
                                              name=f"sink:{branch.name}", daemon=True)
             branch.thread.start()
+            if branch.buffer is not None:
+                branch.drain_thread = threading.Thread(target=self._drain, args=(branch,),
+                                                       name=f"drain:{branch.name}", daemon=True)
+                branch.drain_thread.start()
         sources_done = threading.Event()
         router = threading.Thread(target=self._router, args=(sources_done,), name="router", daemon=True)
         router.start()
@@ -308,6 +363,15 @@ class Pipeline:
         for branch in self.branches:
             if branch.thread:
                 branch.thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            if branch.drain_thread:
+                branch.drain_thread.join(timeout=max(0.0, deadline - time.monotonic()))
+                if branch.drain_thread.is_alive() and not branch.thread.is_alive():
+                    # The sink did not take everything in time; the rest waits on disk for the next start.
+                    self.log.warning("sink did not drain its disk buffer before the shutdown deadline; "
+                                     "the remaining batches are kept for the next start", sink=branch.name,
+                                     batches=branch.buffer.unacknowledged)
+                    continue
+            if branch.thread:
                 if branch.thread.is_alive():
                     summary.clean_shutdown = False
                     self._errors.append(f"sink {branch.name} did not finish within shutdown_timeout "
