@@ -7,9 +7,9 @@ from collections import defaultdict
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import T0, columns_batch, make_flows, new_context
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from stage_helpers import T0, columns_batch, make_flows, new_context
 
 from exporter.config import ConfigError, load_text
 from exporter.model.aggregate_schema import aggregate_schema

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from conftest import dropped, make_flows
+from stage_helpers import dropped, make_flows
 
 from exporter.config import ConfigError, load_text
 from exporter.proto.flow import flow_pb2

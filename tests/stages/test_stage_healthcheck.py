@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import T0, dropped, make_flows
+from stage_helpers import T0, dropped, make_flows
 
 from exporter.config import ConfigError, load_text
 from exporter.stages.healthcheck import HealthcheckConfig, HealthcheckStage, RecentConnections

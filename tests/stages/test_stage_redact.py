@@ -6,7 +6,7 @@ import hashlib
 import hmac
 
 import pytest
-from conftest import make_flows
+from stage_helpers import make_flows
 
 from exporter.config import ConfigError, load_text
 from exporter.stages.redact import RedactConfig, RedactStage

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import columns_batch, dropped, make_flows, new_context
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from stage_helpers import columns_batch, dropped, make_flows, new_context
 
 from exporter.config import ConfigError, load_text
 from exporter.model.ids import connection_hashes
