@@ -277,13 +277,13 @@ class BpfProgram:
             raise _errno_error(f"bpf_program__attach({self.name})", detail=_lib()[1].take())
         return BpfLink(ptr, self.name)
 
-    def test_run(self, data: bytes, repeat: int = 1) -> int:
-        """BPF_PROG_TEST_RUN of a packet program on data (repeat times); returns the last verdict."""
+    def test_run(self, data: bytes, repeat: int = 1) -> tuple[int, int]:
+        """BPF_PROG_TEST_RUN of a packet program on data, repeat times: (last verdict, mean ns per run)."""
         buf = ctypes.create_string_buffer(data, len(data))
         opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_in=ctypes.addressof(buf), data_size_in=len(data))
         opts.repeat = repeat
         _check(f"bpf_prog_test_run_opts({self.name})", libbpf().bpf_prog_test_run_opts(self.fd, ctypes.byref(opts)))
-        return int(opts.retval)
+        return int(opts.retval), int(opts.duration)
 
     def run_syscall(self, ctx: bytes) -> tuple[int, bytes]:
         """Run a SEC("syscall") program once; the kernel writes the context back (returned)."""

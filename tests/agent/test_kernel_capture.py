@@ -888,7 +888,7 @@ def test_discarded_ring_records_are_skipped(net: Net, tmp_path: Path) -> None:
     assert event_counts(rows) == pcap_counts(read_pcap(pcap), net.cli4, cport, net.srv4, 6004, 17)
 
 
-def test_missing_capabilities_are_named() -> None:
+def test_missing_capabilities_are_named(kernel_ready: None) -> None:
     """Without CAP_BPF/CAP_NET_ADMIN/CAP_PERFMON/CAP_SYS_ADMIN, start() says what is missing."""
     code = (
         "from agent.capture import KernelCapture\n"
