@@ -1,0 +1,1 @@
+"""Pipeline stages: filter, healthcheck, sample, aggregate, redact (see docs/stages.md)."""
