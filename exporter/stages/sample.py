@@ -105,7 +105,8 @@ class SampleStage(Stage):
         always = self._always(batch)
         sampled = sample_keep(connection_hashes(batch), incoming, rate, self.config.seed)
         keep = always | sampled
-        new_rate = np.where(always, incoming, np.minimum(incoming * rate, _MAX_RATE))
+        scaled = np.where(incoming > _MAX_RATE // rate, _MAX_RATE, incoming * rate)  # no int64 overflow
+        new_rate = np.where(always, incoming, scaled)
         dropped = n - int(keep.sum())
         if dropped:
             self._dropped.inc(dropped)

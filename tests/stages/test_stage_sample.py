@@ -134,6 +134,13 @@ def test_rate_one_and_incoming_rates():
     assert 60 < out.num_rows < 140
 
 
+def test_sample_rate_saturates():
+    batch = make_flows([{"ip_src": "10.0.0.1", "ip_dst": "10.0.0.2", "l4_protocol": "TCP", "src_port": p,
+                         "dst_port": 80, "sample_rate": 2**31} for p in range(1000, 1400)])
+    out, _ = sampled(batch, 2**20)
+    assert set(out.column("sample_rate").to_pylist()) <= {2**32 - 1}
+
+
 def test_config_validation():
     with pytest.raises(ConfigError) as err:
         load_text("stages:\n  - type: sample\n    rate: 0\n    always_keep:\n      - {verdict: [DROP]}\n", "f.yaml")
