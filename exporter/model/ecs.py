@@ -264,6 +264,7 @@ def _event_action(c: _Cols) -> pa.Array:
     protocol = _protocol(c)
     kind = _l7_kind(c)
     l7 = pc.binary_join_element_wise(protocol, pc.coalesce(kind, pa.scalar("event")), "_")
+    l7 = pc.if_else(pc.equal(l7, "dns_request").fill_null(False), pa.scalar("dns_query"), l7)
     verdict = c("verdict")
     return pc.if_else(pc.equal(verdict, "DROPPED").fill_null(False), pa.scalar("flow_dropped"),
                       pc.if_else(pc.equal(verdict, "ERROR").fill_null(False), pa.scalar("flow_error"),
@@ -932,6 +933,11 @@ def aggregate_documents(batch: pa.RecordBatch) -> list[dict]:
     docs = _documents(fields, _field_arrays(batch, fields), n)
     used = {col for f in fields for col in f.needs}
     used.update(c for c in (start_col, end_col) if c)
+    # the aggregate stage's direction-independent service port is the destination port of requests
+    server_ports = batch.column("server_port").to_pylist() if "server_port" in names and "dst_port" not in names \
+        else None
+    if server_ports is not None:
+        used.add("server_port")
     starts = rfc3339(batch.column(start_col)).to_pylist() if start_col else [None] * n
     ends = rfc3339(batch.column(end_col)).to_pylist() if end_col else [None] * n
     extra = [(name, rfc3339(batch.column(name)).to_pylist() if pa.types.is_timestamp(batch.schema.field(name).type)
@@ -953,6 +959,8 @@ def aggregate_documents(batch: pa.RecordBatch) -> list[dict]:
                 head[key].update(value)
             else:
                 head[key] = value
+        if server_ports is not None and server_ports[i] is not None:
+            head.setdefault("destination", {})["port"] = server_ports[i]
         if aggregate:
             head.setdefault("flowship", {})["aggregate"] = aggregate
         out.append(head)

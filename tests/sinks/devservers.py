@@ -1,0 +1,93 @@
+"""Start the real development servers for sink tests (deploy/dev/servers) and reach them.
+
+A server that cannot be started makes the test fail with what to run; there
+are no mocks of Kafka, OpenSearch or VictoriaLogs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SERVERS = REPO / "deploy" / "dev" / "servers"
+
+KAFKA = os.environ.get("FLOWSHIP_KAFKA_BOOTSTRAP", "127.0.0.1:" + os.environ.get("FLOWSHIP_KAFKA_PORT", "9092"))
+OPENSEARCH = os.environ.get("FLOWSHIP_OPENSEARCH_URL",
+                            "http://127.0.0.1:" + os.environ.get("FLOWSHIP_OPENSEARCH_PORT", "9200")).rstrip("/")
+VICTORIALOGS = os.environ.get("FLOWSHIP_VICTORIALOGS_URL",
+                              "http://127.0.0.1:" + os.environ.get("FLOWSHIP_VICTORIALOGS_PORT", "9428")).rstrip("/")
+
+
+def tcp_open(host_port: str, timeout: float = 2.0) -> bool:
+    host, _, port = host_port.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def http_json(method: str, url: str, body: Any = None, timeout: float = 30.0,
+              content_type: str = "application/json") -> tuple[int, Any]:
+    data = None
+    if body is not None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        status = exc.code
+    try:
+        return status, json.loads(raw) if raw else None
+    except ValueError:
+        return status, raw.decode("utf-8", "replace")
+
+
+def answers(name: str, address: str) -> bool:
+    if name == "kafka":
+        return tcp_open(address)
+    try:
+        with urllib.request.urlopen(address + ("/health" if name == "victorialogs" else "/"), timeout=3) as r:
+            return r.status == 200
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def start(name: str, address: str, env: dict[str, str] | None = None) -> None:
+    """``deploy/dev/servers start <name>``; fail the test with the reason if the server does not answer."""
+    if not SERVERS.exists():
+        pytest.fail(f"{SERVERS} is missing: the dev server scripts are needed for {name}", pytrace=False)
+    proc = subprocess.run([str(SERVERS), "start", name], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, **(env or {})}, cwd=REPO)
+    if proc.returncode == 0 or answers(name, address):
+        deadline = time.monotonic() + 120
+        while not answers(name, address):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        if answers(name, address):
+            return
+    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+    pytest.fail(f"{name} could not be started at {address}.\n`deploy/dev/servers start {name}` said:\n{tail}\n"
+                f"Run `deploy/dev/servers start {name}` (and `deploy/dev/servers logs {name}`) to fix it.",
+                pytrace=False)
+
+
+def stop(name: str, env: dict[str, str] | None = None) -> None:
+    proc = subprocess.run([str(SERVERS), "stop", name], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})}, cwd=REPO)
+    if proc.returncode != 0:
+        pytest.fail(f"`deploy/dev/servers stop {name}` failed:\n{proc.stdout}{proc.stderr}", pytrace=False)
