@@ -137,8 +137,9 @@ def test_rate_one_and_incoming_rates():
 def test_sample_rate_saturates():
     batch = make_flows([{"ip_src": "10.0.0.1", "ip_dst": "10.0.0.2", "l4_protocol": "TCP", "src_port": p,
                          "dst_port": 80, "sample_rate": 2**31} for p in range(1000, 1400)])
-    out, _ = sampled(batch, 2**20)
-    assert set(out.column("sample_rate").to_pylist()) <= {2**32 - 1}
+    out, _ = sampled(batch, 4)
+    assert out.num_rows > 0
+    assert set(out.column("sample_rate").to_pylist()) == {2**32 - 1}
 
 
 def test_config_validation():
