@@ -253,7 +253,6 @@ class PipelineConfig:
     data_dir: Path
     shutdown_timeout: float
     queue_batches: int
-    batch_rows: int
     filename: str
 
 
@@ -267,7 +266,6 @@ class _TopLevel:
     data_dir: str = "./.flowship"  # checkpoints and other state
     shutdown_timeout: Duration = Duration(30.0)
     queue_batches: int = 8  # bounded queue length between pipeline steps
-    batch_rows: int = 65536  # target rows per batch produced by sources
 
 
 def _component(kind: str, raw: Any, path: str, filename: str, parser: _Parser,
@@ -341,8 +339,6 @@ def load_text(text: str, filename: str) -> PipelineConfig:
         parser.fail("sinks", "at least one sink is needed")
     if top.queue_batches is not None and isinstance(top.queue_batches, int) and top.queue_batches < 1:
         parser.fail("queue_batches", f"expected an integer >= 1, got {top.queue_batches}")
-    if top.batch_rows is not None and isinstance(top.batch_rows, int) and top.batch_rows < 1:
-        parser.fail("batch_rows", f"expected an integer >= 1, got {top.batch_rows}")
     for kind, specs in (("sources", sources), ("sinks", sinks)):
         seen: set[str] = set()
         for i, spec in enumerate(specs):
@@ -360,7 +356,6 @@ def load_text(text: str, filename: str) -> PipelineConfig:
         data_dir=Path(top.data_dir),
         shutdown_timeout=float(top.shutdown_timeout),
         queue_batches=top.queue_batches,
-        batch_rows=top.batch_rows,
         filename=filename,
     )
 
