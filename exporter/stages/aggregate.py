@@ -48,7 +48,7 @@ from exporter.model.aggregate_schema import (
 )
 from exporter.model.ids import connection_hashes
 from exporter.pipeline.envelope import Envelope, Receipt
-from exporter.stages.columns import as_array, uint_values
+from exporter.stages.columns import as_array, mix64, uint_values
 
 BUCKETS_PER_OCTAVE = 16
 RELATIVE_ERROR = 2 ** (1 / (2 * BUCKETS_PER_OCTAVE)) - 1
@@ -59,15 +59,6 @@ _STATUS_CLASSES = pa.array([None, "1xx", "2xx", "3xx", "4xx", "5xx"], pa.string(
 _COUNTERS = ("bytes", "packets", "reply_bytes", "reply_packets")
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.uint64, copy=True)
-    with np.errstate(over="ignore"):
-        x ^= x >> np.uint64(30)
-        x *= np.uint64(0xBF58476D1CE4E5B9)
-        x ^= x >> np.uint64(27)
-        x *= np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(31)
-    return x
 
 
 def _hash_text(value: str) -> int:
@@ -87,7 +78,7 @@ def column_hash(column: pa.Array) -> np.ndarray:
     if pa.types.is_timestamp(column.type):
         column = column.cast(pa.int64())
     values = column.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64).view(np.uint64)
-    hashed = _mix64(values ^ np.uint64(0x5851F42D4C957F2D))
+    hashed = mix64(values ^ np.uint64(0x5851F42D4C957F2D))
     if column.null_count:
         hashed[~column.is_valid().to_numpy(zero_copy_only=False)] = _NULL_HASH
     return hashed
@@ -272,7 +263,7 @@ class AggregateStage(Stage):
             for col in values:
                 h ^= column_hash(col)
                 h *= np.uint64(0x100000001B3)
-        h = _mix64(h)
+        h = mix64(h)
         h[h == OVERFLOW_KEY] = np.uint64(1)
         return h
 
@@ -332,7 +323,7 @@ class AggregateStage(Stage):
             })
             partial = sub.group_by("kh", use_threads=False).aggregate(_METRIC_AGGS)
             window.metrics.append(partial.select(["kh", *_MERGE]))
-            conns = _distinct_connections(wkh, _mix64(wkh ^ _mix64(conn[rows])))
+            conns = _distinct_connections(wkh, mix64(wkh ^ mix64(conn[rows])))
             window.connections.append(conns)
             lat_hit = has_lat[rows]
             if lat_hit.any():

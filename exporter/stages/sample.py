@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from exporter.components import Stage
 from exporter.model.ids import connection_hashes
-from exporter.stages.columns import filter_rows, uint_values
+from exporter.stages.columns import filter_rows, mix64, uint_values
 from exporter.stages.filter import compile_filter_list, filter_problems
 
 DEFAULT_ALWAYS_KEEP: list[dict[str, Any]] = [
@@ -44,15 +44,6 @@ DEFAULT_ALWAYS_KEEP: list[dict[str, Any]] = [
 _MAX_RATE = 2**32 - 1
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser (wraps mod 2^64)."""
-    x = x.astype(np.uint64, copy=True)
-    x ^= x >> np.uint64(30)
-    x *= np.uint64(0xBF58476D1CE4E5B9)
-    x ^= x >> np.uint64(27)
-    x *= np.uint64(0x94D049BB133111EB)
-    x ^= x >> np.uint64(31)
-    return x
 
 
 def sample_keep(hashes: np.ndarray, incoming_rate: np.ndarray, rate: int, seed: int = 0) -> np.ndarray:
@@ -61,7 +52,7 @@ def sample_keep(hashes: np.ndarray, incoming_rate: np.ndarray, rate: int, seed: 
         return np.ones(len(hashes), dtype=bool)
     salt_in = (np.uint64(seed & 0xFFFFFFFF) << np.uint64(32)) | incoming_rate.astype(np.uint64)
     with np.errstate(over="ignore"):
-        u = _mix64(hashes.astype(np.uint64) ^ _mix64(salt_in))
+        u = mix64(hashes.astype(np.uint64) ^ mix64(salt_in))
     threshold = np.uint64((2**64) // rate)
     return u < threshold
 
