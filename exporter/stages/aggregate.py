@@ -59,8 +59,6 @@ _STATUS_CLASSES = pa.array([None, "1xx", "2xx", "3xx", "4xx", "5xx"], pa.string(
 _COUNTERS = ("bytes", "packets", "reply_bytes", "reply_packets")
 
 
-
-
 def _hash_text(value: str) -> int:
     return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "little")
 

@@ -44,15 +44,12 @@ DEFAULT_ALWAYS_KEEP: list[dict[str, Any]] = [
 _MAX_RATE = 2**32 - 1
 
 
-
-
 def sample_keep(hashes: np.ndarray, incoming_rate: np.ndarray, rate: int, seed: int = 0) -> np.ndarray:
     """The deterministic keep decision of one sampler, for each flow."""
     if rate <= 1:
         return np.ones(len(hashes), dtype=bool)
     salt_in = (np.uint64(seed & 0xFFFFFFFF) << np.uint64(32)) | incoming_rate.astype(np.uint64)
-    with np.errstate(over="ignore"):
-        u = mix64(hashes.astype(np.uint64) ^ mix64(salt_in))
+    u = mix64(hashes.astype(np.uint64) ^ mix64(salt_in))
     threshold = np.uint64((2**64) // rate)
     return u < threshold
 
