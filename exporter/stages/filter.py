@@ -466,23 +466,26 @@ def _build_label(column: str) -> Callable[[list, str, list[str]], Predicate | No
 
 # --- the rest -----------------------------------------------------------------------------
 
+def _entries_mask(present: np.ndarray, entries: list[dict], columns: dict[str, pa.Array]) -> np.ndarray:
+    """Rows where ``present`` and, for any entry, every set (non-empty) sub-field equals its column."""
+    mask = np.zeros(len(present), dtype=bool)
+    for entry in entries:
+        hit = present.copy()
+        for key, column in columns.items():
+            if entry.get(key):
+                hit &= to_mask(pc.equal(column, entry[key]))
+        mask |= hit
+    return mask
+
+
 def _build_workload(prefix: str) -> Callable[[list, str, list[str]], Predicate | None]:
     def build(values: list, path: str, problems: list[str]) -> Predicate | None:
         entries = _mappings(values, {"name", "kind"}, path, problems)
 
         def predicate(batch: pa.RecordBatch) -> np.ndarray:
             name = _column(batch, f"{prefix}_workload")
-            kind = _column(batch, f"{prefix}_workload_kind").fill_null("")
-            present = not_null(name)
-            mask = np.zeros(batch.num_rows, dtype=bool)
-            for e in entries:
-                hit = present.copy()
-                if e.get("name"):
-                    hit &= to_mask(pc.equal(name, e["name"]))
-                if e.get("kind"):
-                    hit &= to_mask(pc.equal(kind, e["kind"]))
-                mask |= hit
-            return mask
+            kind = _column(batch, f"{prefix}_workload_kind")
+            return _entries_mask(not_null(name), entries, {"name": name, "kind": kind})
 
         return predicate
 
@@ -512,16 +515,7 @@ def _build_interface(values: list, path: str, problems: list[str]) -> Predicate 
     def predicate(batch: pa.RecordBatch) -> np.ndarray:
         index = _column(batch, "interface_index")
         name = _column(batch, "interface_name")
-        present = not_null(index) | not_null(name)
-        mask = np.zeros(batch.num_rows, dtype=bool)
-        for e in entries:
-            hit = present.copy()
-            if e.get("index"):
-                hit &= to_mask(pc.equal(index, e["index"]))
-            if e.get("name"):
-                hit &= to_mask(pc.equal(name, e["name"]))
-            mask |= hit
-        return mask
+        return _entries_mask(not_null(index) | not_null(name), entries, {"index": index, "name": name})
 
     return predicate
 
