@@ -10,6 +10,7 @@ columnar.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import socket
 
@@ -99,6 +100,7 @@ def _uint(batch: pa.RecordBatch, name: str) -> np.ndarray:
     return batch.column(name).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _stable_hash64(value: str) -> int:
     return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "little")
 
