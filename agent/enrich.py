@@ -30,6 +30,7 @@ import json
 import os
 import random
 import re
+import socket
 import tempfile
 import threading
 import time
@@ -667,9 +668,12 @@ class KubeClient:
         self.creds = creds
         self.timeout = request_timeout
         self.session = requests.Session()
-        self.session.verify = (creds.ca_file or True) if creds.verify else False
+        # Passed on every request: a per-request value wins over REQUESTS_CA_BUNDLE and friends,
+        # which would otherwise replace the cluster's CA.
+        self.verify: bool | str = (creds.ca_file or True) if creds.verify else False
+        self.cert: tuple[str, str] | str | None = None
         if creds.client_cert:
-            self.session.cert = (creds.client_cert, creds.client_key) if creds.client_key else creds.client_cert
+            self.cert = (creds.client_cert, creds.client_key) if creds.client_key else creds.client_cert
         self.session.headers["Accept"] = "application/json"
         self.session.headers["User-Agent"] = "flowship-agent"
 
@@ -683,7 +687,7 @@ class KubeClient:
         params: dict[str, Any] = {"limit": page_size}
         while True:
             resp = self.session.get(self.creds.server + path, params=params, headers=self._headers(),
-                                    timeout=self.timeout)
+                                    timeout=self.timeout, verify=self.verify, cert=self.cert)
             if resp.status_code != 200:
                 raise KubeAPIError(resp.status_code, resp.text[:300])
             body = resp.json()
@@ -699,7 +703,7 @@ class KubeClient:
         params = {"watch": "1", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
                   "timeoutSeconds": str(timeout_s)}
         resp = self.session.get(self.creds.server + path, params=params, headers=self._headers(), stream=True,
-                                timeout=(self.timeout, timeout_s + self.timeout))
+                                timeout=(self.timeout, timeout_s + self.timeout), verify=self.verify, cert=self.cert)
         if on_response is not None:
             on_response(resp)
         try:
@@ -712,6 +716,21 @@ class KubeClient:
             resp.close()
             if on_response is not None:
                 on_response(None)
+
+
+def _abort(resp: requests.Response) -> None:
+    """Unblock a thread reading a watch stream.
+
+    ``resp.close()`` from another thread waits for the reader's buffer lock,
+    that is for the next event; shutting the socket down ends the read at once.
+    """
+    sock = getattr(getattr(resp.raw, "_connection", None), "sock", None)
+    if sock is None:
+        return
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the fd only, also for an SSL socket
+    except OSError:
+        pass
 
 
 class _GoneError(Exception):
@@ -754,10 +773,7 @@ class KubeWatcher:
         self.stop_event.set()
         with self._lock:
             for resp in list(self._responses.values()):
-                try:
-                    resp.close()
-                except Exception:  # noqa: BLE001 - closing a half-dead stream
-                    pass
+                _abort(resp)
         for t in self.threads:
             t.join(timeout)
 
@@ -777,29 +793,29 @@ class KubeWatcher:
                 else:
                     self._responses[resource] = resp
             if resp is not None and self.stop_event.is_set():
-                resp.close()
+                _abort(resp)
         return track
 
     def _run(self, resource: str) -> None:
         path = RESOURCES[resource]
         delay = float(self.config.backoff_initial)
-        rv: str | None = None
         while not self.stop_event.is_set():
             try:
-                if rv is None:
+                if resource not in self.resource_versions:
                     items, rv = self.client.list(path, self.config.page_size)
                     self.state.replace(resource, items)
                     self.relists[resource] += 1
                     self._count("flowship_k8s_lists_total", "Kubernetes list requests completed.",
                                 resource=resource)
                     self.resource_versions[resource] = rv
-                rv = self._watch(resource, path, rv)
+                # resumes from the last resourceVersion seen, also after a broken stream
+                self._watch(resource, path, self.resource_versions[resource])
                 delay = float(self.config.backoff_initial)  # a watch that ended normally: reset
                 continue
             except _GoneError:
                 self.log.info("k8s watch expired, listing again", resource=resource)
                 self._count("flowship_k8s_relists_total", "Lists repeated after 410 Gone.", resource=resource)
-                rv = None
+                self.resource_versions.pop(resource, None)
                 continue
             except Exception as exc:  # noqa: BLE001 - network, HTTP, JSON: retry them all
                 if self.stop_event.is_set():
