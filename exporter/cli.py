@@ -21,6 +21,7 @@ flowship exports network flows into long-term storage, SIEMs and analytics.
   flowship agent   capture this node's flows with eBPF and export them (root)
   flowship export  read flows from Hubble, Hubble files, Kafka or stdin and export them
   flowship validate --config FILE   check a config without running it
+  flowship report latency|drops     answer the two questions from the Parquet output
   flowship demo    build a small namespace topology, capture it, answer the two questions
 
 Exit codes: 0 ok, 1 failure, 2 invalid config, 3 finished but some input lines were rejected.
@@ -113,6 +114,21 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return run_agent(config, args)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from exporter import report
+
+    flows = report.load_flows(args.parquet)
+    if args.question in ("latency", "all"):
+        print("Where the latency goes, per hop (client -> server:port):")
+        print(report.format_latency(report.latency_by_hop(flows)))
+    if args.question in ("drops", "all"):
+        if args.question == "all":
+            print()
+        print("Dropped / denied calls:")
+        print(report.format_drops(report.dropped_calls(flows)))
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
 
@@ -149,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a config file without running it")
     common(p, needs_config=True)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("report", help="answer 'where does the latency go' and 'what was denied' from Parquet",
+                       description="Read the Parquet a parquet sink wrote and print, per hop, the TCP handshake "
+                                   "time and the server time; and every dropped call by source, destination, "
+                                   "port and reason.")
+    p.add_argument("question", choices=["latency", "drops", "all"])
+    p.add_argument("--parquet", default="./flows", help="the parquet sink's path (default ./flows)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="namespace topology + traffic + capture; prints latency and drops (root)")
     common(p)

@@ -1,0 +1,205 @@
+"""Answers to the two questions flow history exists for, computed from flowship's Parquet output.
+
+1. *Where does the latency of a call chain go?* Per hop (client → server:port):
+   the TCP handshake time (SYN → SYN-ACK as seen on the node: network RTT plus
+   the server's TCP stack) and the server time (request → response: the
+   server's processing, including its own downstream calls), with request and
+   error counts. Agent flows carry both measures (``tcp_handshake_ns``,
+   ``server_time_ns`` / ``l7_latency_ns``); for Hubble flows the handshake is
+   recovered the way one would by hand, from the times of each connection's
+   SYN and SYN-ACK flows.
+2. *Who tried what and was denied?* Every DROPPED flow grouped by source,
+   destination, port, protocol and reason (Hubble's and the kernel's).
+
+``flowship report latency|drops --parquet PATH`` prints them; ``flowship demo``
+prints both for the traffic it generates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from exporter.model.schema import TCP_FLAG_BITS
+
+SYN, ACK = TCP_FLAG_BITS["SYN"], TCP_FLAG_BITS["ACK"]
+
+
+def load_flows(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """All flows under a parquet sink's ``path`` (the ``flows/`` dataset)."""
+    root = Path(path)
+    if (root / "flows").is_dir():
+        root = root / "flows"
+    files = [str(p) for p in root.rglob("*.parquet") if not p.name.startswith(".")]
+    if not files:
+        raise FileNotFoundError(f"no Parquet flow files under {path}")
+    return ds.dataset(files, format="parquet").to_table(columns=columns)
+
+
+def _endpoint_name(table: pa.Table, side: str) -> pa.Array:
+    """workload, else pod, else IP — the most meaningful name a flow has for one side."""
+    ip = table.column(f"ip_{side}")
+    ns = table.column(f"{side}_namespace")
+    workload = pc.coalesce(table.column(f"{side}_workload"), table.column(f"{side}_pod"))
+    named = pc.binary_join_element_wise(pc.fill_null(ns, ""), workload, "/")
+    named = pc.if_else(pc.equal(pc.fill_null(ns, ""), ""), workload, named)
+    return pc.coalesce(named, ip)
+
+
+def _ms(values: np.ndarray) -> str:
+    return f"{values / 1e6:.2f}"
+
+
+@dataclass
+class HopLatency:
+    client: str
+    server: str
+    port: int
+    connections: int
+    handshake_p50_ms: float | None
+    handshake_p95_ms: float | None
+    handshake_max_ms: float | None
+    requests: int
+    server_p50_ms: float | None
+    server_p95_ms: float | None
+    server_max_ms: float | None
+    errors_5xx: int
+
+
+def _quantiles(values: np.ndarray) -> tuple[float | None, float | None, float | None]:
+    if not len(values):
+        return None, None, None
+    p50, p95 = np.percentile(values, [50, 95])
+    return float(p50) / 1e6, float(p95) / 1e6, float(values.max()) / 1e6
+
+
+def latency_by_hop(flows: pa.Table) -> list[HopLatency]:
+    """Handshake and server time per (client, server, server port)."""
+    client = _endpoint_name(flows, "src")
+    server = _endpoint_name(flows, "dst")
+    reply = pc.fill_null(flows.column("is_reply"), False)
+    # Orient every row client → server: reply rows (and L7 responses) run the other way.
+    c = pc.if_else(reply, server, client).to_pylist()
+    s = pc.if_else(reply, client, server).to_pylist()
+    port = pc.if_else(reply, flows.column("src_port"), flows.column("dst_port")).to_pylist()
+    cid = flows.column("community_id").to_pylist()
+    times = flows.column("time").cast(pa.int64()).to_numpy(zero_copy_only=False)
+    flags = flows.column("tcp_flags").fill_null(0).to_numpy(zero_copy_only=False)
+    handshake = flows.column("tcp_handshake_ns").to_pylist()
+    flow_type = flows.column("flow_type").to_pylist()
+    l7_type = flows.column("l7_type").to_pylist()
+    server_time = pc.coalesce(flows.column("server_time_ns"), flows.column("l7_latency_ns")).to_pylist()
+    code = flows.column("http_code").to_pylist()
+    has_http = pc.or_(pc.is_valid(flows.column("http_method")), pc.is_valid(flows.column("http_code"))).to_pylist()
+
+    hops: dict[tuple, dict] = {}
+    syn_time: dict[str, int] = {}
+    synack_time: dict[str, int] = {}
+    for i in range(flows.num_rows):
+        if port[i] is None:
+            continue
+        key = (c[i], s[i], port[i])
+        hop = hops.setdefault(key, {"conns": set(), "handshake": {}, "server": [], "requests": 0, "errors": 0})
+        if cid[i]:
+            hop["conns"].add(cid[i])
+        if handshake[i] is not None and cid[i]:
+            hop["handshake"][cid[i]] = handshake[i]
+        elif cid[i] and flow_type[i] == "L3_L4":
+            f = int(flags[i])
+            if f & SYN and not f & ACK:
+                syn_time[cid[i]] = min(syn_time.get(cid[i], times[i]), times[i])
+            elif f & SYN and f & ACK:
+                synack_time[cid[i]] = min(synack_time.get(cid[i], times[i]), times[i])
+        if l7_type[i] == "RESPONSE" and has_http[i]:
+            hop["requests"] += 1
+            if server_time[i] is not None:
+                hop["server"].append(server_time[i])
+            if code[i] is not None and code[i] >= 500:
+                hop["errors"] += 1
+    out = []
+    for (cl, sv, pt), hop in hops.items():
+        for conn in hop["conns"]:
+            if conn not in hop["handshake"] and conn in syn_time and conn in synack_time:
+                delta = synack_time[conn] - syn_time[conn]
+                if delta >= 0:
+                    hop["handshake"][conn] = delta
+        hs = np.array(list(hop["handshake"].values()), dtype=np.float64)
+        st = np.array(hop["server"], dtype=np.float64)
+        if not len(hs) and not hop["requests"]:
+            continue
+        h50, h95, hmax = _quantiles(hs)
+        s50, s95, smax = _quantiles(st)
+        out.append(HopLatency(cl, sv, int(pt), len(hop["conns"]), h50, h95, hmax, hop["requests"], s50, s95, smax,
+                              hop["errors"]))
+    out.sort(key=lambda h: (-(h.server_p95_ms or 0), -(h.handshake_p95_ms or 0)))
+    return out
+
+
+@dataclass
+class DroppedCalls:
+    source: str
+    destination: str
+    port: int | None
+    protocol: str | None
+    reason: str
+    count: int
+    first: str
+    last: str
+
+
+def dropped_calls(flows: pa.Table) -> list[DroppedCalls]:
+    """DROPPED flows grouped by who, to what, and why."""
+    dropped = flows.filter(pc.fill_null(pc.equal(flows.column("verdict"), "DROPPED"), False))
+    if dropped.num_rows == 0:
+        return []
+    reason = pc.coalesce(
+        pc.binary_join_element_wise(dropped.column("drop_reason"), dropped.column("kernel_drop_reason"), " / "),
+        dropped.column("drop_reason"), dropped.column("kernel_drop_reason"), pa.scalar("unknown"))
+    table = pa.table({
+        "source": _endpoint_name(dropped, "src"), "destination": _endpoint_name(dropped, "dst"),
+        "port": pc.coalesce(dropped.column("dst_port").cast(pa.int64()), dropped.column("icmp_type").cast(pa.int64())),
+        "protocol": dropped.column("l4_protocol"), "reason": reason,
+        "time": dropped.column("time").cast(pa.int64()),
+    })
+    grouped = table.group_by(["source", "destination", "port", "protocol", "reason"], use_threads=False).aggregate(
+        [("time", "count"), ("time", "min"), ("time", "max")])
+    from exporter.model.hubble_json import format_time
+
+    out = [DroppedCalls(r["source"], r["destination"], r["port"], r["protocol"], r["reason"], r["time_count"],
+                        format_time(r["time_min"]), format_time(r["time_max"])) for r in grouped.to_pylist()]
+    out.sort(key=lambda d: -d.count)
+    return out
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    body = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join([line, "  ".join("-" * w for w in widths), *body])
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def format_latency(hops: list[HopLatency]) -> str:
+    if not hops:
+        return "no connections with handshake or HTTP timing found"
+    rows = [[h.client, f"{h.server}:{h.port}", str(h.connections), _f(h.handshake_p50_ms), _f(h.handshake_p95_ms),
+             str(h.requests), _f(h.server_p50_ms), _f(h.server_p95_ms), _f(h.server_max_ms), str(h.errors_5xx)]
+            for h in hops]
+    return _table(["client", "server", "conns", "handshake p50 ms", "p95", "requests", "server time p50 ms", "p95",
+                   "max", "5xx"], rows)
+
+
+def format_drops(drops: list[DroppedCalls]) -> str:
+    if not drops:
+        return "no dropped flows"
+    rows = [[d.source, d.destination, str(d.port if d.port is not None else "-"), d.protocol or "-", d.reason,
+             str(d.count), d.first, d.last] for d in drops]
+    return _table(["source", "destination", "port", "proto", "reason", "count", "first", "last"], rows)
