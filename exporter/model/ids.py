@@ -105,14 +105,15 @@ def _stable_hash64(value: str) -> int:
     return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "little")
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
+def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser: a cheap, well-spread 64-bit mix (numpy, wraps mod 2^64)."""
     x = x.astype(np.uint64, copy=True)
-    x ^= x >> np.uint64(30)
-    x *= np.uint64(0xBF58476D1CE4E5B9)
-    x ^= x >> np.uint64(27)
-    x *= np.uint64(0x94D049BB133111EB)
-    x ^= x >> np.uint64(31)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
     return x
 
 
@@ -136,11 +137,11 @@ def connection_hashes(batch: pa.RecordBatch) -> np.ndarray:
         # An ICMP request and its reply belong together: key ICMP by addresses only.
         sport = np.where(is_icmp, np.uint64(0), sport)
         dport = np.where(is_icmp, np.uint64(0), dport)
-    a = _mix64(src_h ^ (sport << np.uint64(1)))
-    b = _mix64(dst_h ^ (dport << np.uint64(1)))
+    a = mix64(src_h ^ (sport << np.uint64(1)))
+    b = mix64(dst_h ^ (dport << np.uint64(1)))
     lo = np.minimum(a, b)
     hi = np.maximum(a, b)
-    return _mix64(lo ^ _mix64(hi ^ proto))
+    return mix64(lo ^ mix64(hi ^ proto))
 
 
 def community_ids(batch: pa.RecordBatch, seed: int = 0) -> pa.Array:

@@ -46,9 +46,9 @@ from exporter.model.aggregate_schema import (
     key_columns,
     key_type,
 )
-from exporter.model.ids import connection_hashes
+from exporter.model.ids import connection_hashes, mix64
 from exporter.pipeline.envelope import Envelope, Receipt
-from exporter.stages.columns import as_array, mix64, uint_values
+from exporter.stages.columns import as_array, uint_values
 
 BUCKETS_PER_OCTAVE = 16
 RELATIVE_ERROR = 2 ** (1 / (2 * BUCKETS_PER_OCTAVE)) - 1

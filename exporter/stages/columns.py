@@ -103,15 +103,3 @@ def filter_rows(batch: pa.RecordBatch, keep: np.ndarray) -> pa.RecordBatch:
     mask = pa.array(keep, type=pa.bool_())
     arrays = [pa.nulls(kept, col.type) if col.null_count == n else col.filter(mask) for col in batch.columns]
     return pa.RecordBatch.from_arrays(arrays, schema=batch.schema)
-
-
-def mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser: a cheap, well-spread 64-bit mix (wraps mod 2^64)."""
-    x = x.astype(np.uint64, copy=True)
-    with np.errstate(over="ignore"):
-        x ^= x >> np.uint64(30)
-        x *= np.uint64(0xBF58476D1CE4E5B9)
-        x ^= x >> np.uint64(27)
-        x *= np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(31)
-    return x

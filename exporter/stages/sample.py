@@ -31,8 +31,8 @@ import numpy as np
 import pyarrow as pa
 
 from exporter.components import Stage
-from exporter.model.ids import connection_hashes
-from exporter.stages.columns import filter_rows, mix64, uint_values
+from exporter.model.ids import connection_hashes, mix64
+from exporter.stages.columns import filter_rows, uint_values
 from exporter.stages.filter import compile_filter_list, filter_problems
 
 DEFAULT_ALWAYS_KEEP: list[dict[str, Any]] = [
