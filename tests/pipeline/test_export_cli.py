@@ -236,3 +236,40 @@ def test_shipped_configs_are_valid_and_defaults_match_embedded(tmp_path):
     for path in sorted((REPO / "configs").glob("*.yaml")):
         proc = run(flowship("validate", "--config", str(path)), tmp_path)
         assert proc.returncode == 0, f"{path.name}: {proc.stderr.decode()}"
+
+
+def test_every_input_shape_gives_the_same_flows(tmp_path, fixture_lines):
+    """ExportEvent lines, camelCase (protojson's default spelling), bare Flow lines, a JSON array, gzip."""
+    from google.protobuf import json_format
+
+    from exporter.proto.observer import observer_pb2
+
+    events = [orjson.loads(line) for line in fixture_lines]
+    camel = []
+    for line in fixture_lines:
+        msg = json_format.Parse(line, observer_pb2.GetFlowsResponse())
+        camel.append(json_format.MessageToJson(msg, indent=None).encode())
+    assert b'"nodeName"' in camel[0] and b'"node_name"' not in camel[0]
+    shapes = {
+        "export.jsonl": b"\n".join(fixture_lines) + b"\n",
+        "camel.jsonl": b"\n".join(camel) + b"\n",
+        "bare.jsonl": b"\n".join(orjson.dumps(e["flow"]) for e in events) + b"\n",
+        "array.json": orjson.dumps(events),
+        "export.jsonl.gz": gzip.compress(b"\n".join(fixture_lines)),
+    }
+    key = "count(*), count(distinct (time, ip_src, ip_dst, verdict, l4_protocol, src_port, http_url, dns_query))"
+    results = {}
+    for name, data in shapes.items():
+        (tmp_path / name).write_bytes(data)
+        config = write_config(tmp_path / f"{name}.yaml", f"""
+data_dir: {tmp_path / name}.state
+sources: [{{type: file, paths: ["{tmp_path / name}"]}}]
+sinks: [{{type: parquet, path: {tmp_path / name}.out}}]
+""")
+        proc = run(flowship("export", "--config", str(config)), tmp_path)
+        assert proc.returncode == 0, f"{name}: {proc.stderr.decode()}"
+        results[name] = parquet_rows(tmp_path / f"{name}.out", what=key)
+        fingerprint = parquet_rows(tmp_path / f"{name}.out", what="sum(hash(time, ip_src, ip_dst, verdict, "
+                                   "http_code, dns_rcode, src_pod, traffic_direction, is_reply))")
+        results[name] = (results[name], fingerprint)
+    assert len(set(map(str, results.values()))) == 1, results
