@@ -75,3 +75,16 @@ def opensearch_server() -> str:
 def victorialogs_server() -> str:
     devservers.start("victorialogs", devservers.VICTORIALOGS)
     return devservers.VICTORIALOGS
+
+
+def aggregate_rows(batch: pa.RecordBatch, window: str = "60s") -> pa.RecordBatch:
+    """Aggregate rows of ``batch`` as the aggregate stage emits them (kind="aggregates")."""
+    from exporter.config import parse
+    from exporter.pipeline.envelope import Envelope
+    from exporter.stages.aggregate import AggregateConfig, AggregateStage
+
+    stage = AggregateStage(parse(AggregateConfig, {"window": window, "clock": "event"}, "test"), make_ctx("agg"))
+    out = stage.process(Envelope(batch, []))
+    out += stage.close()
+    rows = [e.batch for e in out if e.kind == "aggregates" and e.batch.num_rows]
+    return pa.Table.from_batches(rows).combine_chunks().to_batches()[0]
