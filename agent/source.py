@@ -1,0 +1,266 @@
+"""``agent`` source: this node's flows, captured in the kernel with eBPF.
+
+The source polls :class:`agent.capture.KernelCapture`, gathers about a second of kernel events (or
+``batch_events`` of them, whichever comes first), assembles them into one flow batch
+(:mod:`agent.assemble`: L3/L4, drops, L7, enrichment, ids) and emits it with a receipt. The same batch
+goes to the Hubble Observer server when it is enabled.
+
+Nothing to checkpoint: the kernel keeps no history to read again. What an abrupt death loses is the
+counters the flow table accumulated since each flow's last event (at most ``report_interval`` of
+traffic per flow), the records waiting in the rings (under a second) and the batches emitted but not yet
+acknowledged by every sink (the ``flowship_agent_unacked_rows`` gauge). A clean stop (SIGTERM, Ctrl-C)
+detaches, flushes every flow-table entry and emits it before the pipeline drains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from agent.assemble import AssembleConfig, Assembler
+from agent.capture import DEFAULT_HTTP_PORTS, CaptureBatch, CaptureConfig, KernelCapture
+from agent.enrich import EnrichConfig, Enricher, detect_local_ips
+from agent.l7_http import DEFAULT_HEADER_ALLOW
+from agent.observer import ObserverConfig
+from exporter.components import Context, Emit, Source
+from exporter.config import ByteSize, Duration
+from exporter.pipeline.envelope import Receipt
+
+
+class AgentStartupError(RuntimeError):
+    """The capture cannot start here; the message names what is missing and what to do."""
+
+
+@dataclass
+class AgentSourceConfig:
+    """``type: agent`` — every key is optional; see docs/agent.md."""
+
+    interfaces: list[str] | None = None  # glob patterns; default: every non-loopback interface that is up
+    netns: str | None = None  # attach inside this network namespace (name under /run/netns or a path)
+    report_interval: Duration = Duration(5.0)  # an event per active flow at least this often
+    idle_timeout: Duration = Duration(30.0)  # flows without packets for this long are evicted
+    aggregation: Literal["flow", "packet"] = "flow"
+    http: bool = True
+    http_ports: list[int] = field(default_factory=lambda: list(DEFAULT_HTTP_PORTS))
+    http_all_ports: bool = False
+    http_headers: list[str] = field(default_factory=lambda: list(DEFAULT_HEADER_ALLOW))
+    dns: bool = True
+    dns_port: int = 53
+    l7_snap_len: int = 256
+    drops: bool = True
+    drop_netns: str | None = None  # report kernel drops of this namespace only; default: every namespace
+    flow_table_entries: int = 65536
+    flow_ring_size: ByteSize = ByteSize(8 << 20)
+    l7_ring_size: ByteSize = ByteSize(2 << 20)
+    attach_mode: Literal["auto", "tcx", "tc"] = "auto"
+    batch_interval: Duration = Duration(1.0)  # emit at least this often
+    batch_events: int = 65536  # ... or when this many kernel events are waiting
+    enrich: EnrichConfig = field(default_factory=EnrichConfig)
+    observer: ObserverConfig = field(default_factory=ObserverConfig)
+
+    def capture_config(self) -> CaptureConfig:
+        return CaptureConfig(
+            report_interval_s=float(self.report_interval),
+            idle_timeout_s=float(self.idle_timeout),
+            aggregation=self.aggregation,
+            http=self.http,
+            http_ports=tuple(self.http_ports),
+            http_all_ports=self.http_all_ports,
+            dns=self.dns,
+            dns_port=self.dns_port,
+            l7_snap_len=self.l7_snap_len,
+            drops=self.drops,
+            drop_netns=self.drop_netns,
+            flow_table_entries=self.flow_table_entries,
+            flow_ring_bytes=int(self.flow_ring_size),
+            l7_ring_bytes=int(self.l7_ring_size),
+            attach_mode=self.attach_mode,
+            netns=self.netns,
+        )
+
+    def validate(self) -> list[str]:
+        problems = []
+        try:
+            self.capture_config().validate()
+        except (ValueError, TypeError) as exc:
+            problems.append(str(exc).replace("_s ", " ").replace("_bytes", "_size"))
+        if self.batch_events < 1:
+            problems.append(f"batch_events: expected an integer >= 1, got {self.batch_events}")
+        if self.flow_table_entries < 1:
+            problems.append(f"flow_table_entries: expected an integer >= 1, got {self.flow_table_entries}")
+        return problems
+
+
+def _netns_ips(netns: str) -> list[str]:
+    """Addresses of the interfaces of another network namespace (its 'host' IPs)."""
+    from agent.attach import enter_netns
+
+    box: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            enter_netns(netns)
+            box["ips"] = detect_local_ips()
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            box["error"] = exc
+
+    t = threading.Thread(target=body, name="netns-ips")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["ips"]
+
+
+class AgentSource(Source):
+    config: AgentSourceConfig
+
+    def __init__(self, config: AgentSourceConfig, ctx: Context) -> None:
+        super().__init__(config, ctx)
+        self.capture: KernelCapture | None = None
+        self.assembler: Assembler | None = None
+        self.observer: Any = None
+        self.started = threading.Event()  # set once attached (tests and the demo wait on it)
+        self._lock = threading.Lock()
+        self.counts = {"events": 0, "rows": 0, "batches": 0, "emitted_packets": 0, "acked_packets": 0,
+                       "acked_rows": 0}
+        m = ctx.metrics
+        self._unacked = m.gauge("flowship_agent_unacked_rows",
+                                "Rows emitted by the agent and not yet acknowledged by every sink "
+                                "(what an abrupt stop would lose besides in-kernel counters).", ["source"]
+                                ).labels(ctx.name)
+        self._interfaces = m.gauge("flowship_agent_interfaces", "Interfaces the agent is attached to.",
+                                   ["source"]).labels(ctx.name)
+        self._assembly = m.histogram("flowship_agent_assembly_seconds", "Time to assemble one flow batch.",
+                                     ["source"]).labels(ctx.name)
+        self._names: dict[int, str] = {}
+        self._ring_seen: dict[str, int] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _enricher(self) -> Enricher:
+        cfg = self.config.enrich
+        if self.config.netns and cfg.detect_host_ips:
+            # The "node" is the namespace the capture attaches in: its addresses are reserved:host.
+            cfg = dataclasses.replace(cfg, detect_host_ips=False,
+                                      host_ips=[*cfg.host_ips, *_netns_ips(self.config.netns)])
+        return Enricher(cfg, self.ctx.node_name, self.ctx.metrics, self.ctx.log)
+
+    def start_capture(self) -> KernelCapture:
+        from agent import kernel_features
+
+        problems = kernel_features.check().problems()
+        if problems:
+            raise AgentStartupError("the eBPF capture cannot start on this machine:\n  - " + "\n  - ".join(problems))
+        cap = KernelCapture()
+        cap.start(self.config.interfaces, self.config.capture_config())
+        return cap
+
+    def run(self, emit: Emit, stop: threading.Event) -> None:
+        cfg = self.config
+        enricher = self._enricher()
+        self.assembler = Assembler(
+            AssembleConfig(node_name=self.ctx.node_name, http_headers=tuple(cfg.http_headers)),
+            metrics=self.ctx.metrics, source=self.ctx.name, enricher=enricher)
+        enricher.start()
+        self._start_observer()
+        cap = self.capture = self.start_capture()
+        try:
+            for error in cap.attach_errors():
+                self.ctx.log.warning("interface not attached", error=error)
+            self.ctx.log.info("agent capturing", interfaces=sorted(cap.interface_names().values()),
+                              netns=cfg.netns or "(own)", aggregation=cfg.aggregation)
+            self.started.set()
+            pending: list[CaptureBatch] = []
+            waiting = 0
+            next_flush = time.monotonic() + float(cfg.batch_interval)
+            while not stop.is_set():
+                batch = cap.poll(max(0.0, min(0.2, next_flush - time.monotonic())))
+                if len(batch) or any(batch.lost.values()):
+                    pending.append(batch)
+                    waiting += len(batch)
+                now = time.monotonic()
+                if waiting >= cfg.batch_events or now >= next_flush:
+                    self._flush(pending, emit)
+                    pending, waiting = [], 0
+                    next_flush = now + float(cfg.batch_interval)
+            # Clean stop: detach, flush every flow-table entry, emit everything.
+            pending.append(cap.finish())
+            self._flush(pending, emit)
+        finally:
+            cap.close()
+            self.capture = None
+            enricher.stop()
+            if self.observer is not None:
+                self.observer.stop()
+
+    def _start_observer(self) -> None:
+        ocfg = self.config.observer
+        if not ocfg.enabled:
+            return
+        from agent.observer import ObserverServer
+
+        self.observer = ObserverServer(ocfg, metrics=self.ctx.metrics, node_name=self.ctx.node_name,
+                                       log=self.ctx.log.bind(component=f"{self.ctx.name}.observer"))
+        self.observer.start()
+
+    # -- batches -----------------------------------------------------------------------------
+
+    def _flush(self, pending: list[CaptureBatch], emit: Emit) -> None:
+        cap, asm = self.capture, self.assembler
+        assert cap is not None and asm is not None
+        self._names.update(cap.interface_names())
+        self._interfaces.set(len(cap.attached()))
+        ring = cap.ring_stats()
+        asm.record_reader_losses({k: v - self._ring_seen.get(k, 0) for k, v in ring.items()})
+        self._ring_seen = ring
+        if not pending:
+            return
+        started = time.perf_counter()
+        batch = asm.assemble(CaptureBatch.concat(pending), self._names)
+        self._assembly.observe(time.perf_counter() - started)
+        self.counts["events"] += sum(len(b) for b in pending)
+        if batch.num_rows == 0:
+            return
+        self.emit_batch(batch, emit)
+
+    def emit_batch(self, batch: pa.RecordBatch, emit: Emit) -> None:
+        rows = batch.num_rows
+        packets = _sum_l34_packets(batch)
+        with self._lock:
+            self.counts["rows"] += rows
+            self.counts["batches"] += 1
+            self.counts["emitted_packets"] += packets
+            self._unacked.inc(rows)
+
+        def done(receipt: Receipt) -> None:
+            with self._lock:
+                self.counts["acked_rows"] += rows
+                self.counts["acked_packets"] += packets
+            self._unacked.dec(rows)
+
+        if self.observer is not None:
+            self.observer.publish(batch)
+        emit(batch, Receipt(on_done=done, rows=rows))
+
+    def summary(self) -> dict[str, Any]:
+        asm = self.assembler
+        out: dict[str, Any] = {"kernel_events": self.counts["events"], "batches": self.counts["batches"]}
+        if asm is not None:
+            lost = {k: v for k, v in asm.lost_totals.items() if v}
+            out["lost"] = sum(v for k, v in lost.items() if k in ("drop_ring", "l7_ring", "untracked"))
+            out["postponed_flow_events"] = asm.lost_totals.get("flow_ring", 0)
+        return out
+
+
+def _sum_l34_packets(batch: pa.RecordBatch) -> int:
+    """Packets counted by the L3/L4 rows of a batch (drops and L7 rows excluded)."""
+    mask = pc.and_(pc.equal(batch.column("flow_type"), "L3_L4"), pc.equal(batch.column("verdict"), "FORWARDED"))
+    total = pc.sum(pc.filter(batch.column("packets"), mask.fill_null(False))).as_py()
+    return int(total or 0)
