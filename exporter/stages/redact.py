@@ -13,9 +13,20 @@ Besides plain column names, three special fields exist:
   removed (the path stays), or replaced by ``?`` + its hash.
 * ``http_header_values`` — values of ``http_headers`` (and the
   ``http_user_agent`` column) except the headers named in ``keep_headers``.
-* ``ip`` — ``ip_src``, ``ip_dst``, ``ip_src_xlated`` and the ``dns_ips`` list.
-  Hashed addresses keep their family visible: ``ip4:<token>`` / ``ip6:<token>``
-  (``ip:<token>`` for a value that is not an address).
+* ``ip`` — ``ip_src``, ``ip_dst``, ``ip_src_xlated`` and the ``dns_ips`` list,
+  and the addresses written inside text: the host (or any address) in
+  ``http_url``, addresses in ``summary``, and ``cidr:`` labels. Hashed
+  addresses keep their family visible: ``ip4:<token>`` / ``ip6:<token>``
+  (``ip:<token>`` for a value that is not an address), or, with
+  ``ip_format: address``, an IPv6 address in the documentation prefix
+  ``2001:db8:4::/48`` (IPv4) or ``2001:db8:6::/48`` (IPv6) followed by 80
+  bits of the keyed hash, which stays valid for columns typed as IP
+  addresses (Elasticsearch ``ip``). Removed addresses inside text become
+  ``redacted``.
+
+``summary`` (Hubble's one-line description, which repeats the URL and
+addresses) is scrubbed of the URL queries and addresses the chosen special
+fields cover, so it never carries what the columns no longer do.
 
 Work is done once per distinct value (dictionary encoding), so a batch of
 64k flows hashes only its few thousand distinct addresses.
@@ -28,6 +39,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +57,15 @@ IP_COLUMNS = ("ip_src", "ip_dst", "ip_src_xlated")
 IP_LIST_COLUMNS = ("dns_ips",)
 _NOT_REDACTABLE = {"time": "every flow needs its time"}
 _NOT_NULLABLE = {f.name for f in FLOW_SCHEMA if not f.nullable}
+LABEL_COLUMNS = ("src_labels", "dst_labels")
+REMOVED = "redacted"  # what an address inside text becomes in remove mode
+# Hashed addresses as addresses: RFC 3849 documentation prefix, then 4 or 6 for the family.
+_ADDRESS_PREFIX = {4: bytes.fromhex("20010db80004"), 6: bytes.fromhex("20010db80006")}
+# Runs of characters an address is written with; each run is checked with ipaddress.
+_ADDRESS_RUN = re.compile(r"[0-9A-Fa-f:.]{3,}")
+_IPV4_IN_RUN = re.compile(r"(?<![0-9])(?:[0-9]{1,3}\.){3}[0-9]{1,3}(?![0-9])")
+# A URL (or path) with a query or fragment, inside free text.
+_URL_WITH_QUERY = re.compile(r"(?:[a-zA-Z][a-zA-Z0-9+.-]*://|/)[^\s?#]*[?#]\S*")
 
 
 def load_key(key_file: str | None, key_env: str | None) -> bytes:
@@ -78,6 +99,7 @@ class RedactConfig:
     hash_bytes: int = 16
     encoding: Literal["hex", "base64"] = "hex"
     keep_headers: list[str] = field(default_factory=list)
+    ip_format: Literal["token", "address"] = "token"  # hash mode: "ip4:<token>" or an address in 2001:db8::/32
 
     def validate(self) -> list[str]:
         problems = []
@@ -110,6 +132,13 @@ class RedactConfig:
 def _hashable(tp: pa.DataType) -> bool:
     return (pa.types.is_string(tp) or (pa.types.is_list(tp) and pa.types.is_string(tp.value_type))
             or (pa.types.is_list(tp) and pa.types.is_struct(tp.value_type)))
+
+
+def _as_address(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        return None
 
 
 def _map_distinct(array: pa.Array, fn: Callable[[str], str | None]) -> pa.Array:
@@ -153,17 +182,67 @@ class RedactStage(Stage):
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
     def ip_token(self, value: str) -> str:
-        try:
-            family = f"ip{ipaddress.ip_address(value).version}"
-        except ValueError:
-            family = "ip"
-        return f"{family}:{self.token(value)}"
+        address = _as_address(value)
+        if address is None:
+            return f"ip:{self.token(value)}"
+        canonical = str(address)
+        if self.config.ip_format == "address":
+            digest = hmac.new(self._key, canonical.encode(), hashlib.sha256).digest()[:10]
+            return str(ipaddress.IPv6Address(_ADDRESS_PREFIX[address.version] + digest))
+        return f"ip{address.version}:{self.token(canonical)}"
+
+    def _address_in_text(self, value: str, in_authority: bool) -> str:
+        if self.config.mode == "remove":
+            return REMOVED
+        out = self.ip_token(value)
+        # a URL host that was an IPv4 address: bracket the token so the port stays apart from it
+        return f"[{out}]" if in_authority and ":" not in value else out
+
+    def scrub_addresses(self, text: str) -> str:
+        """Every IPv4/IPv6 address written in ``text`` replaced by its token (or ``redacted``)."""
+
+        def one(match: re.Match) -> str:
+            run = match.group()
+            start = match.start()
+            authority = text[max(0, start - 2):start] == "//" or text[start - 1:start] == "@"
+            for candidate in (run, run.rstrip(".:")):
+                if candidate and _as_address(candidate) is not None:
+                    return self._address_in_text(candidate, authority) + run[len(candidate):]
+            return _IPV4_IN_RUN.sub(lambda m: self._address_in_text(m.group(), authority and m.start() == 0)
+                                    if _as_address(m.group()) is not None else m.group(), run)
+
+        return _ADDRESS_RUN.sub(one, text)
+
+    def scrub_queries(self, text: str) -> str:
+        """URL queries (and fragments) inside free text, handled as ``http_url_query`` handles ``http_url``."""
+        if self.config.mode == "remove":
+            return _URL_WITH_QUERY.sub(lambda m: re.sub(r"[?#].*$", "", m.group()), text)
+        return _URL_WITH_QUERY.sub(lambda m: self.query_token(m.group()), text)
+
+    def cidr_label(self, label: str) -> str:
+        """``cidr:<address>/<bits>`` labels (Cilium writes IPv6 with ``-`` for ``:``) with the address hashed."""
+        if not label.startswith("cidr:"):
+            return label
+        address, slash, bits = label[5:].partition("/")
+        if _as_address(address) is None and _as_address(address.replace("-", ":")) is not None:
+            address = address.replace("-", ":")
+        if _as_address(address) is None:
+            return label
+        replaced = REMOVED if self.config.mode == "remove" else self.ip_token(address)
+        return f"cidr:{replaced}{slash}{bits}"
 
     def query_token(self, url: str) -> str:
         cut = min((i for i in (url.find("?"), url.find("#")) if i >= 0), default=-1)
         if cut < 0:
             return url
         return f"{url[:cut]}?{self.token(url[cut + 1:])}"
+
+    def _scrub_summary(self, text: str) -> str:
+        if "http_url_query" in self.config.fields:
+            text = self.scrub_queries(text)
+        if "ip" in self.config.fields:
+            text = self.scrub_addresses(text)
+        return text
 
     # ------------------------------------------------------------------------------ columns
     def _strings(self, array: pa.Array, fn: Callable[[str], str]) -> pa.Array:
@@ -205,7 +284,9 @@ class RedactStage(Stage):
         def count(field_name: str, array: pa.Array) -> None:
             counts[field_name] = counts.get(field_name, 0) + len(array) - array.null_count
 
-        for name in self.config.fields:
+        fields = self.config.fields
+        # URL queries first, so a query's token is the same in http_url and in summary
+        for name in sorted(fields, key=lambda n: n == "ip"):
             if name == "ip":
                 for col in IP_COLUMNS:
                     count(name, columns[col])
@@ -213,6 +294,14 @@ class RedactStage(Stage):
                 for col in IP_LIST_COLUMNS:
                     count(name, columns[col])
                     columns[col] = self._string_list(columns[col], self.ip_token)
+                if "http_url" not in fields:
+                    columns["http_url"] = _map_distinct(columns["http_url"], self.scrub_addresses)
+                for col in LABEL_COLUMNS:
+                    if col in fields or columns[col].null_count == len(columns[col]):
+                        continue
+                    offsets, values = _list_parts(columns[col])
+                    if pc.any(pc.starts_with(values, "cidr:")).as_py():
+                        columns[col] = _rebuild_list(columns[col], offsets, _map_distinct(values, self.cidr_label))
             elif name == "http_url_query":
                 url = columns["http_url"]
                 count(name, url)
@@ -238,6 +327,8 @@ class RedactStage(Stage):
                     columns[name] = self._strings(array, self.token)
                 else:
                     columns[name] = pa.nulls(len(array), tp)
+        if "summary" not in fields and ("ip" in fields or "http_url_query" in fields):
+            columns["summary"] = _map_distinct(columns["summary"], self._scrub_summary)
         for field_name, n in counts.items():
             if n:
                 self._counter.labels(self.ctx.name, field_name).inc(n)
