@@ -88,9 +88,9 @@ class ElasticsearchSinkConfig:
     policy_name: str = "flowship-flows"
     pipeline: str | None = None  # ingest pipeline
     username: str | None = None  # secrets as env:NAME or file:PATH
-    password: str | None = None
-    api_key: str | None = None  # Elasticsearch "ApiKey" credentials (base64 id:key)
-    headers: dict[str, str] = field(default_factory=dict)
+    password: str | None = field(default=None, repr=False)
+    api_key: str | None = field(default=None, repr=False)  # Elasticsearch "ApiKey" credentials (base64 id:key)
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # values may be env:NAME / file:PATH
     tls_ca_file: str | None = None
     tls_verify: bool = True
     compression: bool = False  # gzip request bodies
@@ -107,7 +107,9 @@ class ElasticsearchSinkConfig:
         if not urls:
             problems.append("url: at least one URL is needed")
         for u in urls:
-            if not isinstance(u, str) or not re.match(r"^https?://[^/]+", u):
+            if credentials := http.url_credentials_problem("url", u):
+                problems.append(credentials)
+            elif not isinstance(u, str) or not re.match(r"^https?://[^/]+", u):
                 problems.append(f"url: expected http(s)://host:port, got {u!r}")
         names = (("data_stream", self.data_stream), ("aggregates_data_stream", self.aggregates_data_stream)) \
             if self.mode == "data_stream" else (("index", self.index), ("aggregates_index", self.aggregates_index))
@@ -196,7 +198,7 @@ class ElasticsearchSink(Sink):
         c = self.config
         nodes = []
         auth = http.auth_headers(c.username, c.password, api_key=c.api_key)
-        headers = {"user-agent": "flowship", **auth, **(c.headers or {})}
+        headers = {"user-agent": "flowship", **auth, **http.resolve_headers(c.headers)}
         for u in c.urls():
             parts = urlsplit(u)
             port = parts.port or (443 if parts.scheme == "https" else 9200)

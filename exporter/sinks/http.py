@@ -7,6 +7,7 @@ of keep-alive connections per sink.
 from __future__ import annotations
 
 import base64
+from urllib.parse import urlsplit
 
 import urllib3
 
@@ -32,6 +33,19 @@ def auth_headers(username: str | None, password: str | None, bearer_token: str |
         token = base64.b64encode(f"{user}:{pw}".encode()).decode()
         return {"Authorization": f"Basic {token}"}
     return {}
+
+
+def url_credentials_problem(key: str, url: object) -> str | None:
+    """Credentials written into a URL are not sent and would be logged with it: ask for the auth keys instead."""
+    if isinstance(url, str) and "@" in urlsplit(url).netloc:
+        return (f"{key}: remove the user name and password from the URL (the URL is logged); set username and "
+                "password (or bearer_token / api_key) as env:NAME or file:PATH references")
+    return None
+
+
+def resolve_headers(headers: dict[str, str] | None) -> dict[str, str]:
+    """Extra request headers, with ``env:NAME`` / ``file:PATH`` values resolved (tokens for proxies)."""
+    return {name: secret_value(value) or "" for name, value in (headers or {}).items()}
 
 
 def pool(tls_ca_file: str | None, tls_verify: bool, maxsize: int) -> urllib3.PoolManager:

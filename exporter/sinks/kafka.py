@@ -91,10 +91,11 @@ class KafkaSinkConfig:
     security_protocol: Literal["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"] = "plaintext"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
     sasl_username: str | None = None  # secrets as env:NAME or file:PATH
-    sasl_password: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
     ssl_ca_location: str | None = None
     ssl_certificate_location: str | None = None
     ssl_key_location: str | None = None
+    ssl_key_password: str | None = field(default=None, repr=False)  # passphrase of the key, env:NAME or file:PATH
     create_topic: CreateTopicConfig | None = None
     librdkafka: dict[str, str] = field(default_factory=dict)  # extra producer properties
     dead_letter_path: str | None = None
@@ -142,6 +143,8 @@ def producer_config(c: KafkaSinkConfig) -> dict[str, Any]:
                       ("ssl_key_location", "ssl.key.location")):
         if getattr(c, key):
             conf[prop] = getattr(c, key)
+    if c.ssl_key_password:
+        conf["ssl.key.password"] = secret_value(c.ssl_key_password)
     conf.update(c.librdkafka or {})
     return conf
 

@@ -90,9 +90,9 @@ class LokiSinkConfig:
     aggregate_line_format: Literal["logfmt", "json"] = "logfmt"
     tenant: str | None = None  # X-Scope-OrgID
     username: str | None = None  # basic auth; secrets as env:NAME or file:PATH
-    password: str | None = None
-    bearer_token: str | None = None
-    headers: dict[str, str] = field(default_factory=dict)
+    password: str | None = field(default=None, repr=False)
+    bearer_token: str | None = field(default=None, repr=False)
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # values may be env:NAME / file:PATH
     tls_ca_file: str | None = None
     tls_verify: bool = True
     max_line_bytes: ByteSize = ByteSize(256 * 1024)
@@ -103,7 +103,9 @@ class LokiSinkConfig:
 
     def validate(self) -> list[str]:
         problems: list[str] = []
-        if not isinstance(self.url, str) or not re.match(r"^https?://", self.url):
+        if credentials := http.url_credentials_problem("url", self.url):
+            problems.append(credentials)
+        elif not isinstance(self.url, str) or not re.match(r"^https?://", self.url):
             problems.append(f"url: expected an http:// or https:// push URL, got {self.url!r}")
         problems += _check_labels("labels", self.labels or {}, self.static_labels or {}, flows=True)
         problems += _check_labels("aggregate_labels", self.aggregate_labels or {},
@@ -382,7 +384,7 @@ class LokiSink(Sink):
         if c.tenant:
             headers["X-Scope-OrgID"] = c.tenant
         headers.update(http.auth_headers(c.username, c.password, c.bearer_token))
-        headers.update(c.headers or {})
+        headers.update(http.resolve_headers(c.headers))
         self._headers = headers
         self._http = http.pool(c.tls_ca_file, c.tls_verify, c.retry.concurrency)
         path = c.dead_letter_path or default_dead_letter_path(self.ctx)

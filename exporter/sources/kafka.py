@@ -63,10 +63,11 @@ class KafkaSourceConfig:
     security_protocol: Literal["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"] = "plaintext"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
     sasl_username: str | None = None
-    sasl_password: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
     ssl_ca_location: str | None = None
     ssl_certificate_location: str | None = None
     ssl_key_location: str | None = None
+    ssl_key_password: str | None = field(default=None, repr=False)  # passphrase of the key, env:NAME or file:PATH
     librdkafka: dict[str, str] = field(default_factory=dict)
 
     def topic_list(self) -> list[str]:
@@ -109,6 +110,8 @@ def consumer_config(c: KafkaSourceConfig) -> dict[str, Any]:
                       ("ssl_key_location", "ssl.key.location")):
         if getattr(c, key):
             conf[prop] = getattr(c, key)
+    if c.ssl_key_password:
+        conf["ssl.key.password"] = secret_value(c.ssl_key_password)
     conf.update(c.librdkafka or {})
     return conf
 
