@@ -277,7 +277,8 @@ class ElasticsearchSink(Sink):
         c = self.config
         target = (c.data_stream if kind == "flows" else c.aggregates_data_stream) if c.mode == "data_stream" \
             else (c.index if kind == "flows" else c.aggregates_index)
-        name = f"flowship-{kind}" if c.mode == "data_stream" else f"flowship-{kind}-index"
+        pattern = _pattern_of(target, c.mode)
+        name = pattern.rstrip("*").rstrip("-_.") or f"flowship-{kind}"
         settings: dict[str, Any] = {"number_of_shards": c.number_of_shards}
         if c.number_of_replicas is not None:
             settings["number_of_replicas"] = c.number_of_replicas
@@ -293,7 +294,7 @@ class ElasticsearchSink(Sink):
             "properties": ecs.es_properties(aggregates=kind == "aggregates"),
         }
         body: dict[str, Any] = {
-            "index_patterns": [_pattern_of(target, c.mode)],
+            "index_patterns": [pattern],
             "priority": c.template_priority,
             "template": {"settings": {"index": settings}, "mappings": mappings},
             "_meta": {"managed_by": "flowship", "ecs_version": ecs.ECS_VERSION},
