@@ -182,6 +182,7 @@ class AgentSource(Source):
             next_flush = time.monotonic() + float(cfg.batch_interval)
             while not stop.is_set():
                 batch = cap.poll(max(0.0, min(0.2, next_flush - time.monotonic())))
+                self._names.update(cap.interface_names())  # before an interface vanishes with its name
                 if len(batch) or any(batch.lost.values()):
                     pending.append(batch)
                     waiting += len(batch)
@@ -191,6 +192,7 @@ class AgentSource(Source):
                     pending, waiting = [], 0
                     next_flush = now + float(cfg.batch_interval)
             # Clean stop: detach, flush every flow-table entry, emit everything.
+            self._names.update(cap.interface_names())
             pending.append(cap.finish())
             self._flush(pending, emit)
         finally:
@@ -215,7 +217,6 @@ class AgentSource(Source):
     def _flush(self, pending: list[CaptureBatch], emit: Emit) -> None:
         cap, asm = self.capture, self.assembler
         assert cap is not None and asm is not None
-        self._names.update(cap.interface_names())
         self._interfaces.set(len(cap.attached()))
         ring = cap.ring_stats()
         asm.record_reader_losses({k: v - self._ring_seen.get(k, 0) for k, v in ring.items()})
