@@ -76,7 +76,7 @@ def string_list(values: pa.Array) -> pa.Array:
     if values.null_count == len(values):
         return pa.nulls(len(values), STR)
     items = string(values.values)
-    rebuilt = pa.ListArray.from_arrays(values.offsets, items, mask=pc.is_null(values))
+    rebuilt = pa.ListArray.from_arrays(values.offsets, items)  # null rows become null through if_else below
     joined = pc.binary_join(rebuilt, ",")
     empty = pc.equal(pc.list_value_length(values), 0)
     text = pc.binary_join_element_wise("[", joined, "]", "")
@@ -90,7 +90,7 @@ def object_list(values: pa.Array, build) -> pa.Array:  # noqa: ANN001 - build: s
     if values.null_count == len(values):
         return pa.nulls(len(values), STR)
     items = build(values.values)
-    rebuilt = pa.ListArray.from_arrays(values.offsets, items, mask=pc.is_null(values))
+    rebuilt = pa.ListArray.from_arrays(values.offsets, items)  # null rows become null through if_else below
     text = pc.binary_join_element_wise("[", pc.binary_join(rebuilt, ","), "]", "")
     return pc.if_else(pc.equal(pc.list_value_length(values), 0), pa.scalar(None, STR), text)
 
