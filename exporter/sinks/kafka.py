@@ -208,7 +208,7 @@ class KafkaSink(Sink):
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self._fatal: KafkaError | None = None
-        self._checked_topics: set[str] = set()
+        self._closing = False
         m = ctx.metrics
         self._bytes = m.sink_bytes(ctx.name)
         self._ok = m.sink_batches(ctx.name, "ok")
@@ -311,14 +311,20 @@ class KafkaSink(Sink):
         if self._poller is not None:
             self._poller.join(timeout=5)
         if self.producer is not None:
-            self.producer.flush(0)
+            if self.producer.flush(0):
+                # undelivered messages stay unacknowledged (read again upstream); stop retrying them
+                self._closing = True
+                self.producer.purge(in_queue=True, in_flight=True, blocking=False)
+                self.producer.poll(0)
+            self.producer = None
         if self.dead_letters is not None:
             self.dead_letters.close()
 
     # -- delivery reports -------------------------------------------------------------------
     def _poll_loop(self) -> None:
+        producer = self.producer
         while not self._stop.is_set():
-            self.producer.poll(0.1)
+            producer.poll(0.1)
 
     def _callback(self, tracker: _Tracker):  # noqa: ANN202 - librdkafka callback
         pending = tracker.pending
@@ -341,6 +347,8 @@ class KafkaSink(Sink):
             self.dead_letters.write([(err.name().lower().lstrip("_"), err.str(), record)])
             tracker.pending.settle(failed=1)
             return
+        if self._closing:
+            return  # purged at close: left unacknowledged
         # Timed out in the local queue or a transient error: produce it again.
         with self._lock:
             self._retry.append((tracker, msg.key(), msg.value(), msg.headers() or []))
