@@ -27,10 +27,22 @@ from agent.assemble import AssembleConfig, Assembler
 from agent.capture import DEFAULT_HTTP_PORTS, CaptureBatch, CaptureConfig, KernelCapture
 from agent.enrich import EnrichConfig, Enricher, detect_local_ips
 from agent.l7_http import DEFAULT_HEADER_ALLOW
-from agent.observer import ObserverConfig
 from exporter.components import Context, Emit, Source
 from exporter.config import ByteSize, Duration
 from exporter.pipeline.envelope import Receipt
+
+try:
+    from agent.observer import ObserverConfig
+except ImportError:  # an installation without the Observer server: same keys, the server is skipped
+
+    @dataclass
+    class ObserverConfig:  # type: ignore[no-redef]
+        """``observer:`` — the Hubble Observer gRPC server (not part of this installation)."""
+
+        enabled: bool = True
+        address: str = ":4244"
+        max_flows: int = 4095
+        tls: Any = None
 
 
 class AgentStartupError(RuntimeError):
@@ -206,8 +218,12 @@ class AgentSource(Source):
         ocfg = self.config.observer
         if not ocfg.enabled:
             return
-        from agent.observer import ObserverServer
-
+        try:
+            from agent.observer import ObserverServer
+        except ImportError:
+            self.ctx.log.warning("observer.enabled is set but this installation has no Observer server "
+                                 "(agent/observer.py): flows are exported without the Hubble API")
+            return
         self.observer = ObserverServer(ocfg, metrics=self.ctx.metrics, node_name=self.ctx.node_name,
                                        log=self.ctx.log.bind(component=f"{self.ctx.name}.observer"))
         self.observer.start()
