@@ -418,6 +418,8 @@ def _col_field(path: str, column: str, kind: Kind = "str", es_type: str | None =
 
 def _parse_ts(value: str) -> int:
     """RFC 3339 text (nanosecond precision kept) → ns since the epoch."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected an RFC 3339 time, got {value!r}")
     text = value.rstrip("Z")
     if text.endswith("+00:00"):
         text = text[:-6]
@@ -1031,7 +1033,7 @@ def _rows_to_batch(rows: list[dict]) -> pa.RecordBatch:
     return complete(pa.RecordBatch.from_arrays(arrays, schema=FLOW_SCHEMA))
 
 
-_DECODE_ERRORS = (ValueError, TypeError, KeyError, OverflowError, pa.ArrowException)
+_DECODE_ERRORS = (ValueError, TypeError, KeyError, AttributeError, OverflowError, pa.ArrowException)
 
 
 def decode_ndjson(lines: Sequence[bytes | str]) -> tuple[pa.RecordBatch, list[tuple[int, str]]]:

@@ -375,7 +375,10 @@ class KafkaSource(Source):
             return
         batches = []
         for encoding, items in groups.items():
-            batch, bad = decode_messages([v for _, v in items], encoding)
+            try:
+                batch, bad = decode_messages([v for _, v in items], encoding)
+            except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the group member
+                batch, bad = empty_flows(), [(i, f"{type(exc).__name__}: {exc}") for i in range(len(items))]
             for index, reason in bad:
                 self._reject(items[index][0], reason)
             if batch.num_rows:

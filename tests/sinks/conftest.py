@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -14,39 +13,21 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import devservers  # noqa: E402
+from helpers import decode_fixtures, distinct_flows, make_ctx  # noqa: E402
 
 from exporter.components import Context  # noqa: E402
-from exporter.metrics import Metrics  # noqa: E402
-from exporter.model import hubble_json  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def fixture_batches(fixture_files: list[Path]) -> dict[str, pa.RecordBatch]:
     """Every recorded fixture file decoded, by file stem."""
-    out = {}
-    for path in fixture_files:
-        result = hubble_json.decode_lines(path.read_bytes())
-        assert not result.errors, (path, result.errors[:3])
-        out[path.stem] = result.batch
-    return out
+    return decode_fixtures(fixture_files)
 
 
 @pytest.fixture(scope="session")
 def all_flows(fixture_batches: dict[str, pa.RecordBatch]) -> pa.RecordBatch:
     """All fixture flows in one batch, one row per distinct uuid."""
-    table = pa.Table.from_batches(list(fixture_batches.values()))
-    seen: set[str] = set()
-    keep = []
-    for i, u in enumerate(table.column("uuid").to_pylist()):
-        if u not in seen:
-            seen.add(u)
-            keep.append(i)
-    return table.take(keep).combine_chunks().to_batches()[0]
-
-
-def make_ctx(name: str = "sink", data_dir: Path | None = None) -> Context:
-    return Context(name=name, metrics=Metrics(), node_name="test-node",
-                   data_dir=data_dir or Path(tempfile.mkdtemp(prefix="flowship-test-")))
+    return distinct_flows(list(fixture_batches.values()))
 
 
 @pytest.fixture()
@@ -75,61 +56,3 @@ def opensearch_server() -> str:
 def victorialogs_server() -> str:
     devservers.start("victorialogs", devservers.VICTORIALOGS)
     return devservers.VICTORIALOGS
-
-
-def aggregate_rows(batch: pa.RecordBatch, window: str = "60s") -> pa.RecordBatch:
-    """Aggregate rows of ``batch`` as the aggregate stage emits them (kind="aggregates")."""
-    from exporter.config import parse
-    from exporter.pipeline.envelope import Envelope
-    from exporter.stages.aggregate import AggregateConfig, AggregateStage
-
-    stage = AggregateStage(parse(AggregateConfig, {"window": window, "clock": "event"}, "test"), make_ctx("agg"))
-    out = stage.process(Envelope(batch, []))
-    out += stage.close()
-    rows = [e.batch for e in out if e.kind == "aggregates" and e.batch.num_rows]
-    return pa.Table.from_batches(rows).combine_chunks().to_batches()[0]
-
-
-def generated_flows(n: int, seed: int = 1, start_ns: int | None = None, spread_s: float = 600.0) -> pa.RecordBatch:
-    """``n`` synthetic flows over ``spread_s`` seconds: a few namespaces, verdicts, ports and protocols."""
-    import random
-
-    from exporter.model.schema import flows_from_rows
-
-    rng = random.Random(seed)
-    start = start_ns if start_ns is not None else time.time_ns() - int(spread_s * 1e9)
-    namespaces = ["shop", "db", "payments", "kube-system"]
-    rows = []
-    for i in range(n):
-        src_ns, dst_ns = rng.choice(namespaces), rng.choice(namespaces)
-        proto = rng.choice(["TCP", "TCP", "UDP", "ICMPv4"])
-        verdict = rng.choice(["FORWARDED"] * 6 + ["DROPPED", "DROPPED", "AUDIT", "ERROR"])
-        row = {
-            "time": start + int(rng.random() * spread_s * 1e9),
-            "node_name": f"node-{i % 3}",
-            "verdict": verdict,
-            "drop_reason": "POLICY_DENIED" if verdict == "DROPPED" else None,
-            "flow_type": "L3_L4",
-            "traffic_direction": rng.choice(["INGRESS", "EGRESS"]),
-            "is_reply": rng.random() < 0.3,
-            "ip_src": f"10.{rng.randint(0, 3)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}",
-            "ip_dst": f"10.{rng.randint(0, 3)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}",
-            "ip_version": 4,
-            "l4_protocol": proto,
-            "src_namespace": src_ns,
-            "dst_namespace": dst_ns,
-            "src_pod": f"{src_ns}-{rng.randint(0, 20)}",
-            "dst_pod": f"{dst_ns}-{rng.randint(0, 20)}",
-            "src_labels": [f"k8s:app={src_ns}", "k8s:tier=backend"],
-            "bytes": rng.randint(0, 10**6),
-            "packets": rng.randint(1, 1000),
-        }
-        if proto in ("TCP", "UDP"):
-            row["src_port"] = rng.randint(1024, 65535)
-            row["dst_port"] = rng.choice([80, 443, 5432, 53, 8080])
-        if proto == "TCP":
-            row["tcp_flags"] = rng.choice([0x002, 0x012, 0x010, 0x011, 0x004])
-        else:
-            row["icmp_type"] = 8 if proto == "ICMPv4" else None
-        rows.append(row)
-    return flows_from_rows(rows)

@@ -14,7 +14,7 @@ import time
 import orjson
 import pyarrow as pa
 import pytest
-from conftest import make_ctx
+from helpers import make_ctx
 
 from exporter.config import ByteSize, ConfigError, Duration, parse
 from exporter.pipeline.envelope import Envelope, Receipt

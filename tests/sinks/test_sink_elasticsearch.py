@@ -13,9 +13,9 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from conftest import aggregate_rows, generated_flows, make_ctx
 from devservers import http_json
 from fakes import FakeFaultServer
+from helpers import aggregate_rows, generated_flows, make_ctx
 
 from exporter.config import ConfigError, parse
 from exporter.model import ecs

@@ -8,9 +8,9 @@ import time
 import orjson
 import pyarrow as pa
 import pytest
-from conftest import aggregate_rows, generated_flows, make_ctx
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
+from helpers import aggregate_rows, generated_flows, make_ctx
 
 from exporter.config import ConfigError, parse
 from exporter.model.ids import connection_hashes

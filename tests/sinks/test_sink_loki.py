@@ -12,8 +12,8 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from conftest import aggregate_rows, make_ctx
 from fakes import FakeFaultServer
+from helpers import aggregate_rows, make_ctx
 
 from exporter.config import ConfigError, parse
 from exporter.model import hubble_json

@@ -1,0 +1,390 @@
+"""Kafka source against a real Kafka 4 broker: decoding, commits after acknowledgement, rebalances,
+and two `flowship export` processes sharing a consumer group with one of them killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sinks"))
+
+import devservers  # noqa: E402
+from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
+from confluent_kafka.admin import AdminClient  # noqa: E402
+from helpers import decode_fixtures, distinct_flows, generated_flows, make_ctx  # noqa: E402
+
+from exporter.config import parse  # noqa: E402
+from exporter.model import ecs  # noqa: E402
+from exporter.pipeline.envelope import Envelope, Receipt  # noqa: E402
+from exporter.sinks.kafka import KafkaSink, KafkaSinkConfig  # noqa: E402
+from exporter.sources.kafka import KafkaSource, KafkaSourceConfig, OffsetTracker, detect_encoding  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def kafka() -> str:
+    devservers.start("kafka", devservers.KAFKA)
+    return devservers.KAFKA
+
+
+@pytest.fixture(scope="module")
+def fixture_batches(fixture_files: list[Path]) -> dict[str, pa.RecordBatch]:
+    return decode_fixtures(fixture_files)
+
+
+@pytest.fixture(scope="module")
+def all_flows(fixture_batches: dict[str, pa.RecordBatch]) -> pa.RecordBatch:
+    return distinct_flows(list(fixture_batches.values()))
+
+
+@pytest.fixture()
+def run_id() -> str:
+    return f"{int(time.time())}{uuid.uuid4().hex[:6]}"
+
+
+def produce(brokers: str, topic: str, batch: pa.RecordBatch, encoding: str = "hubble-json",
+            partitions: int = 6) -> None:
+    sink = KafkaSink(parse(KafkaSinkConfig, {"brokers": brokers, "topic": topic, "encoding": encoding,
+                                             "create_topic": {"partitions": partitions}}, "t"), make_ctx("producer"))
+    sink.start()
+    done: list = []
+    sink.write(Envelope(batch, [Receipt(on_done=lambda r: done.append(r.failed), rows=batch.num_rows)]))
+    sink.flush()
+    sink.close()
+    assert done == [False]
+
+
+class Collector:
+    """Runs a KafkaSource in a thread; keeps every emitted batch and its receipt."""
+
+    def __init__(self, brokers: str, topic: str, group: str, release: bool = True, **kw) -> None:
+        cfg = parse(KafkaSourceConfig, {"brokers": brokers, "topic": topic, "group_id": group,
+                                        "commit_interval": "200ms", "poll_timeout": "200ms",
+                                        "session_timeout": "6s", "drain_timeout": "2s", **kw}, "t")
+        self.ctx = make_ctx("kafka-in")
+        self.source = KafkaSource(cfg, self.ctx)
+        self.release = release
+        self.batches: list[pa.RecordBatch] = []
+        self.receipts: list[Receipt] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.source.run, args=(self.emit, self.stop), daemon=True)
+
+    def emit(self, batch: pa.RecordBatch, receipt: Receipt) -> None:
+        with self.lock:
+            self.batches.append(batch)
+            self.receipts.append(receipt)
+        if self.release:
+            receipt.release()
+
+    def start(self) -> Collector:
+        self.thread.start()
+        return self
+
+    def rows(self) -> int:
+        with self.lock:
+            return sum(b.num_rows for b in self.batches)
+
+    def uuids(self) -> list[str]:
+        with self.lock:
+            return [u for b in self.batches for u in b.column("uuid").to_pylist()]
+
+    def wait_rows(self, n: int, timeout: float = 60.0) -> int:
+        deadline = time.monotonic() + timeout
+        while self.rows() < n and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return self.rows()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+def committed(brokers: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    c = Consumer({"bootstrap.servers": brokers, "group.id": group})
+    try:
+        tps = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+    finally:
+        c.close()
+    return {tp.partition: tp.offset for tp in tps if tp.offset >= 0}
+
+
+def end_offsets(brokers: str, topic: str, partitions: int) -> dict[int, int]:
+    c = Consumer({"bootstrap.servers": brokers, "group.id": "watermarks"})
+    try:
+        return {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(partitions)}
+    finally:
+        c.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# unit: offset tracking and encoding detection
+# ---------------------------------------------------------------------------------------------
+
+
+def test_offsets_advance_over_the_contiguous_acknowledged_prefix():
+    t = OffsetTracker()
+    t.assign([("t", 0), ("t", 1)])
+    a = t.emitted({("t", 0): (0, 9), ("t", 1): (0, 4)})
+    b = t.emitted({("t", 0): (10, 19)})
+    c = t.emitted({("t", 0): (25, 30)})  # a gap (compacted or transaction markers) is fine
+    t.completed(b)
+    assert t.to_commit() == {}  # 0..9 not acknowledged yet
+    t.completed(c)
+    assert t.to_commit() == {}
+    t.completed(a)
+    assert t.to_commit() == {("t", 0): 31, ("t", 1): 5}
+    t.mark_committed({("t", 0): 31, ("t", 1): 5})
+    assert t.to_commit() == {}
+    assert t.in_flight == 0
+
+
+def test_revoked_partitions_forget_their_ranges():
+    t = OffsetTracker()
+    t.assign([("t", 0)])
+    a = t.emitted({("t", 0): (0, 9)})
+    b = t.emitted({("t", 0): (10, 19)})
+    t.completed(a)
+    assert t.revoke([("t", 0)]) == {("t", 0): 10}
+    t.assign([("t", 0)])  # assigned again later: a new epoch
+    t.completed(b)  # the old receipt completing must not move the new assignment
+    assert t.to_commit() == {}
+
+
+def test_detect_encoding():
+    assert detect_encoding([("flowship-encoding", b"ecs-json")], b"{}") == "ecs-json"
+    assert detect_encoding([("content-type", b"application/x-protobuf")], b"\x0a\x00") == "protobuf"
+    assert detect_encoding(None, b'{"flow":{"time":"2021-01-01T00:00:00Z"}}') == "hubble-json"
+    assert detect_encoding(None, b'{"@timestamp":"2021-01-01T00:00:00Z","event":{}}') == "ecs-json"
+    assert detect_encoding(None, b"\x0a\x0c\x08\x01") == "protobuf"
+
+
+# ---------------------------------------------------------------------------------------------
+# against Kafka
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.servers
+def test_three_encodings_in_one_topic_round_trip(kafka, all_flows, run_id):
+    topic = f"flowship-src-{run_id}-mixed"
+    thirds = [all_flows.slice(0, 500), all_flows.slice(500, 500), all_flows.slice(1000)]
+    for part, encoding in zip(thirds, ["hubble-json", "ecs-json", "protobuf"], strict=True):
+        produce(kafka, topic, part, encoding)
+    col = Collector(kafka, topic, f"g-{run_id}").start()
+    assert col.wait_rows(all_flows.num_rows) == all_flows.num_rows
+    time.sleep(1)
+    col.close()
+    assert col.rows() == all_flows.num_rows
+    assert sorted(col.uuids()) == sorted(all_flows.column("uuid").to_pylist())
+    got = pa.Table.from_batches(col.batches)
+    by_uuid = dict(zip(got.column("uuid").to_pylist(), range(got.num_rows), strict=True))
+    # hubble-json carries every column; ECS restores the columns it maps
+    for batch, columns in ((thirds[0], ["time", "verdict", "ip_src", "dst_port", "src_labels", "http_url",
+                                        "dns_query", "community_id", "node_name", "tcp_flags"]),
+                           (thirds[1], sorted({f.inverse for f in ecs.FLOW_FIELDS if f.inverse}))):
+        for column in columns:
+            want = batch.column(column)
+            rows = [by_uuid[u] for u in batch.column("uuid").to_pylist()]
+            have = got.column(column).take(pa.array(rows))
+            if pa.types.is_timestamp(want.type):
+                want, have = want.cast(pa.int64()), have.cast(pa.int64())
+            assert have.to_pylist() == want.to_pylist(), column
+    assert col.source.summary()["rejected"] == 0
+    assert committed(kafka, f"g-{run_id}", topic, 6) == end_offsets(kafka, topic, 6)
+
+
+@pytest.mark.servers
+def test_undecodable_messages_are_counted_and_skipped(kafka, fixture_batches, run_id):
+    topic = f"flowship-src-{run_id}-bad"
+    produce(kafka, topic, fixture_batches["hubble-otel-basic-sample-10-flows"], partitions=1)
+    p = Producer({"bootstrap.servers": kafka})
+    p.produce(topic, b"{not json", headers=[("flowship-encoding", b"hubble-json")])
+    p.produce(topic, b"\xff\xfe garbage", headers=[("flowship-encoding", b"protobuf")])
+    p.produce(topic, b'{"@timestamp": 5}', headers=[("flowship-encoding", b"ecs-json")])
+    p.produce(topic, b"", headers=[("flowship-encoding", b"hubble-json")])
+    p.flush(10)
+    produce(kafka, topic, fixture_batches["hubble-otel-basic-sample-5-dns-flows"], partitions=1)
+    col = Collector(kafka, topic, f"g-{run_id}").start()
+    assert col.wait_rows(15) == 15
+    deadline = time.monotonic() + 20
+    while committed(kafka, f"g-{run_id}", topic, 1) != {0: 19} and time.monotonic() < deadline:
+        time.sleep(0.2)
+    col.close()
+    assert col.rows() == 15
+    summary = col.source.summary()
+    assert summary["rejected"] == 4 and summary["messages"] == 19
+    assert col.ctx.metrics.value("flowship_source_rejected_total", source="kafka-in") == 4
+    assert committed(kafka, f"g-{run_id}", topic, 1) == {0: 19}  # skipped messages do not block commits
+
+
+@pytest.mark.servers
+def test_offsets_are_committed_only_after_acknowledgement(kafka, run_id):
+    topic = f"flowship-src-{run_id}-acks"
+    flows = generated_flows(3000)
+    produce(kafka, topic, flows, partitions=1)
+    col = Collector(kafka, topic, f"g-{run_id}", release=False, batch_rows=1000).start()
+    assert col.wait_rows(3000) == 3000
+    time.sleep(1.0)
+    assert committed(kafka, f"g-{run_id}", topic, 1) == {}  # nothing acknowledged: nothing committed
+    with col.lock:
+        receipts = list(col.receipts)
+        sizes = [b.num_rows for b in col.batches]
+    assert len(receipts) >= 2
+    receipts[1].release()  # out of order: the prefix is still missing
+    time.sleep(1.0)
+    assert committed(kafka, f"g-{run_id}", topic, 1) == {}
+    receipts[0].release()
+    expect = sizes[0] + sizes[1]
+    deadline = time.monotonic() + 10
+    while committed(kafka, f"g-{run_id}", topic, 1) != {0: expect} and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert committed(kafka, f"g-{run_id}", topic, 1) == {0: expect}
+    for r in receipts[2:]:
+        r.release()
+    col.close()
+    assert committed(kafka, f"g-{run_id}", topic, 1) == {0: 3000}
+
+
+@pytest.mark.servers
+def test_rebalance_between_two_members(kafka, run_id):
+    topic = f"flowship-src-{run_id}-rebalance"
+    group = f"g-{run_id}"
+    first = generated_flows(6000, seed=1)
+    produce(kafka, topic, first)
+    a = Collector(kafka, topic, group, batch_rows=500).start()
+    b = Collector(kafka, topic, group, batch_rows=500).start()
+    deadline = time.monotonic() + 60
+    while a.rows() + b.rows() < 6000 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    a.close()  # leaves the group: b takes over a's partitions
+    second = generated_flows(6000, seed=2)
+    produce(kafka, topic, second)
+    want = set(first.column("uuid").to_pylist()) | set(second.column("uuid").to_pylist())
+    deadline = time.monotonic() + 60
+    while not want <= set(a.uuids()) | set(b.uuids()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    b.close()
+    assert set(a.uuids()) | set(b.uuids()) == want
+    assert b.source.summary()["rebalances"] >= 2
+    assert committed(kafka, group, topic, 6) == end_offsets(kafka, topic, 6)
+
+
+# ---------------------------------------------------------------------------------------------
+# two `flowship export` processes in one group; one is killed
+# ---------------------------------------------------------------------------------------------
+
+
+def _export_config(path: Path, brokers: str, topic: str, group: str, os_url: str, ds: str) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    config = path / "flowship.yaml"
+    config.write_text(f"""
+node_name: {path.name}
+data_dir: {path}/state
+shutdown_timeout: 60s
+sources:
+  - type: kafka
+    brokers: "{brokers}"
+    topic: {topic}
+    group_id: {group}
+    session_timeout: 6s
+    commit_interval: 500ms
+    drain_timeout: 15s
+sinks:
+  - type: parquet
+    path: {path}/parquet
+    max_file_age: 1s
+  - type: elasticsearch
+    url: {os_url}
+    data_stream: {ds}
+    aggregates_data_stream: {ds.replace('.flows-', '.aggregates-')}
+    batch:
+      timeout: 500ms
+""")
+    return config
+
+
+def _start_export(config: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "exporter.cli", "--log-format", "json", "export", "--config",
+                             str(config)], cwd=config.parent, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def _parquet_uuids(roots: list[Path]) -> tuple[int, set[str]]:
+    files = [str(p) for root in roots for p in root.rglob("*.parquet")]
+    if not files:
+        return 0, set()
+    rows = duckdb.sql(f"select uuid from read_parquet({files!r})").fetchall()
+    return len(rows), {r[0] for r in rows}
+
+
+def _os_count(url: str, ds: str) -> int:
+    devservers.http_json("POST", f"{url}/{ds}/_refresh")
+    status, body = devservers.http_json("GET", f"{url}/{ds}/_count")
+    return body.get("count", 0) if status == 200 else 0
+
+
+@pytest.mark.servers
+def test_two_export_processes_one_killed_nothing_lost(kafka, tmp_path, run_id):
+    os_url = devservers.OPENSEARCH
+    devservers.start("opensearch", os_url)
+    topic = f"flowship-src-{run_id}-group"
+    group = f"export-{run_id}"
+    ds = f"logs-flowshipgroup{run_id}.flows-default"
+    AdminClient({"bootstrap.servers": kafka})  # fail early if the broker is gone
+    phases = [generated_flows(8000, seed=10 + i) for i in range(3)]
+    want = {u for b in phases for u in b.column("uuid").to_pylist()}
+    produce(kafka, topic, phases[0], "hubble-json")
+    a_cfg = _export_config(tmp_path / "a", kafka, topic, group, os_url, ds)
+    b_cfg = _export_config(tmp_path / "b", kafka, topic, group, os_url, ds)
+    a = _start_export(a_cfg, tmp_path / "a.log")
+    b = _start_export(b_cfg, tmp_path / "b.log")
+    try:
+        deadline = time.monotonic() + 120
+        while _os_count(os_url, ds) < 4000:
+            assert time.monotonic() < deadline, (tmp_path / "a.log").read_text()[-3000:]
+            assert a.poll() is None and b.poll() is None
+            time.sleep(0.5)
+        produce(kafka, topic, phases[1], "ecs-json")
+        time.sleep(1.0)
+        a.send_signal(signal.SIGKILL)  # mid-run: uncommitted work of a is read again by b
+        a.wait(10)
+        produce(kafka, topic, phases[2], "hubble-json")
+        deadline = time.monotonic() + 180
+        while True:
+            rows, uuids = _parquet_uuids([tmp_path / "a" / "parquet", tmp_path / "b" / "parquet"])
+            if uuids >= want and _os_count(os_url, ds) >= len(want):
+                break
+            assert time.monotonic() < deadline, f"parquet {len(uuids & want)}/{len(want)}, " \
+                f"opensearch {_os_count(os_url, ds)}; b log: {(tmp_path / 'b.log').read_text()[-3000:]}"
+            assert b.poll() is None, (tmp_path / "b.log").read_text()[-3000:]
+            time.sleep(1.0)
+        b.send_signal(signal.SIGTERM)
+        assert b.wait(90) == 0, (tmp_path / "b.log").read_text()[-3000:]
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                p.kill()
+        devservers.http_json("DELETE", f"{os_url}/_data_stream/{ds}")
+    a_log, b_log = (tmp_path / "a.log").read_text(), (tmp_path / "b.log").read_text()
+    assert "partitions assigned" in a_log  # a took part before it was killed
+    assert b_log.count("partitions assigned") >= 2, b_log[-3000:]  # b took over a's partitions
+    rows, uuids = _parquet_uuids([tmp_path / "a" / "parquet", tmp_path / "b" / "parquet"])
+    rows_a, uuids_a = _parquet_uuids([tmp_path / "a" / "parquet"])
+    assert 0 < len(uuids_a) < len(want)  # a delivered part of the flows before it died
+    assert uuids == want  # every flow arrived (duplicates allowed: at-least-once)
+    assert rows >= len(want)
+    # the survivor committed everything: the group has no lag
+    assert committed(kafka, group, topic, 6) == end_offsets(kafka, topic, 6)
