@@ -213,9 +213,13 @@ class _Query:
         self.until = _ts_ns(request.until) if request.HasField("until") else None
         self.mask: field_mask_pb2.FieldMask | None = None
         if request.HasField("field_mask") and request.field_mask.paths:
-            if not request.field_mask.IsValidForDescriptor(flow_pb2.Flow.DESCRIPTOR):
+            # Paths of fields newer Cilium versions define (the hubble CLI asks for e.g.
+            # ingress_allowed_by) select nothing here; a mask with no known path is an error.
+            known = [p for p in request.field_mask.paths
+                     if field_mask_pb2.FieldMask(paths=[p]).IsValidForDescriptor(flow_pb2.Flow.DESCRIPTOR)]
+            if not known:
                 raise ValueError(f"invalid field_mask paths: {list(request.field_mask.paths)}")
-            self.mask = request.field_mask
+            self.mask = field_mask_pb2.FieldMask(paths=known)
         self.node_name = node_name
 
     def seqs(self, entry: _Entry, lo_seq: int, hi_seq: int) -> np.ndarray:
@@ -283,6 +287,22 @@ class _Servicer(observer_pb2_grpc.ObserverServicer):
         return observer_pb2.GetNamespacesResponse(namespaces=self.s.namespaces())
 
 
+def _health_handler() -> grpc.GenericRpcHandler:
+    """grpc.health.v1.Health/Check answering SERVING (``hubble status`` asks it first).
+
+    Written out by hand: HealthCheckResponse{status: SERVING} is the two bytes
+    ``08 01``; the request (a service name) needs no decoding.
+    """
+    serving = b"\x08\x01"
+
+    def check(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return serving
+
+    return grpc.method_handlers_generic_handler("grpc.health.v1.Health", {
+        "Check": grpc.unary_unary_rpc_method_handler(check),
+    })
+
+
 class ObserverServer:
     """Serves the ring over gRPC. ``publish`` is called by the agent with every flow batch."""
 
@@ -316,6 +336,7 @@ class ObserverServer:
                                                         thread_name_prefix="observer"),
                              options=[("grpc.so_reuseport", 0)])
         observer_pb2_grpc.add_ObserverServicer_to_server(_Servicer(self), server)
+        server.add_generic_rpc_handlers((_health_handler(),))
         address = self.config.address
         if address.startswith(":"):
             address = "[::]" + address

@@ -118,6 +118,16 @@ def test_invalid_requests(served) -> None:
     with pytest.raises(grpc.RpcError) as err:
         _get(stub, number=1, field_mask=field_mask_pb2.FieldMask(paths=["no_such_field"]))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # paths of fields only newer Cilium versions have are ignored, as long as one is known
+    got = _get(stub, number=1, field_mask=field_mask_pb2.FieldMask(paths=["verdict", "ingress_allowed_by"]))
+    assert [f.name for f, _ in got[0].flow.ListFields()] == ["verdict"]
+
+
+def test_grpc_health(served) -> None:
+    server, _ = served
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        check = channel.unary_unary("/grpc.health.v1.Health/Check")
+        assert check(b"\n\x10observer.Observer", timeout=10) == b"\x08\x01"
 
 
 def test_field_mask(served, flows) -> None:
