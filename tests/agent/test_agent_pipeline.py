@@ -104,14 +104,14 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
         runner = threading.Thread(target=lambda: box.setdefault("summary", pipeline.run()), daemon=True)
         with netns.tcpdump(t.node, ["v-api", "v-db"], tmp) as pcaps:
             runner.start()
-            if not source.started.wait(30):
-                pipeline.stop()
-                runner.join(30)
-                pytest.fail(f"the agent source did not start: {pipeline._errors}")
-            traffic = t.run_frontend()
-            time.sleep(1.0)  # last ACKs and FINs of the servers' side
-            pipeline.stop()
-            runner.join(60)
+            try:
+                if not source.started.wait(30):
+                    pytest.fail(f"the agent source did not start: {box.get('summary')}")
+                traffic = t.run_frontend()
+                time.sleep(1.0)  # last ACKs and FINs of the servers' side
+            finally:
+                pipeline.stop()  # also on failure: the capture detaches before the namespaces go
+                runner.join(60)
             assert not runner.is_alive(), "pipeline did not stop"
         summary: RunSummary = box["summary"]
         assert summary.errors == [], summary.errors
