@@ -78,8 +78,38 @@ def _quantiles(values: np.ndarray) -> tuple[float | None, float | None, float | 
     return float(p50) / 1e6, float(p95) / 1e6, float(values.max()) / 1e6
 
 
+def one_interface_per_connection(flows: pa.Table) -> pa.Table:
+    """Keep each connection's rows from one interface only.
+
+    A node's agent sees a pod-to-pod connection on the client's and the server's
+    interface; counting both would double every request. The interface kept is
+    the one nearest the server: where the server's replies enter the node
+    (reply rows at tc ingress, trace point FROM_NETWORK), else the first by name.
+    """
+    if flows.num_rows == 0 or flows.column("interface_name").null_count == flows.num_rows:
+        return flows
+    cid = flows.column("community_id").to_pylist()
+    iface = flows.column("interface_name").to_pylist()
+    reply = pc.fill_null(flows.column("is_reply"), False).to_pylist()
+    point = flows.column("trace_point").to_pylist()
+    seen: dict[str, set] = {}
+    server_side: dict[str, str] = {}
+    for i in range(flows.num_rows):
+        if cid[i] is None or iface[i] is None:
+            continue
+        seen.setdefault(cid[i], set()).add(iface[i])
+        if reply[i] and point[i] == "FROM_NETWORK":
+            server_side.setdefault(cid[i], iface[i])
+    chosen = {c: server_side.get(c, min(names)) for c, names in seen.items() if len(names) > 1}
+    if not chosen:
+        return flows
+    keep = [cid[i] not in chosen or iface[i] == chosen[cid[i]] for i in range(flows.num_rows)]
+    return flows.filter(pa.array(keep))
+
+
 def latency_by_hop(flows: pa.Table) -> list[HopLatency]:
     """Handshake and server time per (client, server, server port)."""
+    flows = one_interface_per_connection(flows)
     client = _endpoint_name(flows, "src")
     server = _endpoint_name(flows, "dst")
     reply = pc.fill_null(flows.column("is_reply"), False)

@@ -78,3 +78,19 @@ def test_report_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "production/frontend" in proc.stdout and "production/product-api:8080" in proc.stdout
     assert "POLICY_DENIED / NETFILTER_DROP" in proc.stdout
+
+
+def test_a_connection_seen_on_two_interfaces_counts_once():
+    rows = _call_chain()
+    doubled = []
+    for r in rows:
+        if r.get("verdict") == "DROPPED":
+            doubled.append(r)
+            continue
+        reply = bool(r.get("is_reply"))
+        doubled.append({**r, "interface_name": "v-server", "trace_point": "FROM_NETWORK" if reply else "TO_NETWORK"})
+        doubled.append({**r, "interface_name": "v-client", "time": r["time"] + 50_000,
+                        "trace_point": "TO_NETWORK" if reply else "FROM_NETWORK"})
+    hops = {(h.client, h.server): h for h in latency_by_hop(flows_from_rows(doubled))}
+    front = hops[("production/frontend", "production/product-api")]
+    assert (front.connections, front.requests, front.errors_5xx) == (10, 10, 1)
