@@ -35,7 +35,7 @@ from agent.kernel_drops import DropReasons
 from agent.l7_dns import DnsPairer
 from agent.l7_http import DEFAULT_HEADER_ALLOW, HttpPairer
 from exporter.metrics import Metrics
-from exporter.model.ids import complete, connection_hashes
+from exporter.model.ids import community_ids, complete, connection_hashes
 from exporter.model.schema import FLOW_SCHEMA, TIMESTAMP, empty_flows
 
 # Cilium monitor message types (pkg/monitor/api): drop, trace, access log (L7).
@@ -76,17 +76,30 @@ class AssembleConfig:
 
 
 def ip_strings(addr: np.ndarray, ip_version: np.ndarray) -> pa.Array:
-    """Text addresses of (n, 16) kernel addresses (IPv4 mapped), formatted once per distinct value."""
+    """Text addresses of (n, 16) kernel addresses (IPv4 mapped), formatted once per distinct value.
+
+    IPv4-mapped rows (the usual case) are de-duplicated on a 32-bit key, the rest on both 64-bit words.
+    """
     n = len(addr)
     if n == 0:
         return pa.array([], type=pa.string())
-    words = np.ascontiguousarray(addr, dtype=np.uint8).view(np.uint64).reshape(n, 2)
-    uniq, first, inverse = np.unique(words, axis=0, return_index=True, return_inverse=True)
-    texts = []
-    for row, ver in zip(uniq, np.asarray(ip_version)[first].tolist(), strict=True):
-        packed = row.tobytes()
-        texts.append(str(ipaddress.IPv4Address(packed[12:])) if ver == 4 else str(ipaddress.IPv6Address(packed)))
-    return pa.array(texts, type=pa.string()).take(pa.array(inverse.reshape(-1).astype(np.int32)))
+    words = np.ascontiguousarray(addr, dtype=np.uint8).view("<u8").reshape(n, 2)
+    v4 = (words[:, 0] == 0) & ((words[:, 1] & np.uint64(0xFFFFFFFF)) == np.uint64(0xFFFF0000)) & (
+        np.asarray(ip_version) == 4)
+    index = np.empty(n, dtype=np.int32)
+    texts: list[str] = []
+    if v4.any():
+        key = (words[v4, 1] >> np.uint64(32)).astype(np.uint32)
+        uniq, inverse = np.unique(key, return_inverse=True)
+        octets = uniq.view(np.uint8).reshape(-1, 4).tolist()
+        texts = [f"{a}.{b}.{c}.{d}" for a, b, c, d in octets]
+        index[v4] = inverse.reshape(-1)
+    if not v4.all():
+        rest = ~v4
+        uniq6, inverse6 = np.unique(words[rest], axis=0, return_inverse=True)
+        index[rest] = len(texts) + inverse6.reshape(-1)
+        texts += [str(ipaddress.IPv6Address(row.tobytes())) for row in uniq6]
+    return pa.array(texts, type=pa.string()).take(pa.array(index))
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -111,7 +124,7 @@ def hash128(parts: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+_HEX_PAIRS = np.frombuffer(b"".join(f"{i:02x}".encode() for i in range(256)), dtype="<u2")
 _VARIANT = np.frombuffer(b"89ab", dtype=np.uint8)
 
 
@@ -121,16 +134,13 @@ def uuid_strings(hi: np.ndarray, lo: np.ndarray) -> pa.Array:
     raw = np.empty((n, 16), dtype=np.uint8)
     raw[:, :8] = hi.astype(">u8").view(np.uint8).reshape(n, 8)
     raw[:, 8:] = lo.astype(">u8").view(np.uint8).reshape(n, 8)
-    nib = np.empty((n, 32), dtype=np.uint8)
-    nib[:, 0::2] = raw >> 4
-    nib[:, 1::2] = raw & 15
-    h = _HEX[nib]
+    h = _HEX_PAIRS[raw].view(np.uint8).reshape(n, 32)  # two hex digits per byte
     out = np.empty((n, 36), dtype=np.uint8)
     out[:, 0:8] = h[:, 0:8]
     out[:, 9:13] = h[:, 8:12]
     out[:, 14] = ord("8")
     out[:, 15:18] = h[:, 13:16]
-    out[:, 19] = _VARIANT[nib[:, 16] & 3]
+    out[:, 19] = _VARIANT[(raw[:, 8] >> 4) & 3]
     out[:, 20:23] = h[:, 17:20]
     out[:, 24:36] = h[:, 20:32]
     out[:, [8, 13, 18, 23]] = ord("-")
@@ -164,13 +174,31 @@ def _wall(mono_ns: np.ndarray, offset: int) -> pa.Array:
     return pa.array(mono_ns.astype(np.int64) + np.int64(offset), type=TIMESTAMP)
 
 
-def to_batch(columns: Mapping[str, pa.Array], n: int) -> pa.RecordBatch:
-    """A FLOW_SCHEMA batch from the given columns; every other column null."""
+def community_id_column(key: np.ndarray, columns: Mapping[str, pa.Array]) -> pa.Array:
+    """Community IDs computed once per distinct connection key (exporter.model.ids.community_ids), then spread."""
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    pick = pa.array(first.astype(np.int64))
+    names = ["ip_src", "ip_dst", "l4_protocol", "src_port", "dst_port", "icmp_type", "icmp_code"]
+    small = pa.RecordBatch.from_arrays(
+        [columns[c].take(pick) if c in columns else pa.nulls(len(first), FLOW_SCHEMA.field(c).type) for c in names],
+        names=names)
+    return community_ids(small).take(pa.array(inverse.reshape(-1).astype(np.int32)))
+
+
+def to_batch(columns: Mapping[str, pa.Array], n: int, nulls: dict[pa.DataType, pa.Array] | None = None
+             ) -> pa.RecordBatch:
+    """A FLOW_SCHEMA batch from the given columns; every other column null (slices of ``nulls`` if given)."""
     arrays = []
     for field in FLOW_SCHEMA:
         col = columns.get(field.name)
         if col is None:
-            arrays.append(pa.nulls(n, type=field.type))
+            if nulls is None:
+                arrays.append(pa.nulls(n, type=field.type))
+                continue
+            cached = nulls.get(field.type)
+            if cached is None or len(cached) < n:
+                cached = nulls[field.type] = pa.nulls(max(n, 65536), type=field.type)
+            arrays.append(cached.slice(0, n))
         else:
             arrays.append(col if col.type == field.type else col.cast(field.type))
     return pa.RecordBatch.from_arrays(arrays, schema=FLOW_SCHEMA)
@@ -228,6 +256,7 @@ class Assembler:
         self._node_hash = int.from_bytes(config.node_name.encode()[:8].ljust(8, b"\0"), "little") ^ len(
             config.node_name)
         self._pairer_seen: dict[str, int] = {}
+        self._nulls: dict[pa.DataType, pa.Array] = {}  # all-null columns, sliced per batch
         self.totals = {"flow_events": 0, "drop_events": 0, "l7_events": 0, "rows": 0}
         self.lost_totals: dict[str, int] = {k: 0 for k in LOSS_STATS}
 
@@ -243,7 +272,7 @@ class Assembler:
             parts.append(self.drop_rows(batch.drops, batch.wall_offset_ns, interface_names))
         if len(batch.l7):
             parts.extend(self.l7_rows(batch.l7, batch.wall_offset_ns, interface_names))
-        if len(batch.flows):
+        if len(batch.flows) and self.http.connections:
             ended = batch.flows[(batch.flows["trigger"] & (ev.Trigger.END | ev.Trigger.EVICT)) != 0]
             if len(ended):
                 self.http.close(self._conn_keys(ended["src_addr"], ended["dst_addr"], ended["ip_version"],
@@ -253,8 +282,6 @@ class Assembler:
         if not parts:
             return empty_flows()
         out = parts[0] if len(parts) == 1 else pa.Table.from_batches(parts).combine_chunks().to_batches()[0]
-        order = pc.sort_indices(out.column("time"))  # oldest first, as the Observer ring and readers expect
-        out = out.take(order)
         if self.enricher is not None:
             self.enricher.learn_dns(out)
             out = self.enricher.enrich(out)
@@ -310,32 +337,47 @@ class Assembler:
     # -- L3/L4 ----------------------------------------------------------------------------------
 
     def flow_rows(self, flows: np.ndarray, wall_offset: int, interface_names: Mapping[int, str]) -> pa.RecordBatch:
+        # Per event: addresses as text, the connection's Community ID, the event's hash.
+        m = len(flows)
+        proto_ev = flows["l4_proto"]
+        addr_text = pa.concat_arrays([ip_strings(flows["src_addr"], flows["ip_version"]),
+                                      ip_strings(flows["dst_addr"], flows["ip_version"])])
+        l4_ev = _l4_names(proto_ev)
+        ev_cols = {"ip_src": addr_text.slice(0, m), "ip_dst": addr_text.slice(m, m), "l4_protocol": l4_ev,
+                   "src_port": _u(flows["src_port"], pa.uint16()), "dst_port": _u(flows["dst_port"], pa.uint16()),
+                   "icmp_type": _u(flows["icmp_type"], pa.uint8()), "icmp_code": _u(flows["icmp_code"], pa.uint8())}
+        cid_ev = community_id_column(hi_conn(flows, proto_ev), ev_cols)
+        ha, hb = hash128([np.uint64(self._node_hash), np.uint64(1), flows["ifindex"], *_addr_words(flows["src_addr"]),
+                          *_addr_words(flows["dst_addr"]), flows["src_port"], flows["dst_port"], proto_ev,
+                          flows["icmp_type"], flows["icmp_code"], flows["icmp_id"], flows["first_ns"],
+                          flows["ts_ns"]], m)
+
+        # Rows: a forward and/or a reply row per event, in time order.
         trig = flows["trigger"]
         fwd = (flows["packets"] > 0) | ((trig & ev.Trigger.NEW) != 0) | (flows["reply_packets"] == 0)
         rep = flows["reply_packets"] > 0
         fi, ri = np.flatnonzero(fwd), np.flatnonzero(rep)
         idx = np.concatenate([fi, ri])
         is_reply = np.concatenate([np.zeros(len(fi), bool), np.ones(len(ri), bool)])
-        e = flows[idx]
-        n = len(e)
-        src = np.where(is_reply[:, None], e["dst_addr"], e["src_addr"])
-        dst = np.where(is_reply[:, None], e["src_addr"], e["dst_addr"])
-        sport = np.where(is_reply, e["dst_port"], e["src_port"])
-        dport = np.where(is_reply, e["src_port"], e["dst_port"])
+        untracked_ev = flows["init_hook"] == ev.Hook.NONE
+        sweep_ev = (flows["hook"] == ev.Hook.NONE) & ~untracked_ev
+        t_ev = np.where(sweep_ev, flows["ts_ns"], flows["last_ns"])
+        order = np.argsort(t_ev[idx], kind="stable")
+        idx, is_reply = idx[order], is_reply[order]
+        e = _Gather(flows, idx)  # per-field gathers: far cheaper than copying whole 128-byte records
+        n = len(idx)
         proto = e["l4_proto"]
         tcp = proto == 6
         ported = np.isin(proto, (6, 17, 132))
         icmp = np.isin(proto, (1, 58))
+        sport = np.where(is_reply, e["dst_port"], e["src_port"])
+        dport = np.where(is_reply, e["src_port"], e["dst_port"])
         flags = np.where(is_reply, e["reply_tcp_flags"], e["tcp_flags"])
         nbytes = np.where(is_reply, e["reply_bytes"], e["bytes"])
         npkts = np.where(is_reply, e["reply_packets"], e["packets"]).astype(np.uint64)
-        init_hook = e["init_hook"]
-        row_hook = np.where(is_reply, _other_hook(init_hook), init_hook)
-        untracked = init_hook == ev.Hook.NONE
-        row_hook = np.where(untracked, e["hook"], row_hook)
-        init_hook = np.where(untracked, e["hook"], init_hook)
-        sweep = e["hook"] == ev.Hook.NONE
-        t = np.where(sweep & ~untracked, e["ts_ns"], e["last_ns"])
+        untracked = untracked_ev[idx]
+        init_hook = np.where(untracked, e["hook"], e["init_hook"])
+        row_hook = np.where(untracked, e["hook"], np.where(is_reply, _other_hook(e["init_hook"]), e["init_hook"]))
         hs_ok = (e["syn_ns"] > 0) & (e["synack_ns"] >= e["syn_ns"]) & is_reply & tcp & ((flags & ev.TcpFlags.SYN) != 0)
         handshake = np.where(hs_ok, e["synack_ns"] - e["syn_ns"], 0)
 
@@ -346,8 +388,14 @@ class Assembler:
         reason_idx = np.where(is_reply, 2, np.where((etrig & ev.Trigger.NEW) != 0, 0, 1))
         trace_point, subtype = _trace_points(row_hook)
         is_reply_arr = pa.array(is_reply, type=pa.bool_())
+        take = pa.array(idx.astype(np.int32))
+        swapped = idx.astype(np.int32) + np.where(is_reply, m, 0).astype(np.int32)
+        other = idx.astype(np.int32) + np.where(is_reply, 0, m).astype(np.int32)
+        a = _mix64(ha[idx] ^ is_reply.astype(np.uint64))
+        b = _mix64(hb[idx] ^ (is_reply.astype(np.uint64) + np.uint64(0x5BD1E995)))
         cols = {
-            "time": _wall(t, wall_offset),
+            "time": _wall(t_ev[idx], wall_offset),
+            "uuid": uuid_strings(a, b),
             "start_time": _wall(e["first_ns"], wall_offset),
             "node_name": _const(self.config.node_name, n, pa.string()),
             "verdict": _const("FORWARDED", n, pa.string()),
@@ -362,10 +410,10 @@ class Assembler:
             "reply": is_reply_arr,
             "interface_index": _u(e["ifindex"], pa.uint32()),
             "interface_name": _interface_names(e["ifindex"], interface_names),
-            "ip_src": ip_strings(src, e["ip_version"]),
-            "ip_dst": ip_strings(dst, e["ip_version"]),
+            "ip_src": addr_text.take(pa.array(swapped)),
+            "ip_dst": addr_text.take(pa.array(other)),
             "ip_version": _u(e["ip_version"], pa.uint8()),
-            "l4_protocol": _l4_names(proto),
+            "l4_protocol": l4_ev.take(take),
             "src_port": _u(sport, pa.uint16(), ~ported),
             "dst_port": _u(dport, pa.uint16(), ~ported),
             "icmp_type": _u(e["icmp_type"], pa.uint8(), ~icmp),
@@ -374,12 +422,9 @@ class Assembler:
             "bytes": _u(nbytes, pa.uint64()),
             "packets": _u(npkts, pa.uint64()),
             "tcp_handshake_ns": _u(handshake, pa.uint64(), ~hs_ok),
+            "community_id": cid_ev.take(take),
         }
-        hi, lo = hash128([np.uint64(self._node_hash), np.uint64(1), e["ifindex"], *_addr_words(e["src_addr"]),
-                          *_addr_words(e["dst_addr"]), e["src_port"], e["dst_port"], proto, e["icmp_type"],
-                          e["icmp_code"], e["icmp_id"], e["first_ns"], e["ts_ns"], is_reply], n)
-        cols["uuid"] = uuid_strings(hi, lo)
-        return to_batch(cols, n)
+        return to_batch(cols, n, self._nulls)
 
     # -- drops ----------------------------------------------------------------------------------
 
@@ -419,7 +464,8 @@ class Assembler:
                           *_addr_words(drops["dst_addr"]), drops["src_port"], drops["dst_port"], proto,
                           drops["drop_reason"], drops["netns_ino"], drops["ts_ns"], drops["bytes"]], n)
         cols["uuid"] = uuid_strings(hi, lo)
-        return to_batch(cols, n)
+        cols["community_id"] = community_id_column(hi_conn(drops, proto), cols)
+        return to_batch(cols, n, self._nulls)
 
     # -- L7 -------------------------------------------------------------------------------------
 
@@ -475,6 +521,7 @@ class Assembler:
                           *_addr_words(rec["dst_addr"]), rec["src_port"], rec["dst_port"], proto, rec["ts_ns"],
                           rec["tcp_seq"], rec["flow_first_ns"], rec["l7_kind"]], n)
         cols["uuid"] = uuid_strings(hi, lo)
+        cols["community_id"] = community_id_column(hi_conn(rec, proto), cols)
         conn = self._conn_keys(rec["src_addr"], rec["dst_addr"], rec["ip_version"], proto, rec["src_port"],
                                rec["dst_port"])
         return cols, conn, ip_dst
@@ -484,7 +531,7 @@ class Assembler:
         payloads = ev.l7_payloads(rec)
         res = self.http.process(conn, rec["ts_ns"], payloads, direction=(rec["is_reply"] != 0).astype(np.int64),
                                 dst_ip=ip_dst.to_pylist(), dst_port=rec["dst_port"])
-        base = to_batch(cols, len(rec))
+        base = to_batch(cols, len(rec), self._nulls)
         if res.expanded:
             base = base.take(pa.array(res.row, type=pa.int32()))
         out = _replace(base, res.arrays())
@@ -504,7 +551,7 @@ class Assembler:
         cols, conn, _ = self._l7_base(rec, wall_offset, interface_names, 4)
         payloads = ev.l7_payloads(rec)
         res = self.dns.process(conn, rec["ts_ns"], payloads, tcp=rec["l4_proto"] == 6)
-        out = _replace(to_batch(cols, len(rec)), res.arrays())
+        out = _replace(to_batch(cols, len(rec), self._nulls), res.arrays())
         return out.filter(pc.is_valid(out.column("l7_type")))
 
     # -- metrics --------------------------------------------------------------------------------
@@ -534,6 +581,26 @@ class Assembler:
                                      ["protocol"])
         pending.labels("http").set(self.http.pending)
         pending.labels("dns").set(self.dns.pending)
+
+
+class _Gather:
+    """``rec[idx][field]`` computed per field on demand (and remembered)."""
+
+    def __init__(self, rec: np.ndarray, idx: np.ndarray) -> None:
+        self.rec, self.idx, self.cache = rec, idx, {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.cache:
+            self.cache[name] = self.rec[name][self.idx]
+        return self.cache[name]
+
+
+def hi_conn(rec: np.ndarray, proto: np.ndarray) -> np.ndarray:
+    """A 64-bit key of each record's 5-tuple (and ICMP type/code when the record has them)."""
+    parts = [*_addr_words(rec["src_addr"]), *_addr_words(rec["dst_addr"]), rec["src_port"], rec["dst_port"], proto]
+    if "icmp_type" in rec.dtype.names:
+        parts += [rec["icmp_type"], rec["icmp_code"]]
+    return hash128(parts, len(rec))[0]
 
 
 def _replace(batch: pa.RecordBatch, columns: Mapping[str, pa.Array]) -> pa.RecordBatch:
