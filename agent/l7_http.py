@@ -21,6 +21,7 @@ target (``GET http://example.com/x``, proxy requests) is kept as sent.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import OrderedDict, deque
 from collections.abc import Collection, Sequence
@@ -54,8 +55,9 @@ SENSITIVE_HEADERS: frozenset[str] = frozenset({"authorization", "proxy-authoriza
 
 # Bytes allowed in a request target (RFC 3986 characters plus the few that
 # real clients send unescaped); anything else means "not an HTTP request".
-_TARGET_OK = frozenset(range(0x21, 0x7F)) | frozenset(range(0x80, 0x100))
-_TOKEN_OK = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# (checked with bytes.translate, which deletes the allowed bytes in C: anything left is a bad byte)
+_TARGET_OK = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100))
+_TOKEN_OK = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 class ParseError(NamedTuple):
@@ -84,6 +86,7 @@ class HttpResponse:
     length: int | None = None
 
 
+@functools.lru_cache(maxsize=4096)
 def canonical_header_key(key: str) -> str:
     """``x-request-id`` → ``X-Request-Id`` (the form Hubble prints)."""
     return "-".join(part[:1].upper() + part[1:].lower() for part in key.split("-"))
@@ -94,6 +97,11 @@ def _text(raw: bytes) -> str:
 
 
 def _header_filter(allow: Collection[str]) -> tuple[bool, frozenset[str]]:
+    return _header_filter_cached(tuple(allow))
+
+
+@functools.lru_cache(maxsize=64)
+def _header_filter_cached(allow: tuple[str, ...]) -> tuple[bool, frozenset[str]]:
     lowered = frozenset(a.lower() for a in allow)
     return "*" in lowered, lowered - {"*"}
 
@@ -171,7 +179,21 @@ class _Headers(NamedTuple):
 
 
 def _read_headers(data: bytes, pos: int) -> _Headers:
-    fields: list[tuple[str, str, str]] = []
+    blank = data.find(b"\r\n\r\n", pos - 2) if pos >= 2 else -1
+    if blank >= pos - 2 and b"\n" not in data[pos:blank].replace(b"\r\n", b""):
+        # The common case, a complete CRLF header section: split it in one go.
+        if blank < pos:
+            return _Headers([], pos + 2)
+        fields = []
+        for line in data[pos:blank].split(b"\r\n"):
+            parsed = _header_line(line)
+            if parsed is None:
+                if line[:1] in (b" ", b"\t"):
+                    continue
+                return _Headers(fields, -1)
+            fields.append(parsed)
+        return _Headers(fields, blank + 4)
+    fields = []
     while True:
         end, nxt = _line_end(data, pos)
         if end < 0:
@@ -180,14 +202,23 @@ def _read_headers(data: bytes, pos: int) -> _Headers:
             return _Headers(fields, nxt)  # blank line: end of the header section
         line = data[pos:end]
         pos = nxt
-        colon = line.find(b":")
-        name = line[:colon] if colon > 0 else b""
-        if not name or any(b not in _TOKEN_OK for b in name):
+        parsed = _header_line(line)
+        if parsed is None:
             if line[:1] in (b" ", b"\t"):
                 continue  # obsolete line folding: ignore the continuation
             return _Headers(fields, -1)  # not a header line: keep what was read, end unknown
-        key = name.decode("latin-1")
-        fields.append((key.lower(), key, _text(line[colon + 1:].strip(b" \t"))))
+        fields.append(parsed)
+
+
+def _header_line(line: bytes) -> tuple[str, str, str] | None:
+    colon = line.find(b":")
+    if colon <= 0:
+        return None
+    name = line[:colon]
+    if name.translate(None, _TOKEN_OK):
+        return None
+    key = name.decode("latin-1")
+    return key.lower(), key, _text(line[colon + 1:].strip(b" \t"))
 
 
 def _body_length(fields: list[tuple[str, str, str]], default: int | None) -> int | None:
@@ -211,7 +242,7 @@ def _parse_request(data: bytes, start: int, method: bytes, space: int,
     target, sep, version = rest.partition(b" ")
     if not target:
         return ParseError("truncated" if line_cut else "bad_request_line")
-    if any(b not in _TARGET_OK for b in target):
+    if target.translate(None, _TARGET_OK):
         return ParseError("not_http")
     if not (target[:1] in (b"/", b"*") or target[:7].lower() == b"http://"[: len(target[:7])]
             or target[:8].lower() == b"https://"[: len(target[:8])] or method == b"CONNECT"):

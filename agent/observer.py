@@ -91,16 +91,24 @@ class ObserverConfig:
 # The ring
 # ---------------------------------------------------------------------------------------------
 
+def _response(msg: flow_pb2.Flow, node_name: str) -> observer_pb2.GetFlowsResponse:
+    out = observer_pb2.GetFlowsResponse(flow=msg, node_name=msg.node_name or node_name)
+    if msg.HasField("time"):
+        out.time.CopyFrom(msg.time)
+    return out
+
+
 class _Entry:
     """One published batch (or its newest part) with the sequence number of its first row."""
 
-    __slots__ = ("start", "batch", "times", "_messages", "_lock")
+    __slots__ = ("start", "batch", "times", "_messages", "_encoded", "_lock")
 
     def __init__(self, start: int, batch: pa.RecordBatch) -> None:
         self.start = start
         self.batch = batch
         self.times = batch.column("time").cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
         self._messages: list[flow_pb2.Flow] | None = None
+        self._encoded: list[bytes] | None = None
         self._lock = threading.Lock()
 
     @property
@@ -121,6 +129,18 @@ class _Entry:
                 self._messages = to_flow_messages(self.batch)
             return self.start, self._messages
 
+    def encoded(self, node_name: str) -> tuple[int, list[bytes]]:
+        """(first sequence number, one serialized GetFlowsResponse per row), built once.
+
+        Readers without a field mask are sent these bytes as they are, so a
+        flow is converted and serialized once however many clients read it.
+        """
+        start, messages = self.messages()
+        with self._lock:
+            if self._encoded is None or len(self._encoded) != len(messages):
+                self._encoded = [_response(m, node_name).SerializeToString() for m in messages]
+            return self.start, self._encoded
+
     def drop_front(self, n: int) -> None:
         """Forget the ``n`` oldest rows; copy when most of the buffers would be dead weight."""
         with self._lock:
@@ -131,6 +151,8 @@ class _Entry:
             self.times = self.times[n:].copy() if compact else self.times[n:]
             if self._messages is not None:
                 self._messages = self._messages[n:]
+            if self._encoded is not None:
+                self._encoded = self._encoded[n:]
             self.start += n
 
 
@@ -247,15 +269,12 @@ class _Query:
         idx = min(len(times), hi_seq - start) - 1
         return idx >= 0 and times[idx] > self.until
 
-    def response(self, msg: flow_pb2.Flow) -> observer_pb2.GetFlowsResponse:
-        if self.mask is not None:
-            masked = flow_pb2.Flow()
-            self.mask.MergeMessage(msg, masked)
-            msg = masked
-        out = observer_pb2.GetFlowsResponse(flow=msg, node_name=msg.node_name or self.node_name)
-        if msg.HasField("time"):
-            out.time.CopyFrom(msg.time)
-        return out
+    def response(self, msg: flow_pb2.Flow) -> bytes:
+        """A serialized GetFlowsResponse with the field mask applied."""
+        masked = flow_pb2.Flow()
+        assert self.mask is not None
+        self.mask.MergeMessage(msg, masked)
+        return _response(masked, self.node_name).SerializeToString()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +285,7 @@ class _Servicer(observer_pb2_grpc.ObserverServicer):
     def __init__(self, server: ObserverServer) -> None:
         self.s = server
 
-    def GetFlows(self, request, context) -> Iterator[observer_pb2.GetFlowsResponse]:  # noqa: N802 - gRPC naming
+    def GetFlows(self, request, context) -> Iterator[bytes]:  # noqa: N802 - gRPC naming
         try:
             query = _Query(request, self.s.node_name)
         except ValueError as exc:  # FilterError is a ValueError too
@@ -285,6 +304,24 @@ class _Servicer(observer_pb2_grpc.ObserverServicer):
 
     def GetNamespaces(self, request, context) -> observer_pb2.GetNamespacesResponse:  # noqa: N802
         return observer_pb2.GetNamespacesResponse(namespaces=self.s.namespaces())
+
+
+def _observer_handler(servicer: _Servicer) -> grpc.GenericRpcHandler:
+    """observer.Observer with GetFlows answering pre-serialized bytes (no per-response copy)."""
+    ob = observer_pb2
+    return grpc.method_handlers_generic_handler("observer.Observer", {
+        "GetFlows": grpc.unary_stream_rpc_method_handler(
+            servicer.GetFlows, request_deserializer=ob.GetFlowsRequest.FromString),
+        "GetNodes": grpc.unary_unary_rpc_method_handler(
+            servicer.GetNodes, request_deserializer=ob.GetNodesRequest.FromString,
+            response_serializer=ob.GetNodesResponse.SerializeToString),
+        "GetNamespaces": grpc.unary_unary_rpc_method_handler(
+            servicer.GetNamespaces, request_deserializer=ob.GetNamespacesRequest.FromString,
+            response_serializer=ob.GetNamespacesResponse.SerializeToString),
+        "ServerStatus": grpc.unary_unary_rpc_method_handler(
+            servicer.ServerStatus, request_deserializer=ob.ServerStatusRequest.FromString,
+            response_serializer=ob.ServerStatusResponse.SerializeToString),
+    })
 
 
 def _health_handler() -> grpc.GenericRpcHandler:
@@ -335,8 +372,7 @@ class ObserverServer:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.config.max_workers,
                                                         thread_name_prefix="observer"),
                              options=[("grpc.so_reuseport", 0)])
-        observer_pb2_grpc.add_ObserverServicer_to_server(_Servicer(self), server)
-        server.add_generic_rpc_handlers((_health_handler(),))
+        server.add_generic_rpc_handlers((_observer_handler(_Servicer(self)), _health_handler()))
         address = self.config.address
         if address.startswith(":"):
             address = "[::]" + address
@@ -390,23 +426,25 @@ class ObserverServer:
     def _clients(self, delta: int) -> None:
         self._client_gauge.inc(delta)
 
-    def _emit(self, query: _Query, entry: _Entry, seqs: np.ndarray
-              ) -> Generator[observer_pb2.GetFlowsResponse, None, int]:
-        """Yield the flows; returns how many the ring dropped before they could be sent."""
-        start, messages = entry.messages()
+    def _emit(self, query: _Query, entry: _Entry, seqs: np.ndarray) -> Generator[bytes, None, int]:
+        """Yield serialized responses; returns how many the ring dropped before they could be sent."""
+        if query.mask is None:
+            start, items = entry.encoded(self.node_name)
+        else:
+            start, items = entry.messages()
         skipped = 0
         for seq in seqs.tolist():
             idx = seq - start
             if idx < 0:
                 skipped += 1  # overwritten while this reader was slow
                 continue
-            if idx < len(messages):
+            if idx < len(items):
                 self._sent.inc()
-                yield query.response(messages[idx])
+                yield items[idx] if query.mask is None else query.response(items[idx])
         return skipped
 
     def _get_flows(self, request: observer_pb2.GetFlowsRequest, query: _Query,
-                   context: grpc.ServicerContext) -> Iterator[observer_pb2.GetFlowsResponse]:
+                   context: grpc.ServicerContext) -> Iterator[bytes]:
         entries, cursor = self.ring.snapshot()
         number = request.number
         lost_pending = 0
@@ -461,12 +499,12 @@ class ObserverServer:
                     return  # a flow later than until: the stream is complete
             cursor = end
 
-    def _lost_event(self, count: int) -> observer_pb2.GetFlowsResponse:
+    def _lost_event(self, count: int) -> bytes:
         resp = observer_pb2.GetFlowsResponse(
             lost_events=flow_pb2.LostEvent(source=_LOST_SOURCE, num_events_lost=count),
             node_name=self.node_name)
         resp.time.FromNanoseconds(time.time_ns())
-        return resp
+        return resp.SerializeToString()
 
     def status(self) -> observer_pb2.ServerStatusResponse:
         return observer_pb2.ServerStatusResponse(

@@ -186,7 +186,8 @@ def test_slow_follower_gets_lost_event(flows) -> None:
     request = observer_pb2.GetFlowsRequest(follow=True)
     request.since.FromNanoseconds(0)  # everything stored, then follow
     server.publish(flows.slice(0, 10))
-    stream = server._get_flows(request, _Query(request, "node-1"), _Ctx())
+    raw = server._get_flows(request, _Query(request, "node-1"), _Ctx())
+    stream = (observer_pb2.GetFlowsResponse.FromString(b) for b in raw)
     first = [next(stream) for _ in range(3)]  # reads 3, then sleeps while 200 more arrive
     assert [r.flow.uuid for r in first] == flows.column("uuid").to_pylist()[:3]
     for start in range(10, 210, 20):
