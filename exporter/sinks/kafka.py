@@ -19,12 +19,19 @@ order. Values are Hubble ExportEvent JSON (``hubble-json``), serialized
 ``flowship-encoding`` and ``content-type`` headers name the encoding so the
 Kafka source can decode any mix.
 
+``encoding: arrow`` is for flowship-to-flowship transport (agents producing,
+``flowship export`` consuming) at high rates: each message is an Arrow IPC
+stream of up to ``arrow_max_rows`` flows of one partition, chosen by the
+connection hash modulo the partition count, so connections still stay in one
+partition while the per-message cost is paid once per thousand flows.
+
 A full local queue (BufferError) is backpressure: the sink serves delivery
 reports and tries again, blocking the pipeline instead of losing flows.
 """
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,11 +51,12 @@ from exporter.pipeline.envelope import Envelope
 from exporter.sinks import rows_as_json
 from exporter.sinks.delivery import DeadLetterWriter, PendingEnvelope, default_dead_letter_path
 
-Encoding = Literal["hubble-json", "protobuf", "ecs-json"]
+Encoding = Literal["hubble-json", "protobuf", "ecs-json", "arrow"]
 CONTENT_TYPES: dict[str, bytes] = {
     "hubble-json": b"application/json",
     "ecs-json": b"application/json",
     "protobuf": b"application/x-protobuf; messageType=flow.Flow",
+    "arrow": b"application/vnd.apache.arrow.stream",
 }
 ENCODING_HEADER = "flowship-encoding"
 KIND_HEADER = "flowship-kind"
@@ -79,6 +87,8 @@ class KafkaSinkConfig:
     encoding: Encoding = "hubble-json"
     key: Literal["connection", "uuid", "none"] = "connection"
     key_format: Literal["binary", "hex"] = "binary"  # connection key as 8 bytes or 16 hex characters
+    arrow_max_rows: int = 2000  # encoding arrow: rows per message (one Arrow IPC stream)
+    arrow_compression: Literal["zstd", "lz4", "none"] = "zstd"  # encoding arrow: IPC buffer compression
     compression: Literal["zstd", "lz4", "snappy", "gzip", "none"] = "zstd"
     linger_ms: int = 50
     batch_size: ByteSize = ByteSize(1024 * 1024)
@@ -145,6 +155,8 @@ def producer_config(c: KafkaSinkConfig) -> dict[str, Any]:
             conf[prop] = getattr(c, key)
     if c.ssl_key_password:
         conf["ssl.key.password"] = secret_value(c.ssl_key_password)
+    if c.encoding == "arrow":
+        conf["compression.type"] = "none"  # the Arrow IPC buffers are compressed already
     conf.update(c.librdkafka or {})
     return conf
 
@@ -202,7 +214,8 @@ class KafkaSink(Sink):
         self.producer: Producer | None = None
         self.dead_letters: DeadLetterWriter | None = None
         self._lock = threading.Lock()
-        self._retry: list[tuple[_Tracker, bytes | None, bytes, list]] = []
+        self._retry: list[tuple[_Tracker, bytes | None, bytes, list, int | None, int]] = []
+        self._partition_counts: dict[str, tuple[int, float]] = {}
         self._outstanding = 0
         self._idle = threading.Condition(self._lock)
         self._stop = threading.Event()
@@ -260,31 +273,74 @@ class KafkaSink(Sink):
         c = self.config
         kind = env.kind
         topic = c.topic if kind == "flows" else self._aggregates_topic()
-        values = encode_values(env.batch, c.encoding, kind)
-        keys = encode_keys(env.batch, c.key, c.key_format) if kind == "flows" else None
-        headers = [(ENCODING_HEADER, c.encoding.encode() if kind == "flows" or c.encoding == "ecs-json"
+        headers = [(ENCODING_HEADER, c.encoding.encode() if kind == "flows" or c.encoding in ("ecs-json", "arrow")
                     else b"json"), ("content-type", CONTENT_TYPES.get(c.encoding, b"application/json"))]
         if kind != "flows":
             headers.append((KIND_HEADER, kind.encode()))
         with self._lock:
             self._outstanding += 1
-        tracker = _Tracker(PendingEnvelope(env, len(values), self._settled), topic)
-        callback = self._callback(tracker)
-        produce = self.producer.produce
+        tracker = _Tracker(PendingEnvelope(env, env.batch.num_rows, self._settled), topic)
+        if c.encoding == "arrow":
+            messages = self._arrow_messages(env.batch, topic, kind == "flows")
+        else:
+            values = encode_values(env.batch, c.encoding, kind)
+            keys = encode_keys(env.batch, c.key, c.key_format) if kind == "flows" else None
+            messages = ((keys[i] if keys is not None else None, value, None, 1) for i, value in enumerate(values))
         nbytes = 0
-        for i, value in enumerate(values):
-            key = keys[i] if keys is not None else None
+        for key, value, partition, rows in messages:
             nbytes += len(value) + (len(key) if key else 0)
-            while True:
-                try:
-                    produce(topic, value, key, headers=headers, on_delivery=callback)
-                    break
-                except BufferError:
-                    self._backpressure.inc()
-                    self.producer.poll(0.05)
-                    self._raise_fatal()
+            self._produce(tracker, key, value, headers, partition, rows)
         self._bytes.inc(nbytes)
         self._produce_retries()
+
+    def _produce(self, tracker: _Tracker, key: bytes | None, value: bytes, headers: list,
+                 partition: int | None, rows: int) -> None:
+        callback = self._callback(tracker, rows, partition)
+        while True:
+            try:
+                if partition is None:
+                    self.producer.produce(tracker.topic, value, key, headers=headers, on_delivery=callback)
+                else:
+                    self.producer.produce(tracker.topic, value, key, partition=partition, headers=headers,
+                                          on_delivery=callback)
+                return
+            except BufferError:
+                self._backpressure.inc()
+                self.producer.poll(0.05)
+                self._raise_fatal()
+
+    def _partitions(self, topic: str) -> int:
+        now = time.monotonic()
+        cached = self._partition_counts.get(topic)
+        if cached is None or now - cached[1] > 60:
+            md = self.producer.list_topics(topic, timeout=10)
+            t = md.topics.get(topic)
+            count = len(t.partitions) if t is not None and t.error is None and t.partitions else 0
+            if not count:
+                raise RuntimeError(f"topic {topic} has no partitions (does it exist? create_topic can create it)")
+            cached = (count, now)
+            self._partition_counts[topic] = cached
+        return cached[0]
+
+    def _arrow_messages(self, batch: pa.RecordBatch, topic: str, flows: bool):  # noqa: ANN202 - generator
+        """(key, Arrow IPC bytes, partition, rows) per message; connections keep their partition."""
+        c = self.config
+        options = pa.ipc.IpcWriteOptions(compression=None if c.arrow_compression == "none" else c.arrow_compression)
+        if flows:
+            count = self._partitions(topic)
+            part = (connection_hashes(batch) % np.uint64(count)).astype(np.int64)
+            order = np.argsort(part, kind="stable")
+            bounds = np.searchsorted(part[order], np.arange(count + 1))
+            groups = [(p, order[bounds[p]:bounds[p + 1]]) for p in range(count) if bounds[p + 1] > bounds[p]]
+        else:
+            groups = [(None, np.arange(batch.num_rows))]
+        for partition, rows in groups:
+            for start in range(0, len(rows), c.arrow_max_rows):
+                chunk = batch.take(pa.array(rows[start:start + c.arrow_max_rows], pa.int64()))
+                sink = pa.BufferOutputStream()
+                with pa.ipc.new_stream(sink, chunk.schema, options=options) as writer:
+                    writer.write_batch(chunk)
+                yield None, sink.getvalue().to_pybytes(), partition, chunk.num_rows
 
     def tick(self, now_ns: int) -> None:
         self._raise_fatal()
@@ -326,45 +382,44 @@ class KafkaSink(Sink):
         while not self._stop.is_set():
             producer.poll(0.1)
 
-    def _callback(self, tracker: _Tracker):  # noqa: ANN202 - librdkafka callback
+    def _callback(self, tracker: _Tracker, rows: int = 1, partition: int | None = None):  # noqa: ANN202
         pending = tracker.pending
 
         def on_delivery(err: KafkaError | None, msg: Any) -> None:
             if err is None:
-                pending.settle(delivered=1)
+                pending.settle(delivered=rows)
                 return
-            self._on_failure(tracker, err, msg)
+            self._on_failure(tracker, err, msg, rows, partition)
 
         return on_delivery
 
-    def _on_failure(self, tracker: _Tracker, err: KafkaError, msg: Any) -> None:
+    def _on_failure(self, tracker: _Tracker, err: KafkaError, msg: Any, rows: int, partition: int | None) -> None:
         if err.fatal():
             self._fatal = err
         if err.code() in _PERMANENT or self._fatal is not None:
             value = msg.value() or b""
-            record = {"topic": tracker.topic, "key": (msg.key() or b"").hex() or None,
-                      "value": value.decode("utf-8", "replace") if self.config.encoding != "protobuf" else value.hex()}
+            record: dict[str, Any] = {"topic": tracker.topic, "key": (msg.key() or b"").hex() or None}
+            if self.config.encoding == "arrow":
+                record.update(partition=partition, rows=rows, arrow_ipc_base64=base64.b64encode(value).decode())
+            elif self.config.encoding == "protobuf":
+                record["value_hex"] = value.hex()
+            else:
+                record["value"] = value.decode("utf-8", "replace")
             self.dead_letters.write([(err.name().lower().lstrip("_"), err.str(), record)])
-            tracker.pending.settle(failed=1)
+            tracker.pending.settle(failed=rows)
             return
         if self._closing:
             return  # purged at close: left unacknowledged
         # Timed out in the local queue or a transient error: produce it again.
         with self._lock:
-            self._retry.append((tracker, msg.key(), msg.value(), msg.headers() or []))
+            self._retry.append((tracker, msg.key(), msg.value(), msg.headers() or [], partition, rows))
 
     def _produce_retries(self) -> None:
         with self._lock:
             retry, self._retry = self._retry, []
-        for tracker, key, value, headers in retry:
+        for tracker, key, value, headers, partition, rows in retry:
             self._reproduced.inc()
-            while True:
-                try:
-                    self.producer.produce(tracker.topic, value, key, headers=headers,
-                                          on_delivery=self._callback(tracker))
-                    break
-                except BufferError:
-                    self.producer.poll(0.05)
+            self._produce(tracker, key, value, headers, partition, rows)
 
     def _settled(self, _pending: PendingEnvelope) -> None:
         self._ok.inc()

@@ -223,14 +223,33 @@ def _escape_one(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+def _plain_text(arr: pa.Array) -> bool:
+    """No value needs logfmt quoting: no space, quote, '=', backslash or control byte, no empty value."""
+    if arr.null_count == len(arr):
+        return True
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32, count=len(arr) + 1, offset=arr.offset * 4)
+    lengths = np.diff(offsets)
+    valid = np.asarray(arr.is_valid())
+    if np.any(lengths[valid] == 0):
+        return False
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8, count=hi - lo, offset=lo) if hi > lo else np.zeros(0)
+    return not bool(np.any((data <= 0x20) | (data == 0x22) | (data == 0x3D) | (data == 0x5C)))
+
+
+def _quote_logfmt(text: pa.Array) -> pa.Array:
+    needs = pc.match_substring_regex(text, r'[\s"=\\]|^$')
+    escaped = pc.replace_substring(pc.replace_substring(text, "\\", "\\\\"), '"', '\\"')
+    escaped = pc.replace_substring(pc.replace_substring(escaped, "\n", "\\n"), "\r", "\\r")
+    quoted = pc.binary_join_element_wise('"', escaped, '"', "")
+    return pc.if_else(needs, quoted, text)
+
+
 def _logfmt_value(arr: pa.Array) -> pa.Array:
     text = _as_text(arr)
-    if pa.types.is_string(arr.type) or pa.types.is_list(arr.type):
-        needs = pc.match_substring_regex(text, r'[\s"=\\]|^$')
-        escaped = pc.replace_substring(pc.replace_substring(text, "\\", "\\\\"), '"', '\\"')
-        escaped = pc.replace_substring(pc.replace_substring(escaped, "\n", "\\n"), "\r", "\\r")
-        quoted = pc.binary_join_element_wise('"', escaped, '"', "")
-        text = pc.if_else(needs, quoted, text)
+    if (pa.types.is_string(arr.type) or pa.types.is_list(arr.type)) and not _plain_text(text):
+        encoded = pc.dictionary_encode(text)  # quote each distinct value once
+        text = _quote_logfmt(encoded.dictionary).take(encoded.indices)
     return text
 
 

@@ -2,8 +2,8 @@
 
 Processes sharing a ``group_id`` split the topic's partitions between them
 (the cluster shape: agents produce, a group of ``flowship export`` processes
-consumes). Messages may be Hubble ExportEvent JSON, serialized ``flow.Flow``
-or ECS JSON; the encoding comes from the ``flowship-encoding`` (or
+consumes). Messages may be Hubble ExportEvent JSON, serialized ``flow.Flow``,
+ECS JSON or Arrow IPC streams of many flows; the encoding comes from the ``flowship-encoding`` (or
 ``content-type``) header the kafka sink writes, from the first byte when a
 message has no header, or from ``encoding:``.
 
@@ -35,10 +35,10 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from exporter.components import Context, Emit, Source
 from exporter.config import Duration, secret_value
 from exporter.model import ecs
-from exporter.model.schema import empty_flows
+from exporter.model.schema import FLOW_SCHEMA, empty_flows
 from exporter.pipeline.envelope import Receipt
 
-Encoding = Literal["auto", "hubble-json", "protobuf", "ecs-json"]
+Encoding = Literal["auto", "hubble-json", "protobuf", "ecs-json", "arrow"]
 MAX_REPORTED = 20  # undecodable messages logged one by one; after that only counted
 
 
@@ -230,6 +230,10 @@ def detect_encoding(headers: list[tuple[str, bytes]] | None, value: bytes) -> st
         for key, raw in headers:
             if key == "content-type" and raw and b"protobuf" in raw:
                 return "protobuf"
+            if key == "content-type" and raw and b"arrow" in raw:
+                return "arrow"
+    if value[:4] == b"\xff\xff\xff\xff":  # an Arrow IPC stream starts with a continuation marker
+        return "arrow"
     head = value.lstrip()[:1]
     if head == b"{":
         return "ecs-json" if b'"@timestamp"' in value[:200] and b'"flow"' not in value[:20] else "hubble-json"
@@ -268,7 +272,33 @@ def decode_messages(values: list[bytes], encoding: str) -> tuple[pa.RecordBatch,
         return (from_flow_messages(msgs) if msgs else empty_flows()), bad
     if encoding == "ecs-json":
         return ecs.decode_ndjson(values)
+    if encoding == "arrow":
+        batches, bad = [], []
+        for i, v in enumerate(values):
+            try:
+                batches.extend(conform(b) for b in pa.ipc.open_stream(v).read_all().to_batches())
+            except (pa.ArrowException, ValueError, TypeError) as exc:
+                bad.append((i, f"invalid Arrow IPC stream: {exc}"))
+        batches = [b for b in batches if b.num_rows]
+        return (pa.concat_batches(batches) if batches else empty_flows()), bad
     return empty_flows(), [(i, f"unknown encoding {encoding!r}") for i in range(len(values))]
+
+
+def conform(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A batch of (possibly older or newer) flow columns as FLOW_SCHEMA: missing columns null, extra dropped."""
+    if batch.schema.equals(FLOW_SCHEMA, check_metadata=False):
+        return batch
+    names = batch.schema.names
+    if "time" not in names:
+        raise ValueError("Arrow batch has no time column")
+    arrays = []
+    for f in FLOW_SCHEMA:
+        if f.name in names:
+            column = batch.column(f.name)
+            arrays.append(column if column.type == f.type else column.cast(f.type))
+        else:
+            arrays.append(pa.nulls(batch.num_rows, f.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=FLOW_SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -103,14 +103,32 @@ def test_connection_keys_are_direction_independent():
     assert encode_keys(flows, "none") is None
 
 
-@pytest.mark.parametrize("encoding", ["hubble-json", "ecs-json", "protobuf"])
+@pytest.mark.parametrize("encoding", ["hubble-json", "ecs-json", "protobuf", "arrow"])
 def test_every_flow_is_produced_once_and_decodes_back(kafka_server, all_flows, run_id, encoding):
     topic = f"flowship-test-{run_id}-{encoding}"
     p = Producing(brokers=kafka_server, topic=topic, encoding=encoding, create_topic={"partitions": 6})
     p.write(all_flows.slice(0, 700))
     p.write(all_flows.slice(700))
     assert p.finish() == [False, False]
-    msgs = consume_all(kafka_server, topic, all_flows.num_rows)
+    msgs = consume_all(kafka_server, topic, all_flows.num_rows if encoding != "arrow" else 6)
+    if encoding == "arrow":
+        # a few messages per partition, each an Arrow IPC stream of up to arrow_max_rows flows
+        batch, bad = decode_messages([m.value() for m in msgs], encoding)
+        assert bad == [] and batch.num_rows == all_flows.num_rows
+        assert sorted(batch.column("uuid").to_pylist()) == sorted(all_flows.column("uuid").to_pylist())
+        by_uuid = dict(zip(batch.column("uuid").to_pylist(), range(batch.num_rows), strict=True))
+        order = pa.array([by_uuid[u] for u in all_flows.column("uuid").to_pylist()])
+        assert batch.take(order).equals(all_flows)  # every column, exactly
+        # a connection's flows are all in one partition
+        for m in msgs:
+            flows = decode_messages([m.value()], encoding)[0]
+            keys = set(encode_keys(flows, "connection"))
+            for other in msgs:
+                if other.partition() != m.partition():
+                    assert not keys & set(encode_keys(decode_messages([other.value()], encoding)[0],
+                                                      "connection"))
+        assert dict(msgs[0].headers())["flowship-encoding"] == b"arrow"
+        return
     assert len(msgs) == all_flows.num_rows
     for m in msgs[:50]:
         headers = dict(m.headers())

@@ -169,6 +169,8 @@ def test_detect_encoding():
     assert detect_encoding(None, b'{"flow":{"time":"2021-01-01T00:00:00Z"}}') == "hubble-json"
     assert detect_encoding(None, b'{"@timestamp":"2021-01-01T00:00:00Z","event":{}}') == "ecs-json"
     assert detect_encoding(None, b"\x0a\x0c\x08\x01") == "protobuf"
+    assert detect_encoding(None, b"\xff\xff\xff\xff\x10\x00") == "arrow"
+    assert detect_encoding([("content-type", b"application/vnd.apache.arrow.stream")], b"") == "arrow"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,10 +179,10 @@ def test_detect_encoding():
 
 
 @pytest.mark.servers
-def test_three_encodings_in_one_topic_round_trip(kafka, all_flows, run_id):
+def test_four_encodings_in_one_topic_round_trip(kafka, all_flows, run_id):
     topic = f"flowship-src-{run_id}-mixed"
-    thirds = [all_flows.slice(0, 500), all_flows.slice(500, 500), all_flows.slice(1000)]
-    for part, encoding in zip(thirds, ["hubble-json", "ecs-json", "protobuf"], strict=True):
+    parts = [all_flows.slice(0, 400), all_flows.slice(400, 400), all_flows.slice(800, 300), all_flows.slice(1100)]
+    for part, encoding in zip(parts, ["hubble-json", "ecs-json", "protobuf", "arrow"], strict=True):
         produce(kafka, topic, part, encoding)
     col = Collector(kafka, topic, f"g-{run_id}").start()
     assert col.wait_rows(all_flows.num_rows) == all_flows.num_rows
@@ -191,9 +193,10 @@ def test_three_encodings_in_one_topic_round_trip(kafka, all_flows, run_id):
     got = pa.Table.from_batches(col.batches)
     by_uuid = dict(zip(got.column("uuid").to_pylist(), range(got.num_rows), strict=True))
     # hubble-json carries every column; ECS restores the columns it maps
-    for batch, columns in ((thirds[0], ["time", "verdict", "ip_src", "dst_port", "src_labels", "http_url",
-                                        "dns_query", "community_id", "node_name", "tcp_flags"]),
-                           (thirds[1], sorted({f.inverse for f in ecs.FLOW_FIELDS if f.inverse}))):
+    for batch, columns in ((parts[0], ["time", "verdict", "ip_src", "dst_port", "src_labels", "http_url",
+                                       "dns_query", "community_id", "node_name", "tcp_flags"]),
+                           (parts[1], sorted({f.inverse for f in ecs.FLOW_FIELDS if f.inverse})),
+                           (parts[3], list(all_flows.schema.names))):
         for column in columns:
             want = batch.column(column)
             rows = [by_uuid[u] for u in batch.column("uuid").to_pylist()]
