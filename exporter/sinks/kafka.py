@@ -178,9 +178,9 @@ def encode_values(batch: pa.RecordBatch, encoding: str, kind: str = "flows") -> 
         from exporter.model.proto import to_flow_bytes
 
         return to_flow_bytes(batch)
-    from exporter.model.hubble_json import encode_lines
+    from exporter.model.hubble_json import encode_text_column
 
-    return [line[:-1] if line.endswith(b"\n") else line for line in encode_lines(batch)]
+    return encode_text_column(batch).cast(pa.binary()).to_pylist()
 
 
 def encode_keys(batch: pa.RecordBatch, key: str, key_format: str = "binary") -> list[bytes] | None:

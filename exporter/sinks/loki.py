@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 from exporter.components import Context, Sink
 from exporter.config import ByteSize, Duration
 from exporter.model.ecs import rfc3339
-from exporter.model.hubble_json import encode_lines
+from exporter.model.hubble_json import encode_text_column
 from exporter.model.schema import FLOW_SCHEMA
 from exporter.pipeline.envelope import Envelope
 from exporter.proto.logproto import push_pb2
@@ -439,8 +439,7 @@ class LokiSink(Sink):
             selectors = label_selectors(batch, c.labels, c.static_labels)
             times = batch.column("time").cast(pa.int64()).to_numpy(zero_copy_only=False)
             if c.line_format == "hubble":
-                lines = pa.array([line[:-1] if line.endswith(b"\n") else line for line in encode_lines(batch)],
-                                 pa.binary())
+                lines = encode_text_column(batch).cast(pa.binary())
             else:
                 lines = logfmt_lines(batch).cast(pa.binary())
             meta_cols = [name for name in c.structured_metadata if name in batch.schema.names]
