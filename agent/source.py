@@ -189,24 +189,22 @@ class AgentSource(Source):
             self.ctx.log.info("agent capturing", interfaces=sorted(cap.interface_names().values()),
                               netns=cfg.netns or "(own)", aggregation=cfg.aggregation)
             self.started.set()
-            pending: list[CaptureBatch] = []
-            waiting = 0
-            next_flush = time.monotonic() + float(cfg.batch_interval)
-            while not stop.is_set():
-                batch = cap.poll(max(0.0, min(0.2, next_flush - time.monotonic())))
-                self._names.update(cap.interface_names())  # before an interface vanishes with its name
-                if len(batch) or any(batch.lost.values()):
-                    pending.append(batch)
-                    waiting += len(batch)
-                now = time.monotonic()
-                if waiting >= cfg.batch_events or now >= next_flush:
+            reader = RingDrain(cap, max_events=4 * cfg.batch_events)
+            thread = threading.Thread(target=reader.run, args=(stop,), name=f"{self.ctx.name}:rings", daemon=True)
+            thread.start()
+            try:
+                done = False
+                while not done:
+                    # Emit every batch_interval, or as soon as batch_events are waiting; a clean stop
+                    # ends with the reader's final flush of the flow table (RingDrain.run).
+                    pending, names, done = reader.take(float(cfg.batch_interval), cfg.batch_events)
+                    self._names.update(names)
                     self._flush(pending, emit)
-                    pending, waiting = [], 0
-                    next_flush = now + float(cfg.batch_interval)
-            # Clean stop: detach, flush every flow-table entry, emit everything.
-            self._names.update(cap.interface_names())
-            pending.append(cap.finish())
-            self._flush(pending, emit)
+            finally:
+                reader.abandon()  # no-op after a clean finish; on a failure here, stop without the final flush
+                thread.join(timeout=30)
+            if reader.error is not None:
+                raise reader.error
         finally:
             cap.close()
             self.capture = None
@@ -274,6 +272,74 @@ class AgentSource(Source):
             out["lost"] = sum(v for k, v in lost.items() if k in ("drop_ring", "l7_ring", "untracked"))
             out["postponed_flow_events"] = asm.lost_totals.get("flow_ring", 0)
         return out
+
+
+class RingDrain:
+    """Reads the capture's rings on a thread of its own, so that assembling and emitting a batch (and a
+    pipeline slowed by a sink) never stops the rings from being drained.
+
+    Holds at most ``max_events`` events; beyond that it stops reading and the kernel counts what it
+    cannot write (nothing is dropped silently). On stop it detaches and flushes the flow table
+    (``KernelCapture.finish``) and hands that over as the last batch.
+    """
+
+    def __init__(self, cap: KernelCapture, max_events: int) -> None:
+        self.cap = cap
+        self.max_events = max_events
+        self.cond = threading.Condition()
+        self.pending: list[CaptureBatch] = []
+        self.events = 0
+        self.names: dict[int, str] = {}
+        self.done = False
+        self.abandoned = False
+        self.error: BaseException | None = None
+
+    def run(self, stop: threading.Event) -> None:
+        cap = self.cap
+        try:
+            while not stop.is_set() and not self.abandoned:
+                with self.cond:
+                    while self.events >= self.max_events and not (stop.is_set() or self.abandoned):
+                        self.cond.wait(0.2)  # the consumer is behind: leave the rest in the rings
+                batch = cap.poll(0.2)
+                names = cap.interface_names()  # before an interface vanishes with its name
+                self._put(batch, names)
+            if not self.abandoned:
+                names = cap.interface_names()
+                self._put(cap.finish(), names)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            self.error = exc
+        finally:
+            with self.cond:
+                self.done = True
+                self.cond.notify_all()
+
+    def _put(self, batch: CaptureBatch, names: dict[int, str]) -> None:
+        with self.cond:
+            self.names.update(names)
+            if len(batch) or any(batch.lost.values()):
+                self.pending.append(batch)
+                self.events += len(batch)
+                self.cond.notify_all()
+
+    def take(self, interval: float, min_events: int) -> tuple[list[CaptureBatch], dict[int, str], bool]:
+        """Wait up to ``interval`` (less once ``min_events`` wait); returns (batches, names, reader finished)."""
+        deadline = time.monotonic() + interval
+        with self.cond:
+            while not self.done and self.events < min_events:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
+            pending, self.pending, self.events = self.pending, [], 0
+            self.cond.notify_all()
+            return pending, dict(self.names), self.done and not self.pending
+
+    def abandon(self) -> None:
+        """The consumer is leaving (failure): stop without the final flush."""
+        with self.cond:
+            self.abandoned = True
+            self.cond.notify_all()
 
 
 def _sum_l34_packets(batch: pa.RecordBatch) -> int:

@@ -137,8 +137,10 @@ def test_sigterm_flushes_and_leaves_nothing_attached(net: topo.Topology, tmp_pat
 
 def test_duration_stops_by_itself(net: topo.Topology, tmp_path: Path) -> None:
     proc = start_agent(write_config(tmp_path, net), "--duration", "3")
-    ping(net, 2)
-    out, err = proc.communicate(timeout=60)
+    try:
+        ping(net, 2)
+    finally:
+        out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "stopping: flushing sinks" in err
     assert attachments(net) == {"programs": [], "clsact": []}
@@ -148,9 +150,11 @@ def test_duration_stops_by_itself(net: topo.Topology, tmp_path: Path) -> None:
 def test_sigkill_leaves_no_tcx_link(net: topo.Topology, tmp_path: Path) -> None:
     """tcx links belong to the process: an agent killed outright detaches with it (tc filters would stay)."""
     proc = start_agent(write_config(tmp_path, net, "tcx"))
-    assert attachments(net)["programs"]
-    proc.kill()
-    proc.communicate(timeout=30)
+    try:
+        assert attachments(net)["programs"]
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
     deadline = time.monotonic() + 10
     while attachments(net)["programs"] and time.monotonic() < deadline:
         time.sleep(0.1)
