@@ -37,9 +37,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import ipaddress
 import os
 import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,9 +59,10 @@ _NOT_REDACTABLE = {"time": "every flow needs its time"}
 _NOT_NULLABLE = {f.name for f in FLOW_SCHEMA if not f.nullable}
 LABEL_COLUMNS = ("src_labels", "dst_labels")
 REMOVED = "redacted"  # what an address inside text becomes in remove mode
+MEMO_ENTRIES = 1 << 17  # tokens remembered across batches (addresses and values repeat); then forgotten
 # Hashed addresses as addresses: RFC 3849 documentation prefix, then 4 or 6 for the family.
 _ADDRESS_PREFIX = {4: bytes.fromhex("20010db80004"), 6: bytes.fromhex("20010db80006")}
-# Runs of characters an address is written with; each run is checked with ipaddress.
+# Runs of characters an address is written with; each run is checked with inet_pton.
 _ADDRESS_RUN = re.compile(r"[0-9A-Fa-f:.]{3,}")
 _IPV4_IN_RUN = re.compile(r"(?<![0-9])(?:[0-9]{1,3}\.){3}[0-9]{1,3}(?![0-9])")
 # A URL (or path) with a query or fragment, inside free text.
@@ -134,11 +135,22 @@ def _hashable(tp: pa.DataType) -> bool:
             or (pa.types.is_list(tp) and pa.types.is_struct(tp.value_type)))
 
 
-def _as_address(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def _address(value: str) -> tuple[int, str] | None:
+    """(4 or 6, canonical text) of an IP address literal; None for anything else."""
+    family = socket.AF_INET6 if ":" in value else socket.AF_INET
     try:
-        return ipaddress.ip_address(value)
-    except ValueError:
+        return (6 if family == socket.AF_INET6 else 4), socket.inet_ntop(family, socket.inet_pton(family, value))
+    except (OSError, ValueError):
         return None
+
+
+def _remembered(memo: dict[str, str], value: str, fn: Callable[[str], str]) -> str:
+    out = memo.get(value)
+    if out is None:
+        if len(memo) >= MEMO_ENTRIES:
+            memo.clear()
+        out = memo[value] = fn(value)
+    return out
 
 
 def _map_distinct(array: pa.Array, fn: Callable[[str], str | None]) -> pa.Array:
@@ -170,26 +182,35 @@ class RedactStage(Stage):
         super().__init__(config, ctx)
         self._key = load_key(config.key_file, config.key_env) if config.mode == "hash" else b""
         self._keep = {h.lower() for h in config.keep_headers}
+        self._tokens: dict[str, str] = {}
+        self._ip_tokens: dict[str, str] = {}
+        self._texts: dict[str, str] = {}
         self._counter = ctx.metrics.counter("flowship_redact_values_total",
                                             "Values a redact stage removed or hashed, by field.",
                                             ["stage", "field"])
 
     # -------------------------------------------------------------------------------- tokens
     def token(self, value: str) -> str:
+        return _remembered(self._tokens, value, self._token)
+
+    def _token(self, value: str) -> str:
         digest = hmac.new(self._key, value.encode(), hashlib.sha256).digest()[: self.config.hash_bytes]
         if self.config.encoding == "hex":
             return digest.hex()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
     def ip_token(self, value: str) -> str:
-        address = _as_address(value)
+        return _remembered(self._ip_tokens, value, self._ip_token)
+
+    def _ip_token(self, value: str) -> str:
+        address = _address(value)
         if address is None:
             return f"ip:{self.token(value)}"
-        canonical = str(address)
+        version, canonical = address
         if self.config.ip_format == "address":
             digest = hmac.new(self._key, canonical.encode(), hashlib.sha256).digest()[:10]
-            return str(ipaddress.IPv6Address(_ADDRESS_PREFIX[address.version] + digest))
-        return f"ip{address.version}:{self.token(canonical)}"
+            return socket.inet_ntop(socket.AF_INET6, _ADDRESS_PREFIX[version] + digest)
+        return f"ip{version}:{self.token(canonical)}"
 
     def _address_in_text(self, value: str, in_authority: bool) -> str:
         if self.config.mode == "remove":
@@ -200,16 +221,18 @@ class RedactStage(Stage):
 
     def scrub_addresses(self, text: str) -> str:
         """Every IPv4/IPv6 address written in ``text`` replaced by its token (or ``redacted``)."""
+        return _remembered(self._texts, text, self._scrub_addresses)
 
+    def _scrub_addresses(self, text: str) -> str:
         def one(match: re.Match) -> str:
             run = match.group()
             start = match.start()
             authority = text[max(0, start - 2):start] == "//" or text[start - 1:start] == "@"
             for candidate in (run, run.rstrip(".:")):
-                if candidate and _as_address(candidate) is not None:
+                if candidate and _address(candidate) is not None:
                     return self._address_in_text(candidate, authority) + run[len(candidate):]
             return _IPV4_IN_RUN.sub(lambda m: self._address_in_text(m.group(), authority and m.start() == 0)
-                                    if _as_address(m.group()) is not None else m.group(), run)
+                                    if _address(m.group()) is not None else m.group(), run)
 
         return _ADDRESS_RUN.sub(one, text)
 
@@ -224,9 +247,9 @@ class RedactStage(Stage):
         if not label.startswith("cidr:"):
             return label
         address, slash, bits = label[5:].partition("/")
-        if _as_address(address) is None and _as_address(address.replace("-", ":")) is not None:
+        if _address(address) is None and _address(address.replace("-", ":")) is not None:
             address = address.replace("-", ":")
-        if _as_address(address) is None:
+        if _address(address) is None:
             return label
         replaced = REMOVED if self.config.mode == "remove" else self.ip_token(address)
         return f"cidr:{replaced}{slash}{bits}"
