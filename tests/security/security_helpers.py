@@ -159,3 +159,15 @@ class Export:
                 pytest.fail(f"flowship export did not stop within {timeout:g}s of SIGTERM:\n"
                             + "\n".join(self.stderr().splitlines()[-30:]), pytrace=False)
         return self.proc.returncode
+
+
+def delete_topics(brokers: str, topics: list[str]) -> None:
+    """Remove a test's topics from the shared broker (best effort: a missing topic is fine)."""
+    from confluent_kafka.admin import AdminClient
+
+    futures = AdminClient({"bootstrap.servers": brokers}).delete_topics(topics, operation_timeout=10)
+    for future in futures.values():
+        try:
+            future.result(timeout=15)
+        except Exception:  # noqa: BLE001, S110 - already gone, or never created
+            pass

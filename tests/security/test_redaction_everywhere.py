@@ -28,7 +28,7 @@ import duckdb
 import orjson
 import pyarrow as pa
 from confluent_kafka import Consumer
-from security_helpers import devservers, flowship, run_env
+from security_helpers import delete_topics, devservers, flowship, run_env
 
 from exporter.model.hubble_json import decode_lines, encode_lines
 from exporter.model.schema import flows_from_rows
@@ -256,6 +256,7 @@ sinks:
     finally:
         devservers.http_json("DELETE", f"{opensearch_server}/_data_stream/{stream}")
         devservers.http_json("DELETE", f"{opensearch_server}/_index_template/{template}")
+        delete_topics(kafka_server, [topic])
 
     # Elasticsearch keeps one document per uuid (its _id): the recordings repeat a few flows
     distinct = len(set(original.column("uuid").to_pylist()))

@@ -20,7 +20,16 @@ from pathlib import Path
 
 import orjson
 import pytest
-from security_helpers import Export, closed_port, devservers, files_under, find_leaks, flowship, run_env
+from security_helpers import (
+    Export,
+    closed_port,
+    delete_topics,
+    devservers,
+    files_under,
+    find_leaks,
+    flowship,
+    run_env,
+)
 
 from exporter.model.hubble_json import decode_lines
 
@@ -246,6 +255,7 @@ def test_secrets_never_leak(tmp_path, run_id, fixture_files, kafka_server, opens
         code = export.stop()
     finally:
         cleanup_opensearch(opensearch_server, es_names)
+        delete_topics(kafka_server, [f"flowship-sec-{run_id}", f"flowship-sec-{run_id}-in"])
     stdout, stderr = export.stdout_path.read_bytes(), export.stderr_path.read_bytes()
     logs = json_lines(stderr)
 
