@@ -149,6 +149,7 @@ class HubbleSource(Source):
         ).labels(ctx.name)
         self._call: Any = None
         self._call_lock = threading.Lock()
+        self.position: _Position | None = None  # newest flow emitted: where a new stream resumes
 
     # -- positions --------------------------------------------------------------------------
     def _advance(self, position: _Position) -> None:
@@ -202,7 +203,7 @@ class HubbleSource(Source):
             out.put(exc)
 
     def run(self, emit: Emit, stop: threading.Event) -> None:
-        position = self._start_position()
+        self.position = self._start_position()
         delay = float(self.config.backoff_initial)
         first = True
         while not stop.is_set():
@@ -216,7 +217,7 @@ class HubbleSource(Source):
                     grpc.channel_ready_future(channel).result(timeout=float(self.config.connect_timeout))
                 except grpc.FutureTimeoutError:
                     raise ConnectionError(f"cannot connect to {self.config.address}") from None
-                position, ended, got_any = self._stream(channel, position, emit, stop)
+                ended, got_any = self._stream(channel, emit, stop)
                 if got_any:
                     delay = float(self.config.backoff_initial)
                 if ended and not self.config.follow:
@@ -240,11 +241,15 @@ class HubbleSource(Source):
             stop.wait(delay * (0.8 + 0.4 * random.random()))
             delay = min(delay * 2, float(self.config.backoff_max))
 
-    def _stream(self, channel: grpc.Channel, position: _Position | None, emit: Emit,
-                stop: threading.Event) -> tuple[_Position | None, bool, bool]:
-        """Read one GetFlows stream; returns (newest position emitted, ended normally, got anything)."""
+    def _stream(self, channel: grpc.Channel, emit: Emit, stop: threading.Event) -> tuple[bool, bool]:
+        """Read one GetFlows stream from ``self.position``; returns (ended normally, got anything).
+
+        ``self.position`` follows every emitted batch, also when the stream
+        then breaks, so the next stream resumes right after it.
+        """
         from exporter.model.proto import from_flow_messages
 
+        position = self.position
         stub = observer_pb2_grpc.ObserverStub(channel)
         call = stub.GetFlows(self._request(position))
         with self._call_lock:
@@ -273,6 +278,7 @@ class HubbleSource(Source):
                     at_newest |= position.uuids
                 if position is None or newest >= position.time_ns:
                     position = _Position(newest, at_newest)
+                    self.position = position
             receipt: Receipt = self.acks.issue(position, rows=batch.num_rows)
             self.flows += batch.num_rows
             self._flows_in.inc(batch.num_rows)
@@ -284,7 +290,7 @@ class HubbleSource(Source):
                 if stop.is_set():
                     call.cancel()
                     flush()
-                    return position, False, got_any
+                    return False, got_any
                 timeout = 0.2 if not messages else max(0.0, min(0.2, started + interval - time.monotonic()))
                 try:
                     item = responses.get(timeout=timeout)
@@ -294,11 +300,11 @@ class HubbleSource(Source):
                     continue
                 if item is _END:
                     flush()
-                    return position, True, got_any
+                    return True, got_any
                 if isinstance(item, Exception):
                     flush()
                     if isinstance(item, grpc.RpcError) and item.code() == grpc.StatusCode.CANCELLED and stop.is_set():
-                        return position, False, got_any
+                        return False, got_any
                     raise item
                 got_any = True
                 kind = item.WhichOneof("response_types")
