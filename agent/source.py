@@ -72,7 +72,7 @@ class AgentSourceConfig:
     l7_ring_size: ByteSize = ByteSize(2 << 20)
     attach_mode: Literal["auto", "tcx", "tc"] = "auto"
     batch_interval: Duration = Duration(1.0)  # emit at least this often
-    batch_events: int = 65536  # ... or when this many kernel events are waiting
+    batch_events: int = 16384  # ... or when this many kernel events are waiting
     enrich: EnrichConfig = field(default_factory=EnrichConfig)
     observer: ObserverConfig = field(default_factory=ObserverConfig)
 

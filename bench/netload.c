@@ -4,9 +4,10 @@
  *   netload pp-server IP PORT              TCP ping-pong server: echoes every message back
  *   netload pp-client IP PORT N SIZE       N round trips of SIZE bytes on one connection (TCP_NODELAY);
  *                                          prints every round-trip time in ns, one per line
- *   netload cc-server IP PORT              accepts connections and closes them (after reading EOF)
- *   netload cc-client IP PORT RATE SECS    opens RATE connections per second for SECS seconds, each one
- *                                          connect + 1-byte write + close; prints "done N failed F"
+ *   netload cc-server IP PORT              accepts connections, reads one byte and closes them
+ *   netload cc-client IP PORT RATE SECS    opens RATE connections per second for SECS seconds (at most 3*SECS
+ *                                          of wall time), each one connect + 1-byte write + wait for the
+ *                                          server's close + close; prints "done N failed F"
  *   netload udp-server IP PORT             receives UDP datagrams and discards them
  *   netload udp-client IP PORT RATE SECS [FLOWS]  sends RATE 64-byte datagrams per second for SECS seconds,
  *                                          spread over FLOWS source ports; prints "sent N"
@@ -82,8 +83,8 @@ static void *cc_conn(void *arg)
 {
 	int fd = (int)(intptr_t)arg;
 	char buf[64];
-	while (read(fd, buf, sizeof(buf)) > 0)
-		;
+	/* read the client's byte, then close first: TIME_WAIT stays on this side, the client's ports are free */
+	(void)read(fd, buf, sizeof(buf));
 	close(fd);
 	return NULL;
 }
@@ -143,13 +144,18 @@ static int cc_client(const char *ip, int port, long rate, int secs)
 	long total = rate * secs, done = 0, failed = 0;
 	for (long i = 0; i < total; i++) {
 		uint64_t due = start + i * step, t;
+		char buf[16];
+		if (now_ns() - start > 3ull * secs * 1000000000ull)
+			break; /* far behind schedule: stop anyway, the count says how many were made */
 		while ((t = now_ns()) < due) {
 			struct timespec ts = {.tv_sec = 0, .tv_nsec = (long)(due - t)};
 			nanosleep(&ts, NULL);
 		}
 		int fd = socket(AF_INET, SOCK_STREAM, 0);
 		if (connect(fd, (struct sockaddr *)&a, sizeof(a)) == 0 && write(fd, "x", 1) == 1) {
-			done++; /* then a normal close (FIN), as a real connection ends */
+			while (read(fd, buf, sizeof(buf)) > 0)
+				; /* the server closes first */
+			done++;
 		} else {
 			failed++;
 		}
