@@ -90,3 +90,23 @@ def test_status_and_lists(hubble_cli, server) -> None:
     assert "node-1" in nodes and "Connected" in nodes
     namespaces = _hubble(hubble_cli, srv.port, "list", "namespaces").split()
     assert {"kube-system", "istio-system", "bookinfo", "default"} <= set(namespaces)
+
+
+def test_observe_follow_sees_new_flows(hubble_cli, server) -> None:
+    _, flows = server
+    srv = ObserverServer(ObserverConfig(address="127.0.0.1:0", follow_poll=0.05), Metrics(), node_name="node-1")
+    srv.start()
+    srv.publish(flows)
+    proc = subprocess.Popen([hubble_cli, "observe", "--server", f"127.0.0.1:{srv.port}", "-o", "jsonpb", "-f",
+                             "--last", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(proc.stdout.readline())  # the stored flow asked for with --last 1
+        assert first["flow"]["uuid"] == flows.column("uuid").to_pylist()[-1]
+        fresh = flows.slice(0, 25)
+        srv.publish(fresh)
+        got = [json.loads(proc.stdout.readline())["flow"]["uuid"] for _ in range(25)]
+        assert got == fresh.column("uuid").to_pylist()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        srv.stop(0)
