@@ -409,7 +409,12 @@ class ElasticsearchSink(Sink):
                                      parse_retry_after(resp.meta.headers.get("retry-after")))
             raise RejectedError(f"http_{status}", f"HTTP {status}: {text}", status)
         result = SendResult(sent_bytes=len(body))
-        answer = orjson.loads(data) if data else {}
+        try:
+            answer = orjson.loads(data) if data else {}
+        except orjson.JSONDecodeError:
+            raise RetryableError("bad_response", f"bulk answer is not JSON: {data[:200]!r}") from None
+        if not isinstance(answer, dict):
+            raise RetryableError("bad_response", f"unexpected bulk answer: {str(answer)[:200]}")
         if not answer.get("errors"):
             return result
         items = answer.get("items") or []
