@@ -73,6 +73,7 @@ class AgentSourceConfig:
     attach_mode: Literal["auto", "tcx", "tc"] = "auto"
     batch_interval: Duration = Duration(1.0)  # emit at least this often
     batch_events: int = 16384  # ... or when this many kernel events are waiting
+    buffer_events: int = 262144  # events read from the rings and held while the pipeline is slow (~34 MB)
     enrich: EnrichConfig = field(default_factory=EnrichConfig)
     observer: ObserverConfig = field(default_factory=ObserverConfig)
 
@@ -102,6 +103,8 @@ class AgentSourceConfig:
             self.capture_config().validate()
         except (ValueError, TypeError) as exc:
             problems.append(str(exc).replace("_s ", " ").replace("_bytes", "_size"))
+        if self.buffer_events < 1:
+            problems.append(f"buffer_events: expected an integer >= 1, got {self.buffer_events}")
         if self.batch_events < 1:
             problems.append(f"batch_events: expected an integer >= 1, got {self.batch_events}")
         if self.flow_table_entries < 1:
@@ -189,7 +192,7 @@ class AgentSource(Source):
             self.ctx.log.info("agent capturing", interfaces=sorted(cap.interface_names().values()),
                               netns=cfg.netns or "(own)", aggregation=cfg.aggregation)
             self.started.set()
-            reader = RingDrain(cap, max_events=4 * cfg.batch_events)
+            reader = RingDrain(cap, max_events=max(cfg.buffer_events, cfg.batch_events))
             thread = threading.Thread(target=reader.run, args=(stop,), name=f"{self.ctx.name}:rings", daemon=True)
             thread.start()
             try:
