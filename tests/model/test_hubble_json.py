@@ -88,6 +88,26 @@ def test_protobuf_round_trip_over_fixtures(fixture_lines):
     assert [orjson.loads(x) for x in encode_lines(again)] == [orjson.loads(x) for x in encode_lines(batch)]
 
 
+def test_protobuf_mapping_equals_the_json_mapping(fixture_lines):
+    import sys
+
+    from google.protobuf import json_format
+
+    from exporter.model.hubble_json import flow_dicts
+    from exporter.proto.flow import flow_pb2
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from flowgen import generate_batch
+
+    for batch in (decode_lines(b"\n".join(fixture_lines)).batch, generate_batch(3000, seed=4)):
+        reference = []
+        for flow, _ext in flow_dicts(batch):
+            msg = flow_pb2.Flow()
+            json_format.ParseDict(flow, msg)
+            reference.append(msg)
+        assert to_flow_messages(batch) == reference
+
+
 def test_field_values_of_a_known_http_flow(fixture_lines):
     line = next(line for line in fixture_lines if b"Prometheus/2.15.1" in line)
     batch = decode_lines(line).batch
