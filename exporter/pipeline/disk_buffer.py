@@ -335,10 +335,12 @@ class DiskBuffer:
             if advanced is None:
                 return
             self._acked = advanced
-            self._persist_ack()
+            # Give fully acknowledged segments back first: on a full disk that makes room for ack.json.
+            # (A crash before the position is persisted replays from the oldest remaining segment.)
             for number in [s for s in self._segments if s < advanced.segment]:
                 (self.dir / f"{number:020d}.seg").unlink(missing_ok=True)
                 del self._segments[number]
+            self._persist_ack()
             if advanced.segment == self._write_seg and advanced.offset >= self._segments.get(self._write_seg, 0):
                 # Everything written was delivered: start the segment over to give the space back.
                 self._write_fh.close()
@@ -354,11 +356,20 @@ class DiskBuffer:
 
     def _persist_ack(self) -> None:
         tmp = self.dir / ".ack.json.tmp"
-        with open(tmp, "w") as fh:
-            json.dump({"segment": self._acked.segment, "offset": self._acked.offset}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.dir / "ack.json")
+        try:
+            with open(tmp, "w") as fh:
+                json.dump({"segment": self._acked.segment, "offset": self._acked.offset}, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.dir / "ack.json")
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            tmp.unlink(missing_ok=True)
+            # The position stays in memory and is written with the next acknowledgement; a crash
+            # before then replays these batches again (duplicates, never loss).
+            self.log.warning("disk buffer: no space left to record the acknowledged position; "
+                             "will retry with the next acknowledgement", sink=self.name, path=str(self.dir))
 
     # -- state ----------------------------------------------------------------------------------
     def _size(self) -> int:
