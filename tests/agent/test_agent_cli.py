@@ -180,3 +180,50 @@ def test_a_config_without_agent_source_gets_one() -> None:
     added = with_agent_source(config)
     assert [(s.type, s.name) for s in added.sources] == [("stdin", "stdin"), ("agent", "agent")]
     assert with_agent_source(added) is added
+
+
+def test_observer_serves_the_agents_flows(net: topo.Topology, tmp_path: Path) -> None:
+    """The flows the agent emits are also what `hubble observe` gets from its Observer server."""
+    import grpc
+
+    from exporter.metrics import Metrics
+    from exporter.pipeline.runtime import Pipeline
+    from exporter.proto.observer import observer_pb2, observer_pb2_grpc
+
+    config = load_text(f"""
+node_name: obs-node
+data_dir: {tmp_path}/state
+sources:
+  - type: agent
+    netns: {net.node}
+    interfaces: ["v-*"]
+    aggregation: packet
+    batch_interval: 200ms
+    observer: {{address: "127.0.0.1:0"}}
+sinks:
+  - type: parquet
+    path: {tmp_path}/flows
+""", "observer-test.yaml")
+    pipeline = Pipeline(config, Metrics())
+    source = pipeline.sources[0]
+    runner = threading.Thread(target=pipeline.run, daemon=True)
+    runner.start()
+    try:
+        assert source.started.wait(30), "agent did not start"
+        ping(net, 3)
+        deadline = time.monotonic() + 20
+        while source.counts["rows"] < 12 and time.monotonic() < deadline:  # 6 packets on each of 2 veths
+            time.sleep(0.1)
+        assert source.observer is not None and source.observer.port
+        stub = observer_pb2_grpc.ObserverStub(grpc.insecure_channel(f"127.0.0.1:{source.observer.port}"))
+        flows = [r.flow for r in stub.GetFlows(observer_pb2.GetFlowsRequest(number=4095), timeout=10)
+                 if r.HasField("flow")]
+        echo = [f for f in flows if f.IP.source == FE and f.IP.destination == API and f.l4.HasField("ICMPv4")
+                and f.interface.name == "v-api"]
+        assert len(echo) == 3
+        assert {(f.verdict, f.node_name, f.l4.ICMPv4.type, f.is_reply.value) for f in echo} == {(1, "obs-node", 8,
+                                                                                                 False)}
+        assert len(echo) <= len(flows) <= source.counts["rows"]  # rows are counted just before they are published
+    finally:
+        pipeline.stop()
+        runner.join(60)
