@@ -60,6 +60,9 @@ class Source:
         """Counts printed at the end of a finite run (lines read, rejected...)."""
         return {}
 
+    def close(self) -> None:
+        """Called once after every sink's final flush: a last checkpoint or commit can be exact now."""
+
 
 class Stage:
     """Transforms envelopes. Stateless stages override :meth:`transform` only.

@@ -379,6 +379,11 @@ class Pipeline:
                                         "read again on the next start")
         if router.is_alive():
             summary.clean_shutdown = False
+        for source in self.sources:
+            try:
+                source.close()
+            except Exception as exc:  # noqa: BLE001
+                self.log.error("source close failed", source=source.ctx.name, error=str(exc))
         summary.seconds = time.monotonic() - started
         for source in self.sources:
             info = dict(source.summary())
