@@ -52,15 +52,15 @@ class BoundedQueue:
         self._depth = metrics.queue_depth(name)
         metrics.queue_capacity(name).set(capacity)
 
-    def put(self, item: Any, stop: threading.Event | None = None) -> bool:
-        """Block until there is room; give up (False) only if ``stop`` is set meanwhile."""
+    def put(self, item: Any, give_up: Callable[[], bool] | None = None) -> bool:
+        """Block until there is room; return False only if ``give_up()`` turns true meanwhile."""
         while True:
             try:
                 self._q.put(item, timeout=0.2)
                 self._depth.set(self._q.qsize())
                 return True
             except queue.Full:
-                if stop is not None and stop.is_set():
+                if give_up is not None and give_up():
                     return False
 
     def put_final(self, item: Any) -> None:
@@ -151,6 +151,7 @@ class Pipeline:
         self.metrics = metrics or Metrics()
         self.log = structlog.get_logger().bind(component="pipeline")
         self.stop_event = threading.Event()  # asks sources to stop
+        self._stop_requested: float | None = None
         self._failed = threading.Event()
         self._errors: list[str] = []
         Path(config.data_dir).mkdir(parents=True, exist_ok=True)
@@ -185,10 +186,13 @@ class Pipeline:
 
         def emit(batch: pa.RecordBatch, receipt: Receipt) -> None:
             counter.inc(batch.num_rows)
-            if not self.input.put(Envelope(batch, [receipt]), self.stop_event):
-                # Stopping while blocked: the batch is not delivered and its receipt never
-                # completes, so the source's checkpoint stays before it and it is read again.
-                return
+            # A stopping pipeline still takes what sources emit while they wind down (the agent's
+            # final flow-table flush): the router drains the queue until every source has returned.
+            # Only a failed pipeline, or a stop that outlived shutdown_timeout, refuses a batch; its
+            # receipt then never completes, so a checkpointing source reads it again next time.
+            if not self.input.put(Envelope(batch, [receipt]), self._give_up):
+                self.log.warning("batch not accepted: the pipeline is failing or its shutdown deadline "
+                                 "passed", source=source.ctx.name, rows=batch.num_rows)
 
         return emit
 
@@ -207,7 +211,7 @@ class Pipeline:
             for _ in self.branches[1:]:
                 env.retain()
             for branch in self.branches:
-                branch.queue.put(Envelope(env.batch, list(env.receipts), env.kind))
+                branch.queue.put(Envelope(env.batch, list(env.receipts), env.kind), self._failed.is_set)
 
     def _router(self, sources_done: threading.Event) -> None:
         next_tick = time.monotonic() + TICK_SECONDS
@@ -317,6 +321,12 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001
             self.log.error("sink close failed", sink=branch.name, error=str(exc))
 
+    def _give_up(self) -> bool:
+        if self._failed.is_set():
+            return True
+        return self._stop_requested is not None and \
+            time.monotonic() - self._stop_requested > self.config.shutdown_timeout
+
     def _fail(self, message: str, exc: BaseException) -> None:
         self.log.error("pipeline component failed", error=message, exc_type=type(exc).__name__)
         self._errors.append(message)
@@ -401,4 +411,6 @@ class Pipeline:
 
     def stop(self) -> None:
         """Ask sources to stop; the run loop then drains and flushes everything."""
+        if self._stop_requested is None:
+            self._stop_requested = time.monotonic()
         self.stop_event.set()

@@ -4,9 +4,9 @@ Layout: ``<path>/flows/dt=YYYY-MM-DD/hour=HH/<file>.parquet`` (and
 ``<path>/aggregates/...`` for aggregate rows), partitioned by the flow's own
 time (UTC). Each file is written in one go from an in-memory buffer that is
 sorted by time first, so rows are sorted by time inside every file and memory
-is bounded by ``max_file_rows`` per open partition. A file is published when
-its buffer reaches ``max_file_rows`` or its oldest row waited
-``max_file_age``, and at shutdown.
+is bounded by ``max_file_rows`` and ``max_buffer_bytes`` per open partition. A
+file is published when its buffer reaches either limit or its oldest row
+waited ``max_file_age``, and at shutdown.
 
 Publishing is atomic: the file is written under a dot-prefixed ``.tmp`` name
 (skipped by Parquet readers' discovery and by ``*.parquet`` globs), fsync'd,
@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from exporter.components import Context, Sink
-from exporter.config import Duration
+from exporter.config import ByteSize, Duration
 from exporter.model.schema import LOW_CARDINALITY_COLUMNS
 from exporter.pipeline.envelope import Envelope, Receipt
 
@@ -40,8 +40,9 @@ HOUR_NS = 3600 * 1_000_000_000
 @dataclass
 class ParquetSinkConfig:
     path: str = "./flows"
-    max_file_rows: int = 262_144  # rows per file (one sort + write); bounds memory per partition
-    row_group_rows: int = 262_144  # rows per row group (DuckDB reads row groups in parallel)
+    max_file_rows: int = 131_072  # rows per file (one sort + write)
+    max_buffer_bytes: ByteSize = ByteSize(128 << 20)  # publish a partition's file once it holds this much
+    row_group_rows: int = 131_072  # rows per row group (DuckDB reads row groups in parallel)
     max_file_age: Duration = Duration(60.0)  # publish a partly filled file after this long
     compression: str = "zstd"
     compression_level: int = 3
@@ -67,6 +68,7 @@ class _Partition:
     receipts: list[Receipt] = field(default_factory=list)
     acks: list[Envelope] = field(default_factory=list)
     rows: int = 0
+    nbytes: int = 0
     opened: float = field(default_factory=time.monotonic)
 
 
@@ -110,8 +112,9 @@ class ParquetSink(Sink):
             rows = batch if len(distinct) == 1 else batch.filter(pa.array(hours == hour))
             part.batches.append(rows)
             part.rows += rows.num_rows
+            part.nbytes += rows.nbytes
             part.acks.append(Envelope(rows, list(env.receipts), env.kind, count_delivered))
-            if part.rows >= self.config.max_file_rows:
+            if part.rows >= self.config.max_file_rows or part.nbytes >= self.config.max_buffer_bytes:
                 self._publish(part)
         env.receipts = []
         env.on_ack = None
