@@ -568,7 +568,7 @@ class KubeCredentials:
     server: str
     ca_file: str | None = None
     verify: bool = True
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # never printed
     token_file: str | None = None     # re-read on every request: projected tokens rotate
     client_cert: str | None = None
     client_key: str | None = None

@@ -10,7 +10,7 @@ import sys
 import structlog
 
 from exporter import logs
-from exporter.config import ConfigError, PipelineConfig, load_file, load_text
+from exporter.config import ConfigError, PipelineConfig, load_file, load_text, secret_problems
 from exporter.defaults import AGENT_DEFAULT, EXPORT_DEFAULT
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_REJECTED = 0, 1, 2, 3
@@ -59,7 +59,15 @@ def run_pipeline(config: PipelineConfig, metrics_address: str | None, progress: 
     from exporter.progress import Progress
 
     metrics = metrics or Metrics()
-    pipeline = Pipeline(config, metrics, sources=extra_sources)
+    problems = secret_problems(config)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        pipeline = Pipeline(config, metrics, sources=extra_sources)
+    except (OSError, ValueError, RuntimeError) as exc:
+        structlog.get_logger().error("cannot start", error=str(exc))
+        sys.stderr.write(f"flowship: cannot start: {exc}\n")
+        return EXIT_FAILED
     address = metrics_address or config.metrics_address
     server = metrics.serve(address) if address else None
 
@@ -76,6 +84,11 @@ def run_pipeline(config: PipelineConfig, metrics_address: str | None, progress: 
         display.start()
     try:
         summary = pipeline.run()
+    except (OSError, ValueError, RuntimeError) as exc:
+        # A sink or source could not start (unreachable server, unusable path...): say what, exit 1.
+        structlog.get_logger().error("cannot start", error=str(exc))
+        sys.stderr.write(f"flowship: cannot start: {exc}\n")
+        return EXIT_FAILED
     finally:
         if display:
             display.stop()
@@ -94,6 +107,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     config = load_file(args.config)
+    problems = secret_problems(config)
+    if problems:
+        raise ConfigError(problems)
     report = {
         "file": args.config,
         "node_name": config.node_name,

@@ -90,6 +90,34 @@ def secret_value(value: str | None) -> str | None:
     return value
 
 
+def secret_problems(config: PipelineConfig) -> list[str]:
+    """``env:``/``file:`` references that would not resolve now, by key path (values never shown)."""
+    problems: list[str] = []
+
+    def walk(obj: Any, path: str) -> None:
+        if isinstance(obj, str):
+            if obj.startswith("env:") and obj[4:] not in os.environ:
+                problems.append(f"{config.filename}: {path}: environment variable {obj[4:]} is not set")
+            elif obj.startswith("file:") and not os.access(obj[5:], os.R_OK):
+                problems.append(f"{config.filename}: {path}: file {obj[5:]} is missing or unreadable")
+        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            for f in dataclasses.fields(obj):
+                walk(getattr(obj, f.name), f"{path}.{f.name}")
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{path}.{k}")
+        elif isinstance(obj, list):
+            for i, v in enumerate(obj):
+                walk(v, f"{path}[{i}]")
+
+    for kind, specs in (("sources", config.sources), ("stages", config.stages), ("sinks", config.sinks)):
+        for i, spec in enumerate(specs):
+            walk(spec.config, f"{kind}[{i}]")
+            for j, stage in enumerate(spec.stages):
+                walk(stage.config, f"{kind}[{i}].stages[{j}]")
+    return problems
+
+
 def _describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if tp in (Duration, ByteSize):

@@ -154,7 +154,8 @@ class Pipeline:
         self._stop_requested: float | None = None
         self._failed = threading.Event()
         self._errors: list[str] = []
-        Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+        # Checkpoints, buffers and dead letters hold flow data: readable by this user only.
+        Path(config.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
 
         self.sources: list[Source] = list(sources or [])
         for spec in config.sources:

@@ -100,7 +100,7 @@ class RedactConfig:
     hash_bytes: int = 16
     encoding: Literal["hex", "base64"] = "hex"
     keep_headers: list[str] = field(default_factory=list)
-    ip_format: Literal["token", "address"] = "token"  # hash mode: "ip4:<token>" or an address in 2001:db8::/32
+    ip_format: Literal["token", "address"] = "address"  # hash mode: "ip4:<token>" or an address in 2001:db8::/32
 
     def validate(self) -> list[str]:
         problems = []

@@ -273,3 +273,23 @@ sinks: [{{type: parquet, path: {tmp_path / name}.out}}]
                                    "http_code, dns_rcode, src_pod, traffic_direction, is_reply))")
         results[name] = (results[name], fingerprint)
     assert len(set(map(str, results.values()))) == 1, results
+
+
+def test_unresolvable_secret_references_are_config_errors(tmp_path):
+    config = write_config(tmp_path / "c.yaml", """
+sources: [{type: stdin}]
+sinks:
+  - type: loki
+    url: http://127.0.0.1:9/push
+    bearer_token: env:FLOWSHIP_TEST_SURELY_UNSET
+  - type: elasticsearch
+    url: http://127.0.0.1:9
+    api_key: file:/nonexistent/key
+""")
+    for verb in ("validate", "export"):
+        proc = run(flowship(verb, "--config", str(config)), tmp_path)
+        assert proc.returncode == 2
+        err = proc.stderr.decode()
+        assert "c.yaml: sinks[0].bearer_token: environment variable FLOWSHIP_TEST_SURELY_UNSET is not set" in err
+        assert "c.yaml: sinks[1].api_key: file /nonexistent/key is missing or unreadable" in err
+        assert "Traceback" not in err

@@ -56,7 +56,8 @@ def test_remove_mode(ctx):
 
 def test_hash_mode_is_keyed_deterministic_and_keeps_ip_family(ctx, key_env):
     batch = sample_flows()
-    stage = RedactStage(RedactConfig(fields=["ip", "src_labels", "src_pod"], mode="hash", key_env=key_env), ctx)
+    stage = RedactStage(RedactConfig(fields=["ip", "src_labels", "src_pod"], mode="hash", key_env=key_env,
+                                      ip_format="token"), ctx)
     out = stage.transform(batch)
     src = out.column("ip_src").to_pylist()
     dst = out.column("ip_dst").to_pylist()
@@ -66,7 +67,8 @@ def test_hash_mode_is_keyed_deterministic_and_keeps_ip_family(ctx, key_env):
     assert out.column("src_labels").to_pylist() == [[token("k8s:app=api"), token("k8s:team=payments")], None]
     assert out.column("src_pod").to_pylist() == [token("api-7d9"), None]
     # a new stage instance (another process, a restart) gives the same tokens
-    again = RedactStage(RedactConfig(fields=["ip"], mode="hash", key_env=key_env), ctx).transform(batch)
+    again = RedactStage(RedactConfig(fields=["ip"], mode="hash", key_env=key_env, ip_format="token"),
+                        ctx).transform(batch)
     assert again.column("ip_src").to_pylist() == src
 
 
@@ -88,7 +90,8 @@ def test_hash_options_and_special_fields(ctx, key_env):
 
 def test_sliced_input(ctx, key_env):
     batch = sample_flows().slice(1, 1)
-    out = RedactStage(RedactConfig(fields=["ip", "src_labels"], mode="hash", key_env=key_env), ctx).transform(batch)
+    out = RedactStage(RedactConfig(fields=["ip", "src_labels"], mode="hash", key_env=key_env, ip_format="token"),
+                      ctx).transform(batch)
     assert out.column("ip_src").to_pylist() == [f"ip6:{token('2001:db8::7')}"]
     assert out.column("dns_ips").to_pylist() == [None]
 
