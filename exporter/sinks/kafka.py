@@ -32,6 +32,7 @@ reports and tries again, blocking the pipeline instead of losing flows.
 from __future__ import annotations
 
 import base64
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -161,8 +162,54 @@ def producer_config(c: KafkaSinkConfig) -> dict[str, Any]:
     return conf
 
 
+class Throttle:
+    """At most one log line per key per ``interval`` seconds; says how many were held back."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, key: str) -> int | None:
+        """None: stay quiet; otherwise the number of lines held back since the last one."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, -1e18) < self.interval:
+                self._held[key] = self._held.get(key, 0) + 1
+                return None
+            self._last[key] = now
+            return self._held.pop(key, 0)
+
+
+class _LibrdkafkaLog(logging.Handler):
+    """librdkafka's own log lines, as structured log events (not raw text on stderr), throttled."""
+
+    def __init__(self, log) -> None:  # noqa: ANN001 - a structlog logger
+        super().__init__()
+        self.log = log
+        self.throttle = Throttle()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        held = self.throttle.allow(message[:80])
+        if held is None:
+            return
+        level = "warning" if record.levelno >= logging.WARNING else "info"
+        getattr(self.log, level)("kafka client log", message=message, repeated=held or None)
+
+
+def client_logger(ctx: Context) -> logging.Logger:
+    """A logging.Logger for confluent-kafka's ``logger`` setting, forwarding to the component's log."""
+    logger = logging.getLogger(f"flowship.kafka.{ctx.name}")
+    logger.propagate = False
+    logger.handlers = [_LibrdkafkaLog(ctx.log)]
+    logger.setLevel(logging.INFO)
+    return logger
+
+
 def admin_config(conf: dict[str, Any]) -> dict[str, Any]:
-    keep = ("bootstrap.servers", "client.id", "security.protocol")
+    keep = ("bootstrap.servers", "client.id", "security.protocol", "logger")
     return {k: v for k, v in conf.items() if k in keep or k.startswith(("sasl.", "ssl."))}
 
 
@@ -232,12 +279,14 @@ class KafkaSink(Sink):
                                        "Times the local producer queue was full (BufferError).",
                                        ["sink"]).labels(ctx.name)
         self.stats: dict[str, Any] = {}
+        self._error_throttle = Throttle()
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         c = self.config
         conf = producer_config(c)
         conf["error_cb"] = self._on_error
+        conf["logger"] = client_logger(self.ctx)
         if "statistics.interval.ms" in conf:
             conf["stats_cb"] = self._on_stats
         if c.create_topic is not None:
@@ -431,8 +480,10 @@ class KafkaSink(Sink):
         if err.fatal():
             self._fatal = err
             self.ctx.log.error("kafka producer fatal error", error=err.str())
-        else:
-            self.ctx.log.warning("kafka client error", error=err.str(), code=err.name())
+            return
+        held = self._error_throttle.allow(err.name())
+        if held is not None:  # a broker that keeps refusing would otherwise log many lines a second
+            self.ctx.log.warning("kafka client error", error=err.str(), code=err.name(), repeated=held or None)
 
     def _on_stats(self, text: str) -> None:
         try:

@@ -37,6 +37,7 @@ from exporter.config import Duration, secret_value
 from exporter.model import ecs
 from exporter.model.schema import FLOW_SCHEMA, empty_flows
 from exporter.pipeline.envelope import Receipt
+from exporter.sinks.kafka import client_logger
 
 Encoding = Literal["auto", "hubble-json", "protobuf", "ecs-json", "arrow"]
 MAX_REPORTED = 20  # undecodable messages logged one by one; after that only counted
@@ -357,7 +358,9 @@ class KafkaSource(Source):
     # -- main loop ----------------------------------------------------------------------------
     def run(self, emit: Emit, stop: threading.Event) -> None:
         c = self.config
-        self.consumer = Consumer(consumer_config(c))
+        conf = consumer_config(c)
+        conf["logger"] = client_logger(self.ctx)
+        self.consumer = Consumer(conf)
         self.consumer.subscribe(c.topic_list(), on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_lost)
         self.ctx.log.info("kafka source subscribed", topics=c.topic_list(), group=c.group_id)
