@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -59,6 +60,10 @@ _EXTENSION = pa.struct([("start_time", TIMESTAMP), ("flow_event", _S), ("kernel_
 INPUT_SCHEMA = pa.schema([("flow", _FLOW), ("node_name", _S), ("time", TIMESTAMP), ("flowship", _EXTENSION)])
 
 _PARSE = pj.ParseOptions(explicit_schema=INPUT_SCHEMA, unexpected_field_behavior="ignore")
+# A line that is not a JSON object (``null`` above all) can crash Arrow's JSON reader (apache/arrow#47409):
+# such chunks go to the line decoder, which reports the line.
+_NOT_AN_OBJECT_FIRST = re.compile(rb"[ \t\r\n]*[^{ \t\r\n]")
+_NOT_AN_OBJECT = re.compile(rb"\n[ \t\r]*[^{ \t\r\n]")
 _IP_VERSIONS = pa.array(["IPv4", "IPv6"])
 _L4_NAMES = ("TCP", "UDP", "SCTP", "ICMPv4", "ICMPv6")
 
@@ -115,8 +120,28 @@ def _user_agent(headers: pa.Array) -> pa.Array:
     return pc.struct_field(flat, "value").take(pa.array(take, mask=mask))
 
 
+def _utf8(data: bytes) -> bool:
+    """Arrow's JSON reader does not check UTF-8: invalid bytes would make string columns invalid."""
+    if data.isascii():
+        return True
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def decode_fast(data: bytes) -> pa.RecordBatch | None:
     """Flows of a chunk of Hubble JSON lines, or None when the line decoder must handle it."""
+    if _NOT_AN_OBJECT_FIRST.match(data) or _NOT_AN_OBJECT.search(data) or not _utf8(data):
+        return None
+    try:
+        return _decode_fast(data)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+        return None  # a value out of range (a port above 65535...): the line decoder names the line
+
+
+def _decode_fast(data: bytes) -> pa.RecordBatch | None:
     try:
         table = pj.read_json(io.BytesIO(data), read_options=pj.ReadOptions(use_threads=False, block_size=1 << 24),
                              parse_options=_PARSE)

@@ -385,6 +385,7 @@ def decode_lines(data: bytes, first_line: int = 1, fast: bool = True) -> DecodeR
         if batch is not None:
             return DecodeResult(batch=batch)
     rows: list[dict] = []
+    numbers: list[int] = []  # the line of each row, for errors found when building the batch
     result = DecodeResult(batch=None)  # type: ignore[arg-type]
     if stripped.startswith(b"["):
         items: list[tuple[int, Any, bytes]] = []
@@ -417,6 +418,7 @@ def decode_lines(data: bytes, first_line: int = 1, fast: bool = True) -> DecodeR
             continue
         if row is not None:
             rows.append(row)
+            numbers.append(number)
         elif lost is not None:
             result.lost_events.append(lost)
         else:
@@ -426,12 +428,13 @@ def decode_lines(data: bytes, first_line: int = 1, fast: bool = True) -> DecodeR
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError):
         # A value of the wrong type somewhere: find the culprits row by row.
         good = []
-        for row in rows:
+        for number, row in zip(numbers, rows, strict=True):
             try:
                 rows_to_batch([row])
                 good.append(row)
             except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError) as exc:
-                result.errors.append((-1, f"flow {row.get('uuid')}: value out of range or wrong type: {exc}"))
+                result.errors.append((number, f"flow {row.get('uuid')}: value out of range or wrong type: {exc}"))
+        result.errors.sort(key=lambda e: e[0])
         result.batch = rows_to_batch(good)
     return result
 
