@@ -264,13 +264,26 @@ def decode_messages(values: list[bytes], encoding: str) -> tuple[pa.RecordBatch,
         from exporter.model.proto import from_flow_messages
         from exporter.proto.flow import flow_pb2
 
-        msgs, bad = [], []
+        msgs, indexes, bad = [], [], []
         for i, v in enumerate(values):
             try:
                 msgs.append(flow_pb2.Flow.FromString(v))
+                indexes.append(i)
             except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and friends
                 bad.append((i, f"invalid flow.Flow protobuf: {exc}"))
-        return (from_flow_messages(msgs) if msgs else empty_flows()), bad
+        if not msgs:
+            return empty_flows(), bad
+        try:
+            return from_flow_messages(msgs), bad
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, ValueError):
+            # A value the flow schema cannot hold (a port above 65535...): find the culprits one by one.
+            good = []
+            for i, msg in zip(indexes, msgs, strict=True):
+                try:
+                    good.append(from_flow_messages([msg]))
+                except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, ValueError) as exc:
+                    bad.append((i, f"flow.Flow value out of range: {exc}"))
+            return (pa.concat_batches(good) if good else empty_flows()), sorted(bad)
     if encoding == "ecs-json":
         return ecs.decode_ndjson(values)
     if encoding == "arrow":

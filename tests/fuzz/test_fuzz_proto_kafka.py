@@ -1,0 +1,239 @@
+"""Fuzzing the binary and message decoders: protobuf flows, GetFlowsResponse frames, Kafka messages.
+
+* Kafka messages of each encoding (``decode_messages``): random bytes, mutated
+  messages of real flows, and ``flow.Flow`` messages whose fields hold any
+  value their protobuf type allows (ports up to 2^32-1, times far outside the
+  flow schema's range): never raises; each bad message is reported with its
+  index and a reason; good messages in the same poll are kept.
+* ``detect_encoding`` on random headers and values never raises.
+* ``GetFlowsResponse`` frames as the hubble source receives them: random and
+  mutated frames either fail protobuf decoding (gRPC reports that as a
+  stream error) or give a message whose flow time the source can read.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from google.protobuf.message import DecodeError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from exporter.model import ecs
+from exporter.model.hubble_json import decode_lines, encode_lines
+from exporter.model.proto import from_flow_bytes, to_flow_bytes
+from exporter.model.schema import FLOW_SCHEMA
+from exporter.proto.flow import flow_pb2
+from exporter.proto.observer import observer_pb2
+from exporter.sources.kafka import decode_messages, detect_encoding
+
+FUZZ = settings(max_examples=300, deadline=10_000, suppress_health_check=[HealthCheck.too_slow,
+                                                                             HealthCheck.data_too_large])
+FIXTURES = Path(os.environ.get("FLOWSHIP_FIXTURES",
+                               Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "hubble"))
+ENCODINGS = ("hubble-json", "protobuf", "ecs-json")
+
+
+@functools.cache
+def flows() -> pa.RecordBatch:
+    data = b"".join(p.read_bytes() for p in sorted(FIXTURES.glob("*.jsonl")))
+    batch = decode_lines(data).batch
+    if batch.num_rows < 1000:
+        pytest.fail(f"expected the recorded Hubble flows in {FIXTURES} (set FLOWSHIP_FIXTURES)", pytrace=False)
+    return batch
+
+
+@functools.cache
+def messages(encoding: str) -> tuple[bytes, ...]:
+    """Kafka message values of the fixture flows, as the kafka sink writes them."""
+    batch = flows()
+    if encoding == "protobuf":
+        return tuple(to_flow_bytes(batch))
+    if encoding == "ecs-json":
+        return tuple(ecs.encode_documents(batch))
+    return tuple(line.rstrip(b"\n") for line in encode_lines(batch))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _build_before_timing() -> None:
+    for encoding in ENCODINGS:
+        messages(encoding)
+
+
+def check_decode(values: list[bytes], encoding: str, good: set[int]) -> None:
+    """decode_messages never raises, accounts for every message and keeps the ``good`` ones."""
+    batch, bad = decode_messages(values, encoding)
+    assert isinstance(batch, pa.RecordBatch) and batch.schema.equals(FLOW_SCHEMA)
+    batch.validate(full=True)
+    bad_indexes = [i for i, _ in bad]
+    assert len(set(bad_indexes)) == len(bad_indexes) and all(0 <= i < len(values) for i in bad_indexes)
+    assert all(isinstance(reason, str) and reason for _, reason in bad)
+    assert not good & set(bad_indexes), f"a good message was rejected: {bad}"
+    assert batch.num_rows + len(bad) <= len(values) or encoding == "hubble-json"
+    assert batch.num_rows >= len(good)
+
+
+def mutate(data: st.DataObject, value: bytes) -> bytes:
+    buf = bytearray(value)
+    for _ in range(data.draw(st.integers(1, 4))):
+        if not buf:
+            break
+        at = data.draw(st.integers(0, len(buf) - 1))
+        op = data.draw(st.sampled_from(["flip", "delete", "insert", "truncate", "byte"]))
+        if op == "flip":
+            buf[at] ^= 1 << data.draw(st.integers(0, 7))
+        elif op == "delete":
+            del buf[at:at + data.draw(st.integers(1, 16))]
+        elif op == "insert":
+            buf[at:at] = data.draw(st.binary(min_size=1, max_size=8))
+        elif op == "truncate":
+            del buf[at:]
+        else:
+            buf[at] = data.draw(st.integers(0, 255))
+    return bytes(buf)
+
+
+# -- Kafka messages ----------------------------------------------------------------------------
+
+@FUZZ
+@given(values=st.lists(st.binary(max_size=600), min_size=1, max_size=8), encoding=st.sampled_from(ENCODINGS))
+def test_random_messages(values, encoding, tried):
+    tried[f"kafka: random {encoding} messages"] += 1
+    check_decode(values, encoding, set())
+
+
+@FUZZ
+@given(data=st.data(), encoding=st.sampled_from(ENCODINGS))
+def test_mutated_messages_keep_good_neighbours(data, encoding, tried):
+    tried[f"kafka: mutated {encoding} messages"] += 1
+    pool = messages(encoding)
+    good = [data.draw(st.sampled_from(pool)) for _ in range(2)]
+    bad = mutate(data, data.draw(st.sampled_from(pool)))
+    check_decode([good[0], bad, good[1]], encoding, {0, 2})
+
+
+U32 = st.integers(0, 2**32 - 1)
+I32 = st.integers(-(2**31), 2**31 - 1)
+
+
+@st.composite
+def extreme_flow(draw) -> flow_pb2.Flow:  # noqa: ANN001
+    """A flow.Flow with values anywhere in their protobuf types' ranges."""
+    f = flow_pb2.Flow()
+    f.time.seconds = draw(st.one_of(st.integers(0, 2**33), st.integers(-(2**63), 2**63 - 1)))
+    f.time.nanos = draw(st.integers(-(2**31), 2**31 - 1))
+    f.uuid = draw(st.text(max_size=40))
+    f.verdict = draw(st.integers(0, 2**31 - 1))
+    f.IP.source = draw(st.text(max_size=40))
+    f.IP.destination = draw(st.sampled_from(["10.0.0.1", "::1", "", "999.1.1.1"]))
+    proto = draw(st.sampled_from(["TCP", "UDP", "ICMPv4", "SCTP"]))
+    if proto == "ICMPv4":
+        f.l4.ICMPv4.type = draw(U32)
+        f.l4.ICMPv4.code = draw(U32)
+    else:
+        ports = getattr(f.l4, proto)
+        ports.source_port = draw(U32)
+        ports.destination_port = draw(U32)
+    f.source.identity = draw(U32)
+    f.source.ID = draw(U32)
+    f.source.labels.extend(draw(st.lists(st.text(max_size=20), max_size=3)))
+    f.destination.namespace = draw(st.text(max_size=20))
+    f.event_type.type = draw(I32)
+    f.l7.latency_ns = draw(st.integers(0, 2**64 - 1))
+    f.l7.http.code = draw(U32)
+    f.l7.http.url = draw(st.text(max_size=60))
+    f.l7.dns.rcode = draw(U32)
+    f.l7.dns.ttl = draw(U32)
+    f.drop_reason_desc = draw(st.integers(0, 2**31 - 1))
+    f.traffic_direction = draw(st.integers(0, 2**31 - 1))
+    f.Summary = draw(st.text(max_size=50))
+    return f
+
+
+@FUZZ
+@given(extremes=st.lists(extreme_flow(), min_size=1, max_size=4), data=st.data())
+def test_protobuf_values_out_of_the_schemas_range(extremes, data, tried):
+    """A poison message (a port above 65535, a time past 2262) is rejected alone, never raised."""
+    tried["kafka: protobuf flows with extreme values"] += 1
+    good = [data.draw(st.sampled_from(messages("protobuf"))) for _ in range(2)]
+    values = [good[0], *(m.SerializeToString() for m in extremes), good[1]]
+    check_decode(values, "protobuf", {0, len(values) - 1})
+
+
+@FUZZ
+@given(headers=st.one_of(st.none(), st.lists(st.tuples(st.sampled_from(["flowship-encoding", "content-type", "x"]),
+                                                        st.binary(max_size=30)), max_size=3)),
+       value=st.binary(max_size=300))
+def test_detect_encoding_never_raises(headers, value, tried):
+    tried["kafka: detect_encoding"] += 1
+    assert isinstance(detect_encoding(headers, value), str)
+
+
+# -- protobuf flows and GetFlowsResponse frames -------------------------------------------------
+
+@FUZZ
+@given(payload=st.binary(max_size=800))
+def test_random_flow_bytes(payload, tried):
+    """from_flow_bytes: a batch, or DecodeError for bytes that are not a flow.Flow."""
+    tried["proto: random flow.Flow bytes"] += 1
+    try:
+        msg = flow_pb2.Flow.FromString(payload)
+    except DecodeError:
+        with pytest.raises(DecodeError):
+            from_flow_bytes([payload])
+        return
+    assert isinstance(msg, flow_pb2.Flow)
+    check_decode([payload], "protobuf", set())
+
+
+def response_frames() -> list[bytes]:
+    out = []
+    for i, payload in enumerate(messages("protobuf")[:200]):
+        resp = observer_pb2.GetFlowsResponse(node_name=f"node-{i % 3}")
+        resp.flow.ParseFromString(payload)
+        resp.time.CopyFrom(resp.flow.time)
+        out.append(resp.SerializeToString())
+    lost = observer_pb2.GetFlowsResponse(node_name="n")
+    lost.lost_events.num_events_lost = 7
+    out.append(lost.SerializeToString())
+    return out
+
+
+@functools.cache
+def frames() -> tuple[bytes, ...]:
+    return tuple(response_frames())
+
+
+def read_frame(frame: bytes) -> tuple[str | None, int | None]:
+    """What the hubble source does with one response: its kind and the flow's time (ns)."""
+    resp = observer_pb2.GetFlowsResponse.FromString(frame)
+    kind = resp.WhichOneof("response_types")
+    if kind != "flow":
+        return kind, None
+    flow = resp.flow
+    t = flow.time.ToNanoseconds() if flow.HasField("time") else (
+        resp.time.ToNanoseconds() if resp.HasField("time") else None)
+    return kind, t
+
+
+@FUZZ
+@given(data=st.data())
+def test_get_flows_response_frames(data, tried):
+    tried["hubble: GetFlowsResponse frames (random and mutated)"] += 1
+    if data.draw(st.booleans()):
+        frame = data.draw(st.binary(max_size=800))
+    else:
+        frame = mutate(data, data.draw(st.sampled_from(frames())))
+    try:
+        kind, t = read_frame(frame)
+    except DecodeError:
+        return  # grpc turns this into a stream error; the source reconnects
+    assert kind in (None, "flow", "node_status", "lost_events", "agent_event", "debug_event")
+    assert t is None or isinstance(t, int)
+    if kind == "flow":
+        resp = observer_pb2.GetFlowsResponse.FromString(frame)
+        check_decode([resp.flow.SerializeToString()], "protobuf", set())
