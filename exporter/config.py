@@ -220,6 +220,7 @@ class _Parser:
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
         kwargs: dict[str, Any] = {}
+        problems_before = len(self.problems)
         for key, raw in value.items():
             sub = f"{path}.{key}" if path else str(key)
             if key not in fields:
@@ -240,7 +241,13 @@ class _Parser:
             return None
         check = getattr(obj, "validate", None)
         if callable(check):
-            for message in check() or []:
+            try:
+                messages = check() or []
+            except (TypeError, AttributeError, ValueError):
+                if len(self.problems) == problems_before:
+                    raise
+                messages = []  # a value of the wrong type, already reported, tripped the semantic checks
+            for message in messages:
                 key, _, text = message.partition(": ") if ": " in message else ("", "", message)
                 where = f"{path}.{key}" if path and key else (key or path)
                 self.fail(where, text)
