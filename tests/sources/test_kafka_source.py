@@ -3,6 +3,7 @@ and two `flowship export` processes sharing a consumer group with one of them ki
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -333,6 +334,12 @@ def _parquet_uuids(roots: list[Path]) -> tuple[int, set[str]]:
     return len(rows), {r[0] for r in rows}
 
 
+def _holds_partitions(log: Path) -> bool:
+    """The member's latest assignment (in its JSON log) is not empty."""
+    assigned = [json.loads(line) for line in log.read_text().splitlines() if '"partitions assigned"' in line]
+    return bool(assigned) and bool(assigned[-1].get("partitions"))
+
+
 def _os_count(url: str, ds: str) -> int:
     devservers.http_json("POST", f"{url}/{ds}/_refresh")
     status, body = devservers.http_json("GET", f"{url}/{ds}/_count")
@@ -349,14 +356,21 @@ def test_two_export_processes_one_killed_nothing_lost(kafka, tmp_path, run_id):
     AdminClient({"bootstrap.servers": kafka})  # fail early if the broker is gone
     phases = [generated_flows(8000, seed=10 + i) for i in range(3)]
     want = {u for b in phases for u in b.column("uuid").to_pylist()}
-    produce(kafka, topic, phases[0], "hubble-json")
+    produce(kafka, topic, phases[0].slice(0, 0), "hubble-json")  # creates the topic's 6 partitions
     a_cfg = _export_config(tmp_path / "a", kafka, topic, group, os_url, ds)
     b_cfg = _export_config(tmp_path / "b", kafka, topic, group, os_url, ds)
     a = _start_export(a_cfg, tmp_path / "a.log")
     b = _start_export(b_cfg, tmp_path / "b.log")
     try:
         deadline = time.monotonic() + 120
-        while _os_count(os_url, ds) < 4000:
+        # Both members must hold partitions before the flows arrive, so that both work and a's
+        # share has to be taken over when it dies.
+        while not (_holds_partitions(tmp_path / "a.log") and _holds_partitions(tmp_path / "b.log")):
+            assert time.monotonic() < deadline, (tmp_path / "a.log").read_text()[-3000:]
+            assert a.poll() is None and b.poll() is None
+            time.sleep(0.2)
+        produce(kafka, topic, phases[0], "hubble-json")
+        while _os_count(os_url, ds) < 4000 or not _parquet_uuids([tmp_path / "a" / "parquet"])[1]:
             assert time.monotonic() < deadline, (tmp_path / "a.log").read_text()[-3000:]
             assert a.poll() is None and b.poll() is None
             time.sleep(0.5)
