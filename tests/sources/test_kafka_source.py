@@ -335,9 +335,9 @@ def _parquet_uuids(roots: list[Path]) -> tuple[int, set[str]]:
 
 
 def _holds_partitions(log: Path) -> bool:
-    """The member's latest assignment (in its JSON log) is not empty."""
+    """The member was given partitions (its JSON log shows a non-empty assignment)."""
     assigned = [json.loads(line) for line in log.read_text().splitlines() if '"partitions assigned"' in line]
-    return bool(assigned) and bool(assigned[-1].get("partitions"))
+    return any(a.get("partitions") for a in assigned)
 
 
 def _os_count(url: str, ds: str) -> int:
