@@ -2,7 +2,8 @@
 
 The fault tests stop and restart Kafka, OpenSearch and VictoriaLogs, so they
 run their own instances (``deploy/dev/servers`` with a private
-``FLOWSHIP_RUN`` and ports 21092/21093/21200/21300/21428, or the five ports in
+``FLOWSHIP_RUN`` and ports 21092/21093/21200/21300/21428 — or the same ports
+in 22xxx, 23xxx... when another test run holds those — or the five ports in
 ``FLOWSHIP_FAULTS_PORTS``), started once per session and stopped at its end.
 The shared development servers on the default ports are never touched.
 """
@@ -20,25 +21,36 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from faultlib import FaultServers, generate_input, port_in_use  # noqa: E402
 
-DEFAULT_PORTS = "21092,21093,21200,21300,21428"
+PORT_OFFSETS = (92, 93, 200, 300, 428)  # kafka, controller, opensearch, transport, victorialogs
+PORT_BASES = (21000, 22000, 23000, 24000, 25000, 26000)  # below the ephemeral range
 LARGEST_INPUT = 200_000
+NAMES = ("kafka", "kafka_controller", "opensearch", "opensearch_transport", "victorialogs")
+
+
+def choose_ports() -> dict[str, int]:
+    raw = os.environ.get("FLOWSHIP_FAULTS_PORTS")
+    if raw:
+        try:
+            ports = dict(zip(NAMES, (int(p) for p in raw.split(",")), strict=True))
+        except ValueError:
+            pytest.fail(f"FLOWSHIP_FAULTS_PORTS={raw!r}: expected five ports: kafka,controller,opensearch,"
+                        "transport,victorialogs", pytrace=False)
+        busy = [f"{name} {port}" for name, port in ports.items() if port_in_use(port)]
+        if busy:
+            pytest.fail(f"FLOWSHIP_FAULTS_PORTS are in use ({', '.join(busy)})", pytrace=False)
+        return ports
+    for base in PORT_BASES:
+        ports = {name: base + off for name, off in zip(NAMES, PORT_OFFSETS, strict=True)}
+        if not any(port_in_use(p) for p in ports.values()):
+            return ports
+    pytest.fail(f"no free set of ports for the fault tests' own servers in {PORT_BASES} (+{PORT_OFFSETS}): "
+                "stop other test runs or choose ports with FLOWSHIP_FAULTS_PORTS=kafka,controller,opensearch,"
+                "transport,victorialogs", pytrace=False)
 
 
 @pytest.fixture(scope="session")
 def fault_servers(tmp_path_factory: pytest.TempPathFactory):
-    raw = os.environ.get("FLOWSHIP_FAULTS_PORTS", DEFAULT_PORTS)
-    try:
-        kafka, controller, opensearch, transport, victorialogs = (int(p) for p in raw.split(","))
-    except ValueError:
-        pytest.fail(f"FLOWSHIP_FAULTS_PORTS={raw!r}: expected five ports: kafka,controller,opensearch,"
-                    "transport,victorialogs", pytrace=False)
-    ports = {"kafka": kafka, "kafka_controller": controller, "opensearch": opensearch,
-             "opensearch_transport": transport, "victorialogs": victorialogs}
-    busy = [f"{name} {port}" for name, port in ports.items() if port_in_use(port)]
-    if busy:
-        pytest.fail(f"ports for the fault tests' own servers are in use ({', '.join(busy)}): stop what listens "
-                    "there or choose others with FLOWSHIP_FAULTS_PORTS=kafka,controller,opensearch,transport,"
-                    "victorialogs", pytrace=False)
+    ports = choose_ports()
     run_dir = tmp_path_factory.mktemp("fault-servers")
     servers = FaultServers(run_dir, ports)
     try:

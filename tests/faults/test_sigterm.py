@@ -2,7 +2,9 @@
 
 ``flowship export`` exports a generated input to Parquet, Kafka, OpenSearch
 and VictoriaLogs (network sinks behind disk buffers) and gets SIGTERM while
-it is busy. It must exit 0 within ``shutdown_timeout``. Then:
+it is busy. VictoriaLogs is reached through a proxy that lets 64 KiB/s
+through, so the loki sink surely has batches in flight and in its buffer
+when the signal comes. It must exit 0 within ``shutdown_timeout``. Then:
 
 * everything acknowledged is in the sinks: each sink holds at least the rows
   it reported as delivered, and every line up to the source's checkpoint is
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 from faultlib import (
+    FaultProxy,
     KafkaTopicReader,
     buffer_uuids,
     checkpoint_line,
@@ -60,6 +63,8 @@ def test_sigterm_under_load_exits_clean_and_loses_nothing(tmp_path: Path, fault_
     tag = f"sigterm{int(time.time())}"
     state, out, buffers = tmp_path / "state", tmp_path / "parquet", tmp_path / "buffers"
     kafka, es, loki = network_sinks(fault_servers, tag, buffers)
+    proxy = FaultProxy(fault_servers.ports["victorialogs"], rate=64 * 1024)
+    loki["url"] = f"http://127.0.0.1:{proxy.port}/insert/loki/api/v1/push"
     settings = {
         "data_dir": str(state), "queue_batches": 4, "shutdown_timeout": f"{SHUTDOWN_TIMEOUT:g}s",
         "sources": [{"type": "file", "paths": [str(source)], "batch_rows": 5000, "read_size": "1MiB"}],
@@ -95,12 +100,14 @@ def test_sigterm_under_load_exits_clean_and_loses_nothing(tmp_path: Path, fault_
         assert proc.returncode == 0, f"exit {proc.returncode} after SIGTERM:\n{tail(first_log)}"
     finally:
         stop_process(proc)
+        proxy.set_rate(None)
     reported = delivered_counts(first_log)
     kept = [e["sink"] for e in log_events(first_log) if e.get("event") == KEPT]
     checkpoint = checkpoint_line(state, source)
     print(f"  SIGTERM after {read:.0f} flows read, still to deliver {behind}; exit 0 after {took:.1f}s; checkpoint line {checkpoint}; "
           f"delivered {reported}; sinks that left batches in their buffer: {kept or 'none'}")
     assert set(reported) == {"parquet", "kafka", "elasticsearch", "loki"}
+    assert "loki" in kept, "the throttled loki sink should have left batches in its disk buffer"
 
     # Everything acknowledged is in the sinks.
     topic = KafkaTopicReader(fault_servers.kafka, kafka["topic"])
@@ -137,6 +144,7 @@ def test_sigterm_under_load_exits_clean_and_loses_nothing(tmp_path: Path, fault_
                                                          FLOWS)]
     finally:
         topic.close()
+        proxy.close()
     expected = set(uuids)
     for sink, got in have.items():
         assert set(got) == expected, f"{sink}: {len(expected - set(got))} flows lost across the two runs"
