@@ -1,10 +1,20 @@
-"""Fuzzing fixtures: how many inputs each fuzz test tried, printed at the end of the run."""
+"""Fuzzing fixtures: how many inputs each fuzz test tried, printed at the end of the run.
+
+On CI (``CI`` set) the examples are derandomized, so a run there is repeatable and does not stumble on
+a new input while checking someone else's change; locally every run explores new inputs.
+"""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import pytest
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 TRIED = pytest.StashKey[Counter]()
 

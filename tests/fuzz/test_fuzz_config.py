@@ -129,9 +129,8 @@ def load(doc: dict) -> list[str]:
     return []
 
 
-def test_every_target_is_covered(tried):
-    tried["config: option paths known"] += len(TARGETS)
-    assert len(TARGETS) > 100, len(TARGETS)
+def test_every_target_is_covered():
+    assert len(TARGETS) > 100, len(TARGETS)  # options of every component, nested ones included
 
 
 @FUZZ
