@@ -23,7 +23,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,6 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 SERVERS = REPO / "deploy" / "dev" / "servers"
 RUNNER = Path(__file__).resolve().parent / "export_with_metrics.py"
-NAMES = ("kafka", "opensearch", "victorialogs")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,10 +440,6 @@ def checkpoint_line(data_dir: Path, input_path: Path, source: str = "file") -> i
 
 def duplicates(values: list[str]) -> int:
     return len(values) - len(set(values))
-
-
-def multiset(values: list[str]) -> Counter:
-    return Counter(values)
 
 
 # ---------------------------------------------------------------------------------------------
