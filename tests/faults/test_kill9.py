@@ -3,7 +3,9 @@
 One large generated input is exported from a checkpointing file source to
 Parquet, Kafka, OpenSearch and the Loki push API (VictoriaLogs) at once, each
 network sink behind a disk buffer. The process is killed with SIGKILL at
-seeded random moments and started again each time, then left to finish.
+seeded random moments (or as soon as it has moved the checkpoint by a
+fifteenth of the input, so that the export cannot finish before the twelfth
+kill on a fast machine) and started again each time, then left to finish.
 
 After every kill the test reads what each sink holds and what each buffer
 would replay, and checks the two invariants that make at-least-once true:
@@ -53,7 +55,7 @@ from faultlib import (
 FLOWS = 200_000
 KILLS = 12
 SEED = int(os.environ.get("FLOWSHIP_FAULTS_SEED", "4242"))
-KILL_AFTER = (1.5, 8.0)  # seconds after the process started
+KILL_AFTER = (1.5, 8.0)  # seconds after the process started (earlier if it already checkpointed a lot)
 
 
 @dataclass
@@ -98,11 +100,18 @@ def test_kill9_at_random_moments_loses_nothing(tmp_path: Path, fault_servers, fl
             if final:
                 proc.wait(timeout=420)
             else:
-                try:
-                    proc.wait(timeout=life.kill_after)
-                except Exception:  # noqa: BLE001 - still running: this is the moment
-                    proc.kill()
-                    proc.wait(timeout=30)
+                started = time.monotonic()
+                # The seeded moment, or earlier once this process moved the checkpoint by a fifteenth of the
+                # input, so that a fast machine cannot finish the export before the kills are done.
+                while proc.poll() is None:
+                    elapsed = time.monotonic() - started
+                    advanced = checkpoint_line(state, source) - life.started_at_line
+                    if elapsed >= life.kill_after or advanced >= FLOWS // 15:
+                        life.kill_after = round(elapsed, 2)
+                        proc.kill()
+                        proc.wait(timeout=30)
+                        break
+                    time.sleep(0.05)
             life.exit_code = proc.returncode
             life.ended_at_line = checkpoint_line(state, source)
             files = parquet_files(out)
