@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
+import structlog
 
 from exporter.model.hubble_json import _extension, rows_to_batch
 from exporter.model.schema import TCP_FLAG_BITS
@@ -368,7 +369,20 @@ def from_flow_messages(messages: Sequence[flow_pb2.Flow], node_names: Sequence[s
         if extensions is not None and extensions[i]:
             _extension(extensions[i], row)
         rows.append(row)
-    return rows_to_batch(rows)
+    try:
+        return rows_to_batch(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError):
+        # A well-formed message with a value the schema cannot hold (a port above 65535, a time
+        # past 2262): keep every other flow, report the bad ones, never stop the stream on them.
+        good = []
+        for row in rows:
+            try:
+                rows_to_batch([dict(row)])
+                good.append(row)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError) as exc:
+                structlog.get_logger().warning("flow rejected: value out of range", uuid=row.get("uuid"),
+                                               reason=str(exc)[:200])
+        return rows_to_batch(good)
 
 
 def from_flow_bytes(payloads: Sequence[bytes]) -> pa.RecordBatch:

@@ -199,8 +199,8 @@ def test_flowship_extension_round_trips():
 
 def test_gzip_is_not_this_modules_business_but_bytes_are():
     # The decoder takes bytes; the file source decompresses. A gzip blob is simply not JSON.
-    result = decode_lines(gzip.compress(b'{"flow":{}}\n'))
-    assert result.batch.num_rows == 0 and len(result.errors) == 1
+    result = decode_lines(gzip.compress(b'{"flow":{}}\n', mtime=0))
+    assert result.batch.num_rows == 0 and len(result.errors) >= 1
 
 
 def test_schema_columns_documented():
