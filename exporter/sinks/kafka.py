@@ -146,6 +146,16 @@ def producer_config(c: KafkaSinkConfig) -> dict[str, Any]:
         "message.timeout.ms": int(float(c.message_timeout) * 1000),
         "security.protocol": c.security_protocol,
     }
+    conf.update(security_settings(c))
+    if c.encoding == "arrow":
+        conf["compression.type"] = "none"  # the Arrow IPC buffers are compressed already
+    conf.update(c.librdkafka or {})
+    return conf
+
+
+def security_settings(c: Any) -> dict[str, Any]:
+    """librdkafka's SASL and TLS properties from a sink's or source's config (same key names in both)."""
+    conf: dict[str, Any] = {}
     if c.security_protocol.startswith("sasl"):
         conf["sasl.mechanism"] = c.sasl_mechanism
         conf["sasl.username"] = secret_value(c.sasl_username)
@@ -156,9 +166,6 @@ def producer_config(c: KafkaSinkConfig) -> dict[str, Any]:
             conf[prop] = getattr(c, key)
     if c.ssl_key_password:
         conf["ssl.key.password"] = secret_value(c.ssl_key_password)
-    if c.encoding == "arrow":
-        conf["compression.type"] = "none"  # the Arrow IPC buffers are compressed already
-    conf.update(c.librdkafka or {})
     return conf
 
 

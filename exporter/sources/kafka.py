@@ -33,11 +33,11 @@ import pyarrow as pa
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from exporter.components import Context, Emit, Source
-from exporter.config import Duration, secret_value
+from exporter.config import Duration
 from exporter.model import ecs
 from exporter.model.schema import FLOW_SCHEMA, empty_flows
 from exporter.pipeline.envelope import Receipt
-from exporter.sinks.kafka import client_logger
+from exporter.sinks.kafka import client_logger, security_settings
 
 Encoding = Literal["auto", "hubble-json", "protobuf", "ecs-json", "arrow"]
 MAX_REPORTED = 20  # undecodable messages logged one by one; after that only counted
@@ -103,16 +103,7 @@ def consumer_config(c: KafkaSourceConfig) -> dict[str, Any]:
         "partition.assignment.strategy": c.assignment_strategy,
         "security.protocol": c.security_protocol,
     }
-    if c.security_protocol.startswith("sasl"):
-        conf["sasl.mechanism"] = c.sasl_mechanism
-        conf["sasl.username"] = secret_value(c.sasl_username)
-        conf["sasl.password"] = secret_value(c.sasl_password)
-    for key, prop in (("ssl_ca_location", "ssl.ca.location"), ("ssl_certificate_location", "ssl.certificate.location"),
-                      ("ssl_key_location", "ssl.key.location")):
-        if getattr(c, key):
-            conf[prop] = getattr(c, key)
-    if c.ssl_key_password:
-        conf["ssl.key.password"] = secret_value(c.ssl_key_password)
+    conf.update(security_settings(c))
     conf.update(c.librdkafka or {})
     return conf
 
