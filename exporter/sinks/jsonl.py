@@ -44,9 +44,6 @@ def _aggregate_rows(batch: pa.RecordBatch) -> list[dict]:
     """Aggregate rows as plain dicts with RFC 3339 times (they have no Hubble form)."""
     from exporter.model.hubble_json import format_time
 
-    rows = batch.to_pylist() if not any(pa.types.is_timestamp(f.type) for f in batch.schema) else None
-    if rows is not None:
-        return rows
     columns = {}
     for f in batch.schema:
         col = batch.column(f.name)
@@ -54,7 +51,7 @@ def _aggregate_rows(batch: pa.RecordBatch) -> list[dict]:
             columns[f.name] = [None if v is None else format_time(v) for v in col.cast(pa.int64()).to_pylist()]
         else:
             columns[f.name] = col.to_pylist()
-    return [{k: columns[k][i] for k in columns} for i in range(batch.num_rows)]
+    return [{k: v[i] for k, v in columns.items()} for i in range(batch.num_rows)]
 
 
 @dataclass
