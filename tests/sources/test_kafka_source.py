@@ -262,14 +262,23 @@ def test_offsets_are_committed_only_after_acknowledgement(kafka, run_id):
 
 
 @pytest.mark.servers
+def _holding(collector: Collector) -> bool:
+    return collector.ctx.metrics.value("flowship_kafka_assigned_partitions") > 0
+
+
 def test_rebalance_between_two_members(kafka, run_id):
     topic = f"flowship-src-{run_id}-rebalance"
     group = f"g-{run_id}"
     first = generated_flows(6000, seed=1)
-    produce(kafka, topic, first)
+    produce(kafka, topic, first.slice(0, 0))  # creates the topic's 6 partitions
     a = Collector(kafka, topic, group, batch_rows=500).start()
     b = Collector(kafka, topic, group, batch_rows=500).start()
     deadline = time.monotonic() + 60
+    # Both members hold partitions before the flows arrive (no race with the first rebalance).
+    while not (_holding(a) and _holding(b)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _holding(a) and _holding(b)
+    produce(kafka, topic, first)
     while a.rows() + b.rows() < 6000 and time.monotonic() < deadline:
         time.sleep(0.2)
     a.close()  # leaves the group: b takes over a's partitions
