@@ -90,8 +90,13 @@ class RetryConfig:
         return out
 
 
-def default_dead_letter_path(ctx: Context) -> Path:
-    return Path(ctx.data_dir) / "dead-letter" / f"{ctx.name}.jsonl"
+def default_dead_letter_path(ctx: Context, kind: str = "sink") -> Path:
+    """``<data_dir>/dead-letter/<name>.jsonl`` for a sink, ``source-<name>.jsonl`` for a source.
+
+    Sources and sinks have separate name spaces, so a source's file carries a prefix.
+    """
+    prefix = "" if kind == "sink" else f"{kind}-"
+    return Path(ctx.data_dir) / "dead-letter" / f"{prefix}{ctx.name}.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,25 +169,30 @@ def backoff_seconds(attempt: int, initial: float, cap: float, rng: random.Random
 class DeadLetterWriter:
     """Appends refused records as JSON lines: the record plus the server's reason.
 
-    Each line: ``{"time", "sink", "reason", "detail", "record"}``. Lines are
-    flushed and fsynced before the envelope that held the record is
-    acknowledged, so a record is either delivered or in this file.
+    Each line: ``{"time", "sink", "reason", "detail", "record"}`` (``"source"``
+    instead of ``"sink"`` for a source's file). Lines are flushed and fsynced
+    before the envelope that held the record is acknowledged (before a source
+    commits past it), so a record is either delivered or in this file. Counted
+    in ``flowship_sink_dead_letter_total{sink,reason}`` or, for a source,
+    ``flowship_source_dead_letter_total{source,reason}``.
     """
 
-    def __init__(self, path: Path | str, sink: str, ctx: Context) -> None:
+    def __init__(self, path: Path | str, sink: str, ctx: Context, kind: str = "sink") -> None:
         self.path = Path(path)
         self.sink = sink
+        self.kind = kind
         self.ctx = ctx
         self._lock = threading.Lock()
         self._file = None
         self.count = 0
+        self.by_reason: Counter[str] = Counter()
 
     def write(self, entries: Sequence[tuple[str, str, Any]]) -> None:
         """Write ``(reason, detail, record)`` entries and count them per reason."""
         if not entries:
             return
         now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-        lines = [orjson.dumps({"time": now, "sink": self.sink, "reason": reason, "detail": detail,
+        lines = [orjson.dumps({"time": now, self.kind: self.sink, "reason": reason, "detail": detail,
                                "record": record}, default=_jsonable) + b"\n"
                  for reason, detail, record in entries]
         with self._lock:
@@ -193,11 +203,20 @@ class DeadLetterWriter:
             self._file.flush()
             os.fsync(self._file.fileno())
             self.count += len(entries)
-        for reason, n in Counter(reason for reason, _, _ in entries).items():
-            self.ctx.metrics.dead_letters(self.sink, reason).inc(n)
+            reasons = Counter(reason for reason, _, _ in entries)
+            self.by_reason.update(reasons)
+        for reason, n in reasons.items():
+            self._counter(reason).inc(n)
         self.ctx.log.warning("records dead-lettered", count=len(entries), path=str(self.path),
                              reasons=sorted({r for r, _, _ in entries}),
                              first_detail=str(entries[0][1])[:300])
+
+    def _counter(self, reason: str) -> Any:
+        if self.kind == "sink":
+            return self.ctx.metrics.dead_letters(self.sink, reason)
+        return self.ctx.metrics.counter(f"flowship_{self.kind}_dead_letter_total",
+                                        f"Messages a {self.kind} rejected and wrote to its dead-letter file.",
+                                        [self.kind, "reason"]).labels(self.sink, reason)
 
     def close(self) -> None:
         with self._lock:

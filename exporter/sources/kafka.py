@@ -16,27 +16,38 @@ acknowledged prefix of each revoked partition is committed synchronously and
 the rest is forgotten (its batches may still be delivered, and the new owner
 reads them again: at-least-once, duplicates possible, never loss).
 
-Messages that cannot be decoded are counted (``flowship_source_rejected_total``)
-and logged with topic/partition/offset, then skipped (their offsets count as
-done).
+Poison messages are rejected one by one: a message that cannot be decoded,
+or whose flows a sink could not write (Arrow messages are checked against
+``FLOW_SCHEMA`` first: a null ``time``, duplicate or missing required columns,
+a value its column's type cannot hold), is counted
+(``flowship_source_rejected_total{source,reason}`` and
+``flowship_source_dead_letter_total{source,reason}``), logged with
+topic/partition/offset, written with its bytes to the dead-letter file
+(``dead_letter_path``; fsynced before its offset can be committed), and
+skipped: its offset counts as done, and the messages polled with it go on.
 """
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from exporter.components import Context, Emit, Source
 from exporter.config import Duration
 from exporter.model import ecs
+from exporter.model.ids import complete
 from exporter.model.schema import FLOW_SCHEMA, empty_flows
 from exporter.pipeline.envelope import Receipt
+from exporter.sinks.delivery import DeadLetterWriter, default_dead_letter_path
 from exporter.sinks.kafka import client_logger, security_settings
 
 Encoding = Literal["auto", "hubble-json", "protobuf", "ecs-json", "arrow"]
@@ -70,6 +81,7 @@ class KafkaSourceConfig:
     ssl_key_location: str | None = None
     ssl_key_password: str | None = field(default=None, repr=False)  # passphrase of the key, env:NAME or file:PATH
     librdkafka: dict[str, str] = field(default_factory=dict)
+    dead_letter_path: str | None = None  # rejected messages; default <data_dir>/dead-letter/source-<name>.jsonl
 
     def topic_list(self) -> list[str]:
         if self.topics:
@@ -281,29 +293,93 @@ def decode_messages(values: list[bytes], encoding: str) -> tuple[pa.RecordBatch,
         batches, bad = [], []
         for i, v in enumerate(values):
             try:
-                batches.extend(conform(b) for b in pa.ipc.open_stream(v).read_all().to_batches())
-            except (pa.ArrowException, ValueError, TypeError) as exc:
-                bad.append((i, f"invalid Arrow IPC stream: {exc}"))
-        batches = [b for b in batches if b.num_rows]
+                batch = arrow_message(v)
+            except PoisonMessageError as exc:
+                bad.append((i, str(exc)))
+                continue
+            except Exception as exc:  # a decoder bug costs this message only
+                bad.append((i, f"undecodable Arrow message: {type(exc).__name__}: {exc}"))
+                continue
+            if batch.num_rows:
+                batches.append(batch)
         return (pa.concat_batches(batches) if batches else empty_flows()), bad
     return empty_flows(), [(i, f"unknown encoding {encoding!r}") for i in range(len(values))]
 
 
+class PoisonMessageError(ValueError):
+    """A message that decodes (or not) but whose flows the sinks could not write; its text is the reason."""
+
+
+_REQUIRED = tuple(f.name for f in FLOW_SCHEMA if not f.nullable)
+
+
+def arrow_message(value: bytes) -> pa.RecordBatch:
+    """One Arrow IPC stream message as one FLOW_SCHEMA batch, or :class:`PoisonMessageError`.
+
+    The whole message is checked before any of it enters the pipeline: a batch
+    that reaches a sink with a null ``time`` or a column it cannot convert
+    fails the sink for every flow polled with it, on every restart.
+    """
+    try:
+        reader = pa.ipc.open_stream(value)
+        parts = list(reader)
+    except (pa.ArrowException, ValueError, TypeError, OSError) as exc:
+        raise PoisonMessageError(f"invalid Arrow IPC stream: {exc}") from None
+    conformed = [conform(b) for b in parts]
+    conformed = [b for b in conformed if b.num_rows]
+    if not conformed:
+        return empty_flows()
+    return conformed[0] if len(conformed) == 1 else pa.concat_batches(conformed)
+
+
 def conform(batch: pa.RecordBatch) -> pa.RecordBatch:
-    """A batch of (possibly older or newer) flow columns as FLOW_SCHEMA: missing columns null, extra dropped."""
-    if batch.schema.equals(FLOW_SCHEMA, check_metadata=False):
-        return batch
+    """A batch of (possibly older or newer) flow columns as valid FLOW_SCHEMA rows.
+
+    Missing nullable columns become null and extra columns are dropped (older
+    and newer writers); a duplicate column, a required column that is missing
+    or null, a value its column's type cannot hold (a safe cast fails: wrong
+    type, out of range) or malformed Arrow data raise :class:`PoisonMessageError`.
+    A null or empty ``uuid`` is computed from the flow's content, as the other
+    decoders do.
+    """
     names = batch.schema.names
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        raise PoisonMessageError(f"duplicate columns: {', '.join(dupes)[:200]}")
     if "time" not in names:
-        raise ValueError("Arrow batch has no time column")
-    arrays = []
-    for f in FLOW_SCHEMA:
-        if f.name in names:
+        raise PoisonMessageError("missing required column: time")
+    try:
+        batch.validate(full=True)
+    except pa.ArrowException as exc:
+        raise PoisonMessageError(f"malformed Arrow data: {exc}") from None
+    if not batch.schema.equals(FLOW_SCHEMA, check_metadata=False):
+        arrays = []
+        for f in FLOW_SCHEMA:
+            if f.name not in names:
+                arrays.append(pa.nulls(batch.num_rows, f.type))
+                continue
             column = batch.column(f.name)
-            arrays.append(column if column.type == f.type else column.cast(f.type))
-        else:
-            arrays.append(pa.nulls(batch.num_rows, f.type))
-    return pa.RecordBatch.from_arrays(arrays, schema=FLOW_SCHEMA)
+            if column.type != f.type:
+                try:
+                    column = column.cast(f.type)  # safe: overflow, truncation and bad strings raise
+                except (pa.ArrowException, ValueError, TypeError, OverflowError) as exc:
+                    text = str(exc)
+                    what = "value out of range" if any(w in text.lower() for w in ("range", "overflow", "out of bounds")) \
+                        else "wrong type"
+                    raise PoisonMessageError(f"{what}: column {f.name} of {column.type} cannot be "
+                                             f"{f.type}: {text[:200]}") from None
+            arrays.append(column)
+        batch = pa.RecordBatch.from_arrays(arrays, schema=FLOW_SCHEMA)
+    for name in _REQUIRED:
+        if name == "uuid":
+            continue
+        nulls = batch.column(name).null_count
+        if nulls:
+            raise PoisonMessageError(f"null values: column {name} is required ({nulls} of {batch.num_rows} null)")
+    uuid_col = batch.column("uuid")
+    if batch.num_rows and (uuid_col.null_count or pc.any(pc.equal(uuid_col, "")).as_py()):
+        batch = complete(batch)
+    return batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,6 +396,10 @@ class KafkaSource(Source):
         self.counts = {"messages": 0, "flows": 0, "rejected": 0, "skipped_aggregates": 0, "commits": 0,
                        "rebalances": 0}
         self._reported = 0
+        self.dead_letter_path = Path(config.dead_letter_path) if config.dead_letter_path \
+            else default_dead_letter_path(ctx, "source")
+        self.dead_letters = DeadLetterWriter(self.dead_letter_path, ctx.name, ctx, kind="source")
+        self._rejects: list[tuple[str, str, dict[str, Any]]] = []  # of the poll being handled
         self._closed = False
         m = ctx.metrics
         self._commits = m.counter("flowship_kafka_commits_total", "Offset commits by the Kafka source.",
@@ -409,6 +489,7 @@ class KafkaSource(Source):
             encoding = c.encoding if c.encoding != "auto" else detect_encoding(headers, value)
             groups.setdefault(encoding, []).append((msg, value))
         if not ranges:
+            self._flush_rejects()
             return
         batches = []
         for encoding, items in groups.items():
@@ -421,6 +502,7 @@ class KafkaSource(Source):
             if batch.num_rows:
                 batches.append(batch)
         batch = pa.concat_batches(batches) if len(batches) > 1 else (batches[0] if batches else empty_flows())
+        self._flush_rejects()  # durable before any receipt of this poll can let the commit pass them
         self.counts["flows"] += batch.num_rows
         position = self.tracker.emitted(ranges)
         receipt = Receipt(self._completed, position=position, rows=batch.num_rows)
@@ -435,13 +517,29 @@ class KafkaSource(Source):
         self.tracker.completed(receipt.position)
 
     def _reject(self, msg: Any, reason: str) -> None:
+        """Count, log and queue for the dead-letter file one message the pipeline cannot take."""
         self.counts["rejected"] += 1
         category = reason.split(":", 1)[0].strip().lower().replace(" ", "_")[:40] or "undecodable"
         self.ctx.metrics.rejected(self.ctx.name, category).inc()
         if self._reported < MAX_REPORTED:
             self._reported += 1
-            self.ctx.log.warning("undecodable message skipped", topic=msg.topic(), partition=msg.partition(),
-                                 offset=msg.offset(), reason=str(reason)[:300])
+            self.ctx.log.warning("message rejected", topic=msg.topic(), partition=msg.partition(),
+                                 offset=msg.offset(), reason=str(reason)[:300],
+                                 dead_letter_path=str(self.dead_letter_path))
+        value = msg.value() or b""
+        key = msg.key()
+        record = {"topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset(),
+                  "timestamp_ms": msg.timestamp()[1] if msg.timestamp()[0] else None,
+                  "key_base64": base64.b64encode(key).decode() if key else None,
+                  "headers": {k: (v or b"").decode("utf-8", "replace") for k, v in (msg.headers() or [])},
+                  "value_base64": base64.b64encode(value).decode()}
+        self._rejects.append((category, str(reason)[:2000], record))
+
+    def _flush_rejects(self) -> None:
+        """Write the poll's rejected messages (one fsync) before their offsets can be committed."""
+        if self._rejects:
+            entries, self._rejects = self._rejects, []
+            self.dead_letters.write(entries)
 
     # -- commits ------------------------------------------------------------------------------
     def commit(self, synchronous: bool = False) -> None:
@@ -483,6 +581,7 @@ class KafkaSource(Source):
             self.commit(synchronous=True)
         finally:
             self.consumer.close()
+            self.dead_letters.close()
 
     def summary(self) -> dict[str, Any]:
-        return dict(self.counts)
+        return {**self.counts, "dead_lettered": self.dead_letters.count}
