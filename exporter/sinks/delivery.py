@@ -134,6 +134,7 @@ class SendResult:
     dead: list[tuple[int, str, str]] = field(default_factory=list)  # (index, reason label, detail)
     retry_after: float | None = None
     retry_kind: str = "item"  # metric label for the retried records
+    retry_reason: str = ""  # the server's words for the first retried record (logged)
     duplicates: int = 0  # accepted records the server already had (409 on a deterministic id)
     sent_bytes: int = 0
 
@@ -548,7 +549,7 @@ class Delivery:
                 continue
             delay = self._backoff(again.attempt - 1, result.retry_after)
             self.ctx.log.warning("records refused, retrying", kind=result.retry_kind, records=len(order),
-                                 attempt=again.attempt, delay=round(delay, 3))
+                                 attempt=again.attempt, delay=round(delay, 3), reason=result.retry_reason)
             if not self._sleep(delay):
                 return
             stack.append(again)

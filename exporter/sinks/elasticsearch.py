@@ -16,8 +16,16 @@ the elasticsearch-py client, which refuses to talk to anything that does not
 answer ``X-Elastic-Product: Elasticsearch`` (so not to OpenSearch). The
 transport gives node pools, keep-alive and TLS without that check; its own
 retries are turned off because :mod:`exporter.sinks.delivery` retries per
-item (429/5xx items only), dead-letters refused documents (400 mapping
-errors) with the server's reason and splits requests answered with 413.
+item, dead-letters refused documents with the server's reason and splits
+requests answered with 413. Only the failed items of a bulk are sent again
+(their ``_id`` makes that idempotent); an item is retried, with exponential
+backoff and without limit by default (``retry.max_attempts: 0``), when its
+error is the state of the cluster rather than the document (see
+:func:`item_retryable`: cluster/index blocks, 429, 5xx, unavailable shards,
+disconnected nodes), so a blocked index stalls the sink and fills its queue
+or buffer instead of filling the dead-letter file. Documents the server
+refuses for themselves (mapping and parsing errors, too large) are
+dead-lettered and counted in ``flowship_sink_dead_letter_total{sink,reason}``.
 """
 
 from __future__ import annotations
@@ -126,6 +134,46 @@ class ElasticsearchSinkConfig:
         if self.api_key and self.username:
             problems.append("api_key: use either username/password or api_key")
         return problems
+
+
+# Bulk item errors a later attempt can succeed on: the cluster or the index is in a state that
+# passes (a write or read-only block, a full write queue, a shard moving or a node leaving),
+# whatever the document. OpenSearch 2.19 answers ``index.blocks.write`` with 403
+# ``blocked by: [FORBIDDEN/8/index write (api)]``, ``index.blocks.read_only`` with 403
+# ``[FORBIDDEN/5/index read-only (api)]`` and ``read_only_allow_delete`` with 429
+# ``[TOO_MANY_REQUESTS/12/disk usage exceeded flood-stage watermark...]``.
+RETRYABLE_ITEM_STATUSES = frozenset({401, 403, 408, 429})  # blocks, credentials, timeouts, back-pressure
+RETRYABLE_ITEM_TYPES = frozenset({
+    "cluster_block_exception",
+    "es_rejected_execution_exception",
+    "rejected_execution_exception",  # OpenSearch's name for it
+    "opensearch_rejected_execution_exception",
+    "circuit_breaking_exception",
+    "unavailable_shards_exception",
+    "no_shard_available_action_exception",
+    "primary_missing_action_exception",
+    "shard_not_in_primary_mode_exception",
+    "node_disconnected_exception",
+    "node_not_connected_exception",
+    "node_closed_exception",
+    "connect_transport_exception",
+    "receive_timeout_transport_exception",
+    "send_request_transport_exception",
+    "process_cluster_event_timeout_exception",
+    "no_node_available_exception",
+    "timeout_exception",
+    "security_exception",
+})
+
+
+def item_retryable(status: int, error_type: str) -> bool:
+    """Whether a failed bulk item is retried (True) or dead-lettered as an error of the document itself.
+
+    Everything else (400 ``mapper_parsing_exception``, ``document_parsing_exception``,
+    ``illegal_argument_exception``, ``strict_dynamic_mapping_exception``, a document too large)
+    fails again however often it is sent.
+    """
+    return status >= 500 or status in RETRYABLE_ITEM_STATUSES or error_type in RETRYABLE_ITEM_TYPES
 
 
 class _RawBytes(Serializer):
@@ -430,11 +478,14 @@ class ElasticsearchSink(Sink):
                 result.duplicates += 1
                 continue
             error = outcome.get("error") or {}
-            if st == 429 or st >= 500:
+            etype = error.get("type", f"http_{st}") if isinstance(error, dict) else f"http_{st}"
+            if item_retryable(st, etype):
                 result.retry.append(i)
                 kinds.add(f"item_{st}")
+                if not result.retry_reason:
+                    reason = error.get("reason", "") if isinstance(error, dict) else str(error)
+                    result.retry_reason = f"{etype}: {reason}"[:300]
                 continue
-            etype = error.get("type", f"http_{st}") if isinstance(error, dict) else f"http_{st}"
             result.dead.append((i, etype, orjson.dumps(error).decode() if isinstance(error, dict) else str(error)))
         if kinds:
             result.retry_kind = sorted(kinds)[0]

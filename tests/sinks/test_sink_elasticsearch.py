@@ -243,6 +243,84 @@ def test_blocked_index_is_retried_then_delivered_after_the_block_is_lifted(opens
     assert kinds, "the block was reported as a retryable error"
 
 
+def _backing_index(url: str, data_stream: str) -> str:
+    status, body = http_json("GET", f"{url}/_data_stream/{data_stream}")
+    assert status == 200, body
+    return body["data_streams"][0]["indices"][-1]["index_name"]
+
+
+def _set_block(url: str, index: str, block: str, value: bool | None) -> None:
+    status, body = http_json("PUT", f"{url}/{index}/_settings", {f"index.blocks.{block}": value})
+    assert status == 200, body
+
+
+@pytest.mark.servers
+@pytest.mark.parametrize("block", ["write", "read_only"])
+def test_write_blocked_backing_index_stalls_the_sink_then_every_flow_is_indexed_once(
+        opensearch_server, run_id, cleanup, tmp_path, block):
+    """``index.blocks.write`` / ``read_only`` (403 cluster_block_exception) mid-run: items are retried, the sink
+    holds its envelopes and blocks its writer; once the block is cleared every flow is indexed exactly once and
+    only the document that breaks the mapping is dead-lettered."""
+    names = _names(run_id)
+    cleanup += [names["data_stream"], names["aggregates_data_stream"], f"logs-flowshiptest{run_id}.flows",
+                f"logs-flowshiptest{run_id}.aggregates"]
+    now = time.time_ns()
+    first = generated_flows(200, seed=21, start_ns=now - 10**9, spread_s=0.5)
+    held = [generated_flows(600, seed=22 + i, start_ns=now - 10**9, spread_s=0.5) for i in range(3)]
+    ips = held[1].column("ip_src").to_pylist()
+    ips[123] = "not-an-ip"  # an error of the document itself, sent while the index is blocked
+    held[1] = held[1].set_column(held[1].schema.get_field_index("ip_src"), "ip_src", pa.array(ips))
+    bad_id = held[1].column("uuid")[123].as_py()
+    ctx = make_ctx("es", tmp_path)
+    w = Writer(opensearch_server, ctx, **names, batch={"max_events": 300, "timeout": "50ms"},
+               retry={"initial_backoff": "50ms", "max_backoff": "500ms", "concurrency": 1})
+    w.write(first)
+    w.sink.flush()
+    assert w.done == [False]
+    backing = _backing_index(opensearch_server, names["data_stream"])
+    _set_block(opensearch_server, backing, block, True)
+    writer = threading.Thread(target=lambda: [w.write(b) for b in held], daemon=True)
+    try:
+        writer.start()
+        deadline = time.monotonic() + 30
+        while ctx.metrics.value("flowship_sink_errors_total", sink="es", kind="item_403") < 5:
+            assert time.monotonic() < deadline, "the blocked items were not retried"
+            time.sleep(0.1)
+        time.sleep(1.0)
+        assert writer.is_alive(), "the writer was not held back while the index was blocked"
+        assert w.done == [False], "an envelope was acknowledged while its flows were blocked"
+        assert ctx.metrics.value("flowship_sink_dead_letter_total", sink="es") == 0
+        assert _refresh_count(opensearch_server, names["data_stream"]) == 200
+    finally:
+        _set_block(opensearch_server, backing, block, None)
+    writer.join(60)
+    assert not writer.is_alive()
+    assert w.finish() == [False, False, True, False]  # the third envelope holds the dead-lettered document
+    uuids = [u for b in [first, *held] for u in b.column("uuid").to_pylist() if u != bad_id]
+    assert len(set(uuids)) == len(uuids) == 2000 - 1
+    assert _refresh_count(opensearch_server, names["data_stream"]) == len(uuids)
+    assert _refresh_count(opensearch_server, names["data_stream"], {"ids": {"values": uuids}}) == len(uuids)
+    (entry,) = [orjson.loads(x) for x in (tmp_path / "dead-letter" / "es.jsonl").read_bytes().splitlines()]
+    assert entry["reason"] == "mapper_parsing_exception" and entry["record"]["id"] == bad_id
+    assert ctx.metrics.value("flowship_sink_dead_letter_total", sink="es") == 1
+    assert ctx.metrics.value("flowship_sink_dead_letter_total", sink="es", reason="mapper_parsing_exception") == 1
+
+
+def test_bulk_item_errors_retried_or_dead_lettered():
+    """Which bulk item errors are the cluster's state (retried) and which the document's (dead-lettered)."""
+    from exporter.sinks.elasticsearch import item_retryable
+
+    for status, etype in [(403, "cluster_block_exception"), (429, "cluster_block_exception"),
+                          (429, "es_rejected_execution_exception"), (429, "rejected_execution_exception"),
+                          (503, "unavailable_shards_exception"), (500, "node_disconnected_exception"),
+                          (503, "no_shard_available_action_exception"), (429, "circuit_breaking_exception")]:
+        assert item_retryable(status, etype), (status, etype)
+    for status, etype in [(400, "mapper_parsing_exception"), (400, "document_parsing_exception"),
+                          (400, "illegal_argument_exception"), (400, "strict_dynamic_mapping_exception"),
+                          (413, "http_413"), (400, "parse_exception")]:
+        assert not item_retryable(status, etype), (status, etype)
+
+
 @pytest.mark.servers
 def test_aggregate_rows_go_to_their_data_stream(opensearch_server, fixture_batches, run_id, cleanup):
     names = _names(run_id)
