@@ -237,3 +237,117 @@ def test_get_flows_response_frames(data, tried):
     if kind == "flow":
         resp = observer_pb2.GetFlowsResponse.FromString(frame)
         check_decode([resp.flow.SerializeToString()], "protobuf", set())
+
+
+# -- Arrow messages that decode but cannot be written (poison) ------------------------------------
+
+POISON_KINDS = ("null_time", "null_time_strict_schema", "duplicate_column", "wrong_type", "port_out_of_range",
+                "time_out_of_range", "missing_time", "truncated_stream", "garbage")
+VALID_KINDS = ("plain", "extra_column", "missing_nullable_column", "wider_integers", "microsecond_times",
+               "dictionary_strings", "null_uuid")
+
+
+def arrow_ipc(batch: pa.RecordBatch) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def _with(batch: pa.RecordBatch, name: str, array: pa.Array, field: pa.Field | None = None) -> pa.RecordBatch:
+    return batch.set_column(batch.schema.get_field_index(name), field or name, array)
+
+
+def arrow_variant(kind: str, batch: pa.RecordBatch, row: int) -> bytes:
+    """An Arrow IPC message of ``batch`` (FLOW_SCHEMA rows) made into ``kind``; ``row`` is the row spoiled."""
+    n = batch.num_rows
+    times = batch.column("time").cast(pa.int64()).to_pylist()
+    if kind == "plain":
+        return arrow_ipc(batch)
+    if kind == "extra_column":
+        return arrow_ipc(batch.append_column("from_a_newer_writer", pa.array(range(n), pa.int64())))
+    if kind == "missing_nullable_column":
+        return arrow_ipc(batch.drop_columns(["http_url", "dns_ips", "tcp_flags"]))
+    if kind == "wider_integers":
+        return arrow_ipc(_with(batch, "src_port", batch.column("src_port").cast(pa.int64())))
+    if kind == "microsecond_times":
+        us = pa.array([t // 1000 for t in times], pa.int64()).cast(pa.timestamp("us", tz="UTC"))
+        return arrow_ipc(_with(batch, "time", us))
+    if kind == "dictionary_strings":
+        return arrow_ipc(_with(batch, "verdict", batch.column("verdict").dictionary_encode()))
+    if kind == "null_uuid":
+        values = batch.column("uuid").to_pylist()
+        values[row] = None
+        return arrow_ipc(_with(batch, "uuid", pa.array(values, pa.string()), pa.field("uuid", pa.string())))
+    if kind in ("null_time", "null_time_strict_schema"):
+        times[row] = None
+        nulled = pa.array(times, pa.int64()).cast(batch.schema.field("time").type)
+        if kind == "null_time":
+            return arrow_ipc(_with(batch, "time", nulled, pa.field("time", nulled.type, nullable=True)))
+        columns = list(batch.columns)
+        columns[0] = nulled
+        return arrow_ipc(pa.RecordBatch.from_arrays(columns, schema=FLOW_SCHEMA))  # claims non-null, holds a null
+    if kind == "duplicate_column":
+        return arrow_ipc(pa.RecordBatch.from_arrays([*batch.columns, batch.column("dst_port")],
+                                                    names=[*batch.schema.names, "dst_port"]))
+    if kind == "wrong_type":
+        ports = [str(p) for p in batch.column("dst_port").to_pylist()]
+        ports[row] = "http"
+        return arrow_ipc(_with(batch, "dst_port", pa.array(ports, pa.string())))
+    if kind == "port_out_of_range":
+        ports = batch.column("src_port").cast(pa.int64()).to_pylist()
+        ports[row] = 70000
+        return arrow_ipc(_with(batch, "src_port", pa.array(ports, pa.int64())))
+    if kind == "time_out_of_range":
+        seconds = [t // 10**9 for t in times]
+        seconds[row] = 32503680000  # year 3000: past what nanoseconds since 1970 can hold
+        return arrow_ipc(_with(batch, "time", pa.array(seconds, pa.int64()).cast(pa.timestamp("s", tz="UTC"))))
+    if kind == "missing_time":
+        return arrow_ipc(batch.drop_columns(["time"]))
+    if kind == "truncated_stream":
+        whole = arrow_ipc(batch)
+        return whole[:len(whole) // 2]
+    if kind == "garbage":
+        return b"\xff\xff\xff\xff" + bytes(range(64))
+    raise AssertionError(kind)
+
+
+def check_writable(batch: pa.RecordBatch) -> None:
+    """What the sinks do with a batch: Parquet, ECS and Hubble JSON encodings, never raise."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_batches([batch]), pa.BufferOutputStream())
+    if batch.num_rows:
+        ecs.ndjson_array(batch)
+        encode_lines(batch)
+
+
+@st.composite
+def arrow_plan(draw, kinds=POISON_KINDS + VALID_KINDS) -> list[tuple[str, int, int]]:  # noqa: ANN001
+    """(kind, rows, spoiled row) per message."""
+    out = []
+    for _ in range(draw(st.integers(2, 10))):
+        rows = draw(st.integers(1, 12))
+        out.append((draw(st.sampled_from(kinds)), rows, draw(st.integers(0, rows - 1))))
+    return out
+
+
+@FUZZ
+@given(plan=arrow_plan())
+def test_arrow_poison_messages_are_rejected_alone(plan, tried):
+    """Each Arrow message a sink could not write is rejected by itself; valid ones in the same poll are kept
+    and what they decode to every sink can encode."""
+    tried["kafka: arrow messages, poison and valid"] += 1
+    base = flows()
+    values, start = [], 0
+    for kind, rows, row in plan:
+        values.append(arrow_variant(kind, base.slice(start % (base.num_rows - 20), rows), row))
+        start += rows
+    batch, bad = decode_messages(values, "arrow")
+    poison = {i for i, (kind, _, _) in enumerate(plan) if kind in POISON_KINDS}
+    assert {i for i, _ in bad} == poison, bad
+    assert batch.num_rows == sum(rows for kind, rows, _ in plan if kind not in POISON_KINDS)
+    assert batch.schema.equals(FLOW_SCHEMA)
+    batch.validate(full=True)
+    assert batch.column("time").null_count == 0 and batch.column("uuid").null_count == 0
+    check_writable(batch)
