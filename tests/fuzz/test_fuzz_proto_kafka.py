@@ -14,13 +14,25 @@
 from __future__ import annotations
 
 import functools
+import importlib
+import json
 import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+import uuid
 from pathlib import Path
+from types import ModuleType
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from google.protobuf.message import DecodeError
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from exporter.model import ecs
@@ -314,8 +326,6 @@ def arrow_variant(kind: str, batch: pa.RecordBatch, row: int) -> bytes:
 
 def check_writable(batch: pa.RecordBatch) -> None:
     """What the sinks do with a batch: Parquet, ECS and Hubble JSON encodings, never raise."""
-    import pyarrow.parquet as pq
-
     pq.write_table(pa.Table.from_batches([batch]), pa.BufferOutputStream())
     if batch.num_rows:
         ecs.ndjson_array(batch)
@@ -323,7 +333,7 @@ def check_writable(batch: pa.RecordBatch) -> None:
 
 
 @st.composite
-def arrow_plan(draw, kinds=POISON_KINDS + VALID_KINDS) -> list[tuple[str, int, int]]:  # noqa: ANN001
+def arrow_plan(draw: st.DrawFn, kinds: tuple[str, ...] = POISON_KINDS + VALID_KINDS) -> list[tuple[str, int, int]]:
     """(kind, rows, spoiled row) per message."""
     out = []
     for _ in range(draw(st.integers(2, 10))):
@@ -351,3 +361,199 @@ def test_arrow_poison_messages_are_rejected_alone(plan, tried):
     batch.validate(full=True)
     assert batch.column("time").null_count == 0 and batch.column("uuid").null_count == 0
     check_writable(batch)
+
+
+# -- the same messages on the real broker, consumed by `flowship export` into every sink type ---------
+
+REPO = Path(__file__).resolve().parents[2]
+EXIT_REJECTED = 3  # README: finished, but some input was rejected
+BROKER = settings(max_examples=3, deadline=None, phases=[Phase.explicit, Phase.generate],
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def _devservers() -> ModuleType:
+    """tests/sinks/devservers.py: starts the dev servers or fails naming `deploy/dev/servers start`."""
+    sys.path.insert(0, str(REPO / "tests" / "sinks"))
+    return importlib.import_module("devservers")
+
+
+def _export_config(root: Path, servers: ModuleType, run: str, topic: str) -> Path:
+    config = root / "flowship.yaml"
+    config.write_text(f"""
+node_name: fuzz
+data_dir: {root}/state
+shutdown_timeout: 30s
+sources:
+  - type: kafka
+    brokers: "{servers.KAFKA}"
+    topic: {topic}
+    group_id: fuzz-{run}
+    commit_interval: 200ms
+    poll_timeout: 200ms
+sinks:
+  - type: parquet
+    path: {root}/parquet
+    max_file_age: 1s
+  - type: file
+    path: {root}/flows.jsonl
+  - type: kafka
+    brokers: "{servers.KAFKA}"
+    topic: {topic}-out
+    encoding: hubble-json
+    create_topic:
+      partitions: 1
+  - type: elasticsearch
+    url: {servers.OPENSEARCH}
+    data_stream: logs-flowshipfuzz{run}.flows-default
+    aggregates_data_stream: logs-flowshipfuzz{run}.aggregates-default
+    batch:
+      timeout: 200ms
+  - type: loki
+    url: {servers.VICTORIALOGS}/insert/loki/api/v1/push?disable_message_parsing=1
+    static_labels:
+      job: fuzz{run}
+    batch:
+      timeout: 200ms
+""")
+    return config
+
+
+def _offsets(brokers: str, topic: str, partitions: int, group: str | None = None) -> dict[int, int]:
+    """End offsets of a topic's partitions, or a group's committed offsets (-1: none)."""
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    c = Consumer({"bootstrap.servers": brokers, "group.id": group or f"probe-{uuid.uuid4().hex}"})
+    try:
+        if group:
+            return {tp.partition: tp.offset for tp in c.committed([TopicPartition(topic, p)
+                                                                   for p in range(partitions)], timeout=10)}
+        return {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(partitions)}
+    except KafkaException:  # the group's coordinator is still being chosen: ask again
+        return {}
+    finally:
+        c.close()
+
+
+def _victorialogs_count(base: str, job: str, want: int) -> int:
+    """Entries of a stream, once ``want`` are searchable (VictoriaLogs shows new entries within seconds)."""
+    query = urllib.parse.urlencode({"query": f'_stream:{{job="{job}"}} | stats count() c'})
+    deadline = time.monotonic() + 15
+    while True:
+        with urllib.request.urlopen(f"{base}/select/logsql/query?{query}", timeout=30) as resp:
+            rows = [json.loads(line) for line in resp.read().decode().splitlines() if line.strip()]
+        got = int(rows[0]["c"]) if rows else 0
+        if got >= want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.5)
+
+
+def _interleaved_kinds() -> list[tuple[str, int, int]]:
+    kinds = [(k, 5, 2) for k in POISON_KINDS]
+    valid = [(k, 4, 1) for k in VALID_KINDS]
+    return [m for pair in zip(valid, kinds, strict=False) for m in pair] + kinds[len(valid):]
+
+
+@pytest.mark.servers
+@BROKER
+@example(plan=_interleaved_kinds())
+@given(plan=arrow_plan())
+def test_poison_messages_on_the_broker_reach_no_sink_and_stop_nothing(plan, tried):
+    """Arrow messages produced to the real broker and consumed by ``flowship export`` with a parquet, file,
+    kafka, elasticsearch (OpenSearch) and loki (VictoriaLogs) sink: every valid flow reaches every sink exactly
+    once, each poison message is in the source's dead-letter file with its partition and offset, the group
+    commits past all of them, and the run ends by itself when asked (no crash, no restart loop)."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from exporter.model.schema import flows_from_rows
+
+    tried["kafka: arrow messages on the broker through every sink"] += 1
+    servers = _devservers()
+    for name, address in (("kafka", servers.KAFKA), ("opensearch", servers.OPENSEARCH),
+                          ("victorialogs", servers.VICTORIALOGS)):
+        servers.start(name, address)  # fails naming `deploy/dev/servers start` when a server is missing
+    run = f"{int(time.time())}{uuid.uuid4().hex[:6]}"
+    topic = f"flowship-fuzz-{run}"
+    admin = AdminClient({"bootstrap.servers": servers.KAFKA})
+    for future in admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)]).values():
+        future.result(30)
+
+    now = time.time_ns() - 30 * 10**9  # recent: VictoriaLogs keeps only its retention period
+    total = sum(rows for _, rows, _ in plan)
+    base = flows_from_rows([{"time": now + i * 1000, "node_name": "fuzz", "verdict": "FORWARDED",
+                             "ip_src": "10.1.0.1", "ip_dst": "10.2.0.2", "l4_protocol": "TCP",
+                             "src_port": 1024 + i, "dst_port": 443, "src_namespace": "fuzz",
+                             "uuid": f"{run}-{i}"} for i in range(total)])
+    producer = Producer({"bootstrap.servers": servers.KAFKA})
+    placed: list[tuple[int, int]] = []
+    start = 0
+    for i, (kind, rows, row) in enumerate(plan):
+        value = arrow_variant(kind, base.slice(start, rows), row)
+        start += rows
+        producer.produce(topic, value, partition=i % 2, headers=[("flowship-encoding", b"arrow")],
+                         on_delivery=lambda err, msg: placed.append((msg.partition(), msg.offset())))
+        producer.flush(30)  # in order, one by one: placed[i] belongs to plan[i]
+    assert len(placed) == len(plan)
+    poison = {placed[i] for i, (kind, _, _) in enumerate(plan) if kind in POISON_KINDS}
+    want: set[str] = set()
+    start = 0
+    for kind, rows, row in plan:
+        ids = [f"{run}-{j}" for j in range(start, start + rows)]
+        if kind == "null_uuid":
+            ids.pop(row)  # computed from the flow's content
+        if kind not in POISON_KINDS:
+            want.update(ids)
+        start += rows
+    delivered = sum(rows for kind, rows, _ in plan if kind not in POISON_KINDS)
+
+    root = Path(tempfile.mkdtemp(prefix="flowship-fuzz-"))
+    config = _export_config(root, servers, run, topic)
+    log = root / "export.log"
+    proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", "--log-format", "json", "export", "--config",
+                             str(config)], cwd=root, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    ds = f"logs-flowshipfuzz{run}.flows-default"
+    try:
+        end = _offsets(servers.KAFKA, topic, 2)
+        deadline = time.monotonic() + 120
+        while _offsets(servers.KAFKA, topic, 2, f"fuzz-{run}") != end:  # commits follow every sink's ack
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"not committed to {end}: {log.read_text()[-3000:]}"
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+        text = log.read_text()
+        assert code == (EXIT_REJECTED if poison else 0), text[-3000:]
+
+        rejected = [json.loads(line) for line in text.splitlines() if '"message rejected"' in line]
+        assert {(r["partition"], r["offset"]) for r in rejected} == poison
+        dead_file = root / "state" / "dead-letter" / "source-kafka.jsonl"
+        dead = [json.loads(line) for line in dead_file.read_text().splitlines()] if poison else []
+        assert not poison or dead_file.exists()
+        assert sorted((d["record"]["partition"], d["record"]["offset"]) for d in dead) == sorted(poison)
+        assert all(d["source"] == "kafka" and d["record"]["topic"] == topic and d["record"]["value_base64"]
+                   for d in dead)
+        assert not list((root / "state" / "dead-letter").glob("[!s]*.jsonl")), "a sink dead-lettered flows"
+
+        parquet = pa.concat_tables([pq.read_table(p)
+                                    for p in sorted((root / "parquet").rglob("*.parquet"))]) \
+            if delivered else None
+        if parquet is not None:
+            assert parquet.num_rows == delivered
+            ids = [u for u in parquet.column("uuid").to_pylist() if u.startswith(run)]
+            assert set(ids) == want and len(ids) == len(want)
+        lines = (root / "flows.jsonl").read_bytes().splitlines() if (root / "flows.jsonl").exists() else []
+        assert len(lines) == delivered
+        assert sum(_offsets(servers.KAFKA, f"{topic}-out", 1).values()) == delivered if delivered else True
+        servers.http_json("POST", f"{servers.OPENSEARCH}/{ds}/_refresh")
+        status, body = servers.http_json("GET", f"{servers.OPENSEARCH}/{ds}/_count")
+        assert (body.get("count", 0) if status == 200 else 0) == delivered
+        assert _victorialogs_count(servers.VICTORIALOGS, f"fuzz{run}", delivered) == delivered
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for name in (ds, f"logs-flowshipfuzz{run}.aggregates-default"):
+            servers.http_json("DELETE", f"{servers.OPENSEARCH}/_data_stream/{name}")
+        for name in (f"logs-flowshipfuzz{run}.flows", f"logs-flowshipfuzz{run}.aggregates"):
+            servers.http_json("DELETE", f"{servers.OPENSEARCH}/_index_template/{name}")
+        admin.delete_topics([topic, f"{topic}-out"])
