@@ -3,6 +3,7 @@ and two `flowship export` processes sharing a consumer group with one of them ki
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sinks"))
 
 import devservers  # noqa: E402
 from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
-from confluent_kafka.admin import AdminClient  # noqa: E402
+from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
 from helpers import decode_fixtures, distinct_flows, generated_flows, make_ctx  # noqa: E402
 
 from exporter.config import parse  # noqa: E402
@@ -231,6 +232,64 @@ def test_undecodable_messages_are_counted_and_skipped(kafka, fixture_batches, ru
     assert summary["rejected"] == 4 and summary["messages"] == 19
     assert col.ctx.metrics.value("flowship_source_rejected_total", source="kafka-in") == 4
     assert committed(kafka, f"g-{run_id}", topic, 1) == {0: 19}  # skipped messages do not block commits
+
+
+def _arrow(batch: pa.RecordBatch) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+@pytest.mark.servers
+def test_poison_arrow_messages_are_dead_lettered_alone_and_committed_past(kafka, run_id, tmp_path):
+    """A null ``time`` and a duplicate column among 30 valid Arrow messages of one poll: the 3,000 valid flows are
+    emitted, the two poison messages are counted, logged and written to the dead-letter file with their offsets
+    and bytes, and the group commits past them."""
+    topic = f"flowship-src-{run_id}-poison"
+    flows = generated_flows(3000, seed=31)
+    good = [_arrow(flows.slice(i * 100, 100)) for i in range(30)]
+    t = flows.column("time").slice(0, 100)
+    times = t.cast(pa.int64()).to_pylist()
+    times[7] = None
+    null_time = flows.slice(0, 100).set_column(0, pa.field("time", t.type, nullable=True),
+                                               pa.array(times, pa.int64()).cast(t.type))
+    dup = flows.slice(0, 100)
+    dup = pa.RecordBatch.from_arrays([*dup.columns, dup.column("uuid")], names=[*dup.schema.names, "uuid"])
+    values = good[:10] + [_arrow(null_time)] + good[10:20] + [_arrow(dup)] + good[20:]
+    admin = AdminClient({"bootstrap.servers": kafka})
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
+    p = Producer({"bootstrap.servers": kafka})
+    for v in values:
+        p.produce(topic, v, headers=[("flowship-encoding", b"arrow")])
+    p.flush(10)
+    dead_letter = tmp_path / "poison.jsonl"
+    col = Collector(kafka, topic, f"g-{run_id}", dead_letter_path=str(dead_letter)).start()
+    assert col.wait_rows(3000) == 3000
+    deadline = time.monotonic() + 20
+    while committed(kafka, f"g-{run_id}", topic, 1) != {0: 32} and time.monotonic() < deadline:
+        time.sleep(0.2)
+    col.close()
+    assert col.rows() == 3000 and sorted(col.uuids()) == sorted(flows.column("uuid").to_pylist())
+    assert committed(kafka, f"g-{run_id}", topic, 1) == {0: 32}
+    summary = col.source.summary()
+    assert summary["rejected"] == 2 and summary["dead_lettered"] == 2 and summary["messages"] == 32
+    m = col.ctx.metrics
+    assert m.value("flowship_source_rejected_total", source="kafka-in", reason="null_values") == 1
+    assert m.value("flowship_source_rejected_total", source="kafka-in", reason="duplicate_columns") == 1
+    assert m.value("flowship_source_dead_letter_total", source="kafka-in") == 2
+    entries = [json.loads(line) for line in dead_letter.read_text().splitlines()]
+    assert [(e["record"]["partition"], e["record"]["offset"], e["reason"]) for e in entries] == \
+        [(0, 10, "null_values"), (0, 21, "duplicate_columns")]
+    assert "column time is required" in entries[0]["detail"] and "uuid" in entries[1]["detail"]
+    assert base64.b64decode(entries[0]["record"]["value_base64"]) == values[10]
+    assert entries[0]["source"] == "kafka-in" and entries[0]["record"]["topic"] == topic
+
+
+def test_dead_letter_path_defaults_under_data_dir(tmp_path):
+    source = KafkaSource(parse(KafkaSourceConfig, {"topic": "t"}, "t"), make_ctx("in", tmp_path))
+    assert source.dead_letter_path == tmp_path / "dead-letter" / "source-in.jsonl"
+    assert not source.dead_letter_path.exists()  # created with the first rejected message
 
 
 @pytest.mark.servers
