@@ -332,6 +332,22 @@ def arrow_message(value: bytes) -> pa.RecordBatch:
     return conformed[0] if len(conformed) == 1 else pa.concat_batches(conformed)
 
 
+def _decode_one_by_one(values: list[bytes], encoding: str) -> tuple[pa.RecordBatch, list[tuple[int, str]]]:
+    """After a decoder raised for a poll: decode each message alone, so the one that raises costs only itself."""
+    batches, bad = [], []
+    for i, v in enumerate(values):
+        try:
+            batch, errors = decode_messages([v], encoding)
+        except Exception as exc:  # a decoder bug: this message is the culprit
+            bad.append((i, f"undecodable: {type(exc).__name__}: {exc}"))
+            continue
+        if errors:
+            bad.append((i, errors[0][1]))
+        elif batch.num_rows:
+            batches.append(batch)
+    return (pa.concat_batches(batches) if batches else empty_flows()), bad
+
+
 def conform(batch: pa.RecordBatch) -> pa.RecordBatch:
     """A batch of (possibly older or newer) flow columns as valid FLOW_SCHEMA rows.
 
@@ -495,8 +511,8 @@ class KafkaSource(Source):
         for encoding, items in groups.items():
             try:
                 batch, bad = decode_messages([v for _, v in items], encoding)
-            except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the group member
-                batch, bad = empty_flows(), [(i, f"{type(exc).__name__}: {exc}") for i in range(len(items))]
+            except Exception:  # a decoder bug must not stop the group member: find the culprit
+                batch, bad = _decode_one_by_one([v for _, v in items], encoding)
             for index, reason in bad:
                 self._reject(items[index][0], reason)
             if batch.num_rows:

@@ -286,6 +286,65 @@ def test_poison_arrow_messages_are_dead_lettered_alone_and_committed_past(kafka,
     assert entries[0]["source"] == "kafka-in" and entries[0]["record"]["topic"] == topic
 
 
+class _Msg:
+    """A consumed message as confluent_kafka hands it over (the parts the source reads)."""
+
+    def __init__(self, offset: int, value: bytes, encoding: str) -> None:
+        self._offset, self._value, self._headers = offset, value, [("flowship-encoding", encoding.encode())]
+
+    def error(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return "t"
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def value(self) -> bytes:
+        return self._value
+
+    def key(self) -> None:
+        return None
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return self._headers
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1700000000000)
+
+
+def test_a_decoder_that_raises_costs_only_the_message_that_made_it_raise(tmp_path, monkeypatch):
+    """A decoder bug (an exception no decoder should raise) rejects the one message, not the poll."""
+    import exporter.sources.kafka as kafka_source
+    from exporter.model.hubble_json import encode_lines
+
+    real = kafka_source.decode_messages
+
+    def flaky(values: list[bytes], encoding: str):
+        if b"boom" in values:
+            raise KeyError("a decoder bug")
+        return real(values, encoding)
+
+    monkeypatch.setattr(kafka_source, "decode_messages", flaky)
+    flows = generated_flows(3, seed=5)
+    lines = [line.rstrip(b"\n") for line in encode_lines(flows)]
+    source = KafkaSource(parse(KafkaSourceConfig, {"topic": "t"}, "t"), make_ctx("in", tmp_path))
+    source.tracker.assign([("t", 0)])
+    emitted: list[pa.RecordBatch] = []
+    source._handle([_Msg(0, lines[0], "hubble-json"), _Msg(1, b"boom", "hubble-json"),
+                    _Msg(2, lines[1], "hubble-json"), _Msg(3, _arrow(flows.slice(2, 1)), "arrow")],
+                   lambda batch, receipt: (emitted.append(batch), receipt.release()))
+    assert sorted(u for b in emitted for u in b.column("uuid").to_pylist()) == sorted(flows.column("uuid").to_pylist())
+    (entry,) = [json.loads(x) for x in source.dead_letter_path.read_text().splitlines()]
+    assert entry["record"]["offset"] == 1 and "KeyError" in entry["detail"]
+    assert base64.b64decode(entry["record"]["value_base64"]) == b"boom"
+    assert source.tracker.to_commit() == {("t", 0): 4}  # committed past the rejected message
+
+
 def test_dead_letter_path_defaults_under_data_dir(tmp_path):
     source = KafkaSource(parse(KafkaSourceConfig, {"topic": "t"}, "t"), make_ctx("in", tmp_path))
     assert source.dead_letter_path == tmp_path / "dead-letter" / "source-in.jsonl"
