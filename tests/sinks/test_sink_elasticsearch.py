@@ -306,6 +306,83 @@ def test_write_blocked_backing_index_stalls_the_sink_then_every_flow_is_indexed_
     assert ctx.metrics.value("flowship_sink_dead_letter_total", sink="es", reason="mapper_parsing_exception") == 1
 
 
+@pytest.mark.servers
+def test_export_run_with_the_index_write_blocked_for_a_while_indexes_every_flow_once(opensearch_server, run_id,
+                                                                                    cleanup, tmp_path):
+    """`flowship export` (file source → OpenSearch) with ``index.blocks.write=true`` set on the data stream's
+    backing index mid-run for 8 s, then cleared: the run waits, exits 0, every flow is indexed exactly once and
+    nothing is dead-lettered."""
+    import signal
+    import subprocess
+    import sys
+
+    from exporter.model.hubble_json import encode_lines
+
+    names = _names(run_id)
+    cleanup += [names["data_stream"], names["aggregates_data_stream"], f"logs-flowshiptest{run_id}.flows",
+                f"logs-flowshiptest{run_id}.aggregates"]
+    flows = generated_flows(30000, seed=41)
+    uuids = flows.column("uuid").to_pylist()
+    assert len(set(uuids)) == len(uuids)
+    (tmp_path / "in.jsonl").write_bytes(b"".join(encode_lines(flows)))
+    config = tmp_path / "flowship.yaml"
+    config.write_text(f"""
+node_name: es-block
+data_dir: {tmp_path}/state
+shutdown_timeout: 120s
+sources:
+  - type: file
+    paths: [{tmp_path}/in.jsonl]
+    batch_rows: 500
+sinks:
+  - type: elasticsearch
+    url: {opensearch_server}
+    data_stream: {names["data_stream"]}
+    aggregates_data_stream: {names["aggregates_data_stream"]}
+    batch:
+      max_events: 250
+      timeout: 100ms
+    retry:
+      initial_backoff: 100ms
+      max_backoff: 1s
+      concurrency: 1
+""")
+    log = tmp_path / "export.log"
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", "--log-format", "json", "export", "--config",
+                             str(config)], cwd=tmp_path, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": str(repo)})
+    backing = None
+    try:
+        deadline = time.monotonic() + 60
+        while backing is None:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            status, body = http_json("GET", f"{opensearch_server}/_data_stream/{names['data_stream']}")
+            if status == 200:
+                backing = body["data_streams"][0]["indices"][-1]["index_name"]
+            else:
+                time.sleep(0.05)
+        _set_block(opensearch_server, backing, "write", True)
+        try:
+            before = _refresh_count(opensearch_server, names["data_stream"])
+            assert before < len(uuids), "the run ended before the block was set"
+            time.sleep(8)
+            assert proc.poll() is None, "the run ended while the index was blocked"
+            assert _refresh_count(opensearch_server, names["data_stream"]) == before
+            assert not (tmp_path / "state" / "dead-letter").exists(), "blocked flows were dead-lettered"
+            assert '"records refused, retrying"' in log.read_text() and "FORBIDDEN/8/index write" in log.read_text()
+        finally:
+            _set_block(opensearch_server, backing, "write", None)
+        assert proc.wait(120) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+    assert _refresh_count(opensearch_server, names["data_stream"]) == len(uuids)
+    assert _refresh_count(opensearch_server, names["data_stream"], {"ids": {"values": uuids}}) == len(uuids)
+    assert not (tmp_path / "state" / "dead-letter").exists()
+
+
 def test_bulk_item_errors_retried_or_dead_lettered():
     """Which bulk item errors are the cluster's state (retried) and which the document's (dead-lettered)."""
     from exporter.sinks.elasticsearch import item_retryable
