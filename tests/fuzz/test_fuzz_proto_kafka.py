@@ -254,7 +254,7 @@ def test_get_flows_response_frames(data, tried):
 # -- Arrow messages that decode but cannot be written (poison) ------------------------------------
 
 POISON_KINDS = ("null_time", "null_time_strict_schema", "duplicate_column", "wrong_type", "port_out_of_range",
-                "time_out_of_range", "missing_time", "truncated_stream", "garbage")
+                "time_out_of_range", "missing_time", "invalid_utf8", "truncated_stream", "garbage")
 VALID_KINDS = ("plain", "extra_column", "missing_nullable_column", "wider_integers", "microsecond_times",
                "dictionary_strings", "null_uuid")
 
@@ -316,6 +316,11 @@ def arrow_variant(kind: str, batch: pa.RecordBatch, row: int) -> bytes:
         return arrow_ipc(_with(batch, "time", pa.array(seconds, pa.int64()).cast(pa.timestamp("s", tz="UTC"))))
     if kind == "missing_time":
         return arrow_ipc(batch.drop_columns(["time"]))
+    if kind == "invalid_utf8":
+        urls = [b"/ok"] * n
+        urls[row] = b"/\xff\xfe"
+        raw = pa.array(urls, pa.binary())
+        return arrow_ipc(_with(batch, "http_url", pa.Array.from_buffers(pa.string(), n, raw.buffers())))
     if kind == "truncated_stream":
         whole = arrow_ipc(batch)
         return whole[:len(whole) // 2]
