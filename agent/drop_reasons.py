@@ -63,10 +63,11 @@ NOT_REPORTED_REASONS: dict[str, str] = {
     "SUBSYS_MASK": "subsystem mask of the enum, not a reason",
 }
 
-# Every other reason the kernel documents refuses or loses a packet someone sent.
+# Every other reason the kernel documents refuses or loses a packet someone sent (TCP_FILTER: Linux 5.17's
+# name of SOCKET_FILTER).
 DROP_REASONS: tuple[str, ...] = (
     # sockets
-    "NO_SOCKET", "SOCKET_FILTER", "SOCKET_RCVBUFF", "SOCKET_BACKLOG", "PROTO_MEM", "PKT_TOO_SMALL",
+    "NO_SOCKET", "SOCKET_FILTER", "TCP_FILTER", "SOCKET_RCVBUFF", "SOCKET_BACKLOG", "PROTO_MEM", "PKT_TOO_SMALL",
     # checksums and headers
     "TCP_CSUM", "UDP_CSUM", "IP_CSUM", "ICMP_CSUM", "SKB_CSUM", "IP_INHDR", "HDR_TRUNC", "DEV_HDR",
     "IPV6_BAD_EXTHDR", "INVALID_PROTO", "UNHANDLED_PROTO", "IP_NOPROTO", "PKT_TOO_BIG",
@@ -89,7 +90,7 @@ DROP_REASONS: tuple[str, ...] = (
     "TCP_OFO_QUEUE_PRUNE", "TCP_MINTTL",
     # queues, memory, devices
     "QDISC_DROP", "QDISC_OVERLIMIT", "QDISC_CONGESTED", "CAKE_FLOOD", "FQ_BAND_LIMIT", "FQ_HORIZON_LIMIT",
-    "FQ_FLOW_LIMIT", "DUALPI2_STEP_DROP", "CPU_BACKLOG", "FULL_RING", "NOMEM", "PFMEMALLOC", "SKB_GSO_SEG",
+    "FQ_FLOW_LIMIT", "DUALPI2_STEP_DROP", "CPU_BACKLOG", "FULL_RING", "NOMEM", "PFMEMALLOC", "SKB_GSO_SEG", "SKB_BAD_GSO",
     "SKB_UCOPY_FAULT", "SKB_RX_HEADROOM", "DEV_READY", "PACKET_SOCK_ERROR",
     # fragments
     "FRAG_REASM_TIMEOUT", "FRAG_TOO_FAR",

@@ -7,7 +7,8 @@ are assembled into flow rows exactly as the agent does, and:
 
 * every DROPPED row is a SYN of a denied attempt (port 9999, NETFILTER_DROP), and each attempt is one;
 * the normal connections have no DROPPED row, whatever the kernel freed while closing them;
-* every drop event of the namespaces is accounted for: exported as DROPPED or counted as benign.
+* every drop event of the namespaces is accounted for: exported as DROPPED or counted as benign;
+* every reason in this kernel's BTF is classified (agent/drop_reasons.py).
 
 Lean on purpose (two helper processes, no tcpdump) so that the kernel-matrix harness can run it inside
 VMs: ``pytest -m kernel tests/agent/test_kernel_drops.py``. Needs root and the built object.
@@ -28,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from agent import drop_reasons, kernel_features, loader
+from agent import btf, drop_reasons, kernel_features, loader
 from agent.assemble import AssembleConfig, Assembler
 from agent.capture import CaptureBatch, CaptureConfig, KernelCapture
 from agent.kernel_drops import DropReasons
@@ -102,6 +103,15 @@ for host in (v4, v6, v4):
 round_of_normal()
 print(json.dumps(out), flush=True)
 """
+
+
+def test_every_drop_reason_of_this_kernel_is_classified() -> None:
+    if not btf.VMLINUX_BTF.exists():
+        pytest.fail(f"{btf.VMLINUX_BTF} is missing: the kernel needs CONFIG_DEBUG_INFO_BTF to name drop reasons")
+    names = DropReasons.from_kernel().by_name
+    assert names, f"the BTF of {os.uname().release} has no enum skb_drop_reason (kernel < 5.17?)"
+    unclassified = sorted(n for n in names if n not in drop_reasons.CLASSES)
+    assert not unclassified, f"classify these in agent/drop_reasons.py and docs/agent.md: {unclassified}"
 
 
 def sh(*cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
