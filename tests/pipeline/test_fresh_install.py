@@ -7,7 +7,7 @@ object), installed into ``python -m venv`` without system site-packages, and run
 checkout: every module of the installed package imports, the node's addresses are detected, the shipped
 configs validate, a recorded Hubble file exports to Parquet, and (as root) the agent captures.
 
-Slow-ish (about 30 s with pip's cache warm, more when it downloads the dependencies): marked ``install``.
+Slow-ish (about 50 s with pip's cache warm, more when it downloads the dependencies): marked ``install``.
 Needs the package index or pip's cache for the dependencies; a failure to get them fails the test.
 """
 
@@ -75,8 +75,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
         shutil.copy2(REPO / name, src / name)
     env = {**os.environ, "FLOWSHIP_SKIP_BPF": "1"}  # the object is already built (and copied with agent/)
     env.pop("PYTHONPATH", None)
-    built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                  str(root / "dist"), str(src)], root, env)
+    # built in pip's isolated build environment, from the build requirements pyproject declares
+    built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(root / "dist"), str(src)],
+                 root, env)
     assert built.returncode == 0, f"building the wheel failed:\n{built.stdout}{built.stderr}"
     (wheel,) = (root / "dist").glob("flowship-*.whl")
     made = _run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], root, env)
