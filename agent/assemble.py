@@ -11,7 +11,9 @@ Rows produced (see docs/agent.md for the full semantics):
   is the entry's first event, or counted no packet at all (an idle eviction: the row marks the end);
   the reply row (responder → initiator, ``is_reply`` true, src/dst swapped) when it counted reply
   packets. ``bytes``/``packets``/``tcp_flags`` are that direction's, so sums over rows are exact.
-* Drops (``verdict`` DROPPED, ``event_type`` 1): one row per dropped packet.
+* Drops (``verdict`` DROPPED, ``event_type`` 1): one row per packet the kernel refused or lost. Frees that
+  accompany normal operation (:mod:`agent.drop_reasons`: queue purges on close, duplicates) are only
+  counted, unless ``drop_export_benign`` lists their reason: then they are rows with verdict TRACED.
 * L7 (``flow_type`` L7, ``event_type`` 129): HTTP requests/responses and DNS queries/responses,
   paired by :mod:`agent.l7_http` and :mod:`agent.l7_dns`.
 """
@@ -70,6 +72,7 @@ class AssembleConfig:
     http_max_connections: int = 65536
     l7_ttl_ns: int = 120_000_000_000
     dns_ttl_ns: int = 30_000_000_000
+    drop_export_benign: frozenset[str] = frozenset()  # benign kernel drop reasons exported as TRACED rows
 
 
 # ---------------------------------------------------------------- column helpers
@@ -257,7 +260,7 @@ class Assembler:
             config.node_name)
         self._pairer_seen: dict[str, int] = {}
         self._nulls: dict[pa.DataType, pa.Array] = {}  # all-null columns, sliced per batch
-        self.totals = {"flow_events": 0, "drop_events": 0, "l7_events": 0, "rows": 0}
+        self.totals = {"flow_events": 0, "drop_events": 0, "benign_drops": 0, "l7_events": 0, "rows": 0}
         self.lost_totals: dict[str, int] = {k: 0 for k in LOSS_STATS}
 
     # -- public ---------------------------------------------------------------------------------
@@ -429,16 +432,25 @@ class Assembler:
     # -- drops ----------------------------------------------------------------------------------
 
     def drop_rows(self, drops: np.ndarray, wall_offset: int, interface_names: Mapping[int, str]) -> pa.RecordBatch:
+        """DROPPED rows for refused or lost packets; benign frees counted, and exported only when listed."""
+        kernel_names = self.drop_names.names(drops["drop_reason"])
+        benign = drop_reasons.classes(kernel_names) != drop_reasons.DROP
+        self._count_drops(kernel_names, benign)
+        if benign.any():
+            keep = ~benign | np.isin(kernel_names, list(self.config.drop_export_benign))
+            self.totals["benign_drops"] += int((~keep).sum())
+            drops, kernel_names, benign = drops[keep], kernel_names[keep], benign[keep]
         n = len(drops)
+        if n == 0:
+            return empty_flows()
         proto = drops["l4_proto"]
         ported = np.isin(proto, (6, 17, 132))
         icmp = np.isin(proto, (1, 58))
-        kernel_names = self.drop_names.names(drops["drop_reason"])
-        reason, code = drop_reasons.hubble_columns(kernel_names)
+        reason, code = drop_reasons.hubble_columns(np.where(benign, "", kernel_names))
         cols = {
             "time": _wall(drops["ts_ns"], wall_offset),
             "node_name": _const(self.config.node_name, n, pa.string()),
-            "verdict": _const("DROPPED", n, pa.string()),
+            "verdict": _choice(benign.astype(np.int32), ["DROPPED", "TRACED"], pa.string()),
             "drop_reason": reason,
             "drop_reason_code": code,
             "kernel_drop_reason": pa.array(kernel_names.tolist(), type=pa.string()),
@@ -466,6 +478,20 @@ class Assembler:
         cols["uuid"] = uuid_strings(hi, lo)
         cols["community_id"] = community_id_column(hi_conn(drops, proto), cols)
         return to_batch(cols, n, self._nulls)
+
+    def _count_drops(self, kernel_names: np.ndarray, benign: np.ndarray) -> None:
+        if self.metrics is None or not len(kernel_names):
+            return
+        counter = self.metrics.counter(
+            "flowship_agent_kernel_drops_total",
+            "Packets the kernel freed with a drop reason, by reason and class: dropped (refused or lost, exported "
+            "with verdict DROPPED) or benign (normal operation such as QUEUE_PURGE on close; exported, as TRACED, "
+            "only if drop_export_benign lists the reason).", ["reason", "class"])
+        keys, counts = np.unique(np.char.add(np.where(benign, "benign|", "dropped|").astype(str),
+                                             np.asarray(kernel_names, dtype=str)), return_counts=True)
+        for key, count in zip(keys.tolist(), counts.tolist(), strict=True):
+            cls, _, reason = key.partition("|")
+            counter.labels(reason, cls).inc(count)
 
     # -- L7 -------------------------------------------------------------------------------------
 

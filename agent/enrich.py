@@ -31,6 +31,7 @@ import os
 import random
 import re
 import socket
+import struct
 import tempfile
 import threading
 import time
@@ -855,18 +856,67 @@ class KubeWatcher:
 # The enricher
 # ---------------------------------------------------------------------------------------------
 
+_NLMSG = struct.Struct("=IHHII")  # struct nlmsghdr
+_IFADDRMSG = struct.Struct("=BBBBI")  # struct ifaddrmsg
+_RTA = struct.Struct("=HH")  # struct rtattr
+RTM_NEWADDR, RTM_GETADDR, NLMSG_ERROR, NLMSG_DONE = 20, 22, 2, 3
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+
+
+def parse_addr_messages(data: bytes) -> tuple[list[str], bool]:
+    """Addresses in RTM_NEWADDR messages of one netlink read, and whether the dump ended.
+
+    IFA_LOCAL is the interface's own address where both are given (on point-to-point links IFA_ADDRESS
+    is the peer's); IPv6 gives IFA_ADDRESS only.
+    """
+    out: list[str] = []
+    off = 0
+    done = False
+    while off + _NLMSG.size <= len(data):
+        length, mtype, _flags, _seq, _pid = _NLMSG.unpack_from(data, off)
+        if length < _NLMSG.size:
+            break
+        body, end = off + _NLMSG.size, off + length
+        if mtype == NLMSG_DONE:
+            done = True
+        elif mtype == NLMSG_ERROR:
+            (code,) = struct.unpack_from("=i", data, body)
+            if code:
+                raise OSError(-code, f"netlink RTM_GETADDR: {os.strerror(-code)}")
+        elif mtype == RTM_NEWADDR:
+            family = data[body]
+            attrs: dict[int, bytes] = {}
+            a = body + _IFADDRMSG.size
+            while a + _RTA.size <= end:
+                alen, atype = _RTA.unpack_from(data, a)
+                if alen < _RTA.size:
+                    break
+                attrs[atype] = data[a + _RTA.size : a + alen]
+                a += (alen + 3) & ~3
+            raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
+            if raw and family in (socket.AF_INET, socket.AF_INET6):
+                out.append(socket.inet_ntop(family, raw))
+        off += (length + 3) & ~3
+    return out, done
+
+
 def detect_local_ips() -> list[str]:
-    """Addresses of this network namespace's interfaces (the node's own IPs)."""
-    try:
-        from pyroute2 import IPRoute
-    except ImportError:  # pragma: no cover - pyroute2 is a dependency
-        return []
-    out = []
-    with IPRoute() as ipr:
-        for msg in ipr.get_addr():
-            addr = msg.get_attr("IFA_ADDRESS") or msg.get_attr("IFA_LOCAL")
-            if addr:
-                out.append(addr)
+    """Addresses of this network namespace's interfaces (the node's own IPs, which become reserved:host).
+
+    One RTM_GETADDR dump over a NETLINK_ROUTE socket (the socket lives in the calling thread's network
+    namespace). No dependency beyond the standard library; a failure raises rather than returning [],
+    because an empty list silently turns the node's own traffic into reserved:world.
+    """
+    out: list[str] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0) as sock:
+        sock.bind((0, 0))
+        msg = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+        sock.send(_NLMSG.pack(_NLMSG.size + len(msg), RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + msg)
+        done = False
+        while not done:
+            addrs, done = parse_addr_messages(sock.recv(1 << 16))
+            out.extend(addrs)
     return sorted(set(out))
 
 

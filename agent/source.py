@@ -23,6 +23,7 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from agent import drop_reasons
 from agent.assemble import AssembleConfig, Assembler
 from agent.capture import DEFAULT_HTTP_PORTS, CaptureBatch, CaptureConfig, KernelCapture
 from agent.enrich import EnrichConfig, Enricher, detect_local_ips
@@ -67,6 +68,7 @@ class AgentSourceConfig:
     l7_snap_len: int = 256
     drops: bool = True
     drop_netns: str | None = None  # report kernel drops of this namespace only; default: every namespace
+    drop_export_benign: list[str] = field(default_factory=list)  # benign drop reasons to export (TRACED); ALL
     flow_table_entries: int = 65536
     flow_ring_size: ByteSize = ByteSize(8 << 20)
     l7_ring_size: ByteSize = ByteSize(2 << 20)
@@ -103,6 +105,7 @@ class AgentSourceConfig:
             self.capture_config().validate()
         except (ValueError, TypeError) as exc:
             problems.append(str(exc).replace("_s ", " ").replace("_bytes", "_size"))
+        problems += drop_reasons.export_problems(self.drop_export_benign)
         if self.buffer_events < 1:
             problems.append(f"buffer_events: expected an integer >= 1, got {self.buffer_events}")
         if self.batch_events < 1:
@@ -181,7 +184,8 @@ class AgentSource(Source):
         cfg = self.config
         enricher = self._enricher()
         self.assembler = Assembler(
-            AssembleConfig(node_name=self.ctx.node_name, http_headers=tuple(cfg.http_headers)),
+            AssembleConfig(node_name=self.ctx.node_name, http_headers=tuple(cfg.http_headers),
+                           drop_export_benign=drop_reasons.export_set(cfg.drop_export_benign)),
             metrics=self.ctx.metrics, source=self.ctx.name, enricher=enricher)
         enricher.start()
         self._start_observer()

@@ -348,6 +348,26 @@ def _component(kind: str, raw: Any, path: str, filename: str, parser: _Parser,
     return ComponentSpec(type_name, name, config, stages, buffer)
 
 
+def _node_name(value: str | None, parser: _Parser) -> str:
+    """``node_name``: as written, ``env:NAME`` / ``file:/path`` resolved now, or this host's name.
+
+    A DaemonSet passes the Kubernetes node name in the environment (``NODE_NAME`` from
+    ``spec.nodeName``); it can differ from the hostname, and enrichment tells this node's pods and
+    addresses from other nodes' by it. A reference that does not resolve is a config error, not a
+    silent fallback to the hostname.
+    """
+    if not value:
+        return socket.gethostname()
+    try:
+        resolved = secret_value(value)
+    except (ValueError, OSError) as exc:
+        parser.fail("node_name", f"{value!r}: {getattr(exc, 'strerror', None) or exc}")
+        return value
+    if not resolved:
+        parser.fail("node_name", f"{value!r} resolves to an empty string")
+    return resolved or value
+
+
 def load_text(text: str, filename: str) -> PipelineConfig:
     """Parse and validate a whole config document."""
     try:
@@ -380,10 +400,11 @@ def load_text(text: str, filename: str) -> PipelineConfig:
             if spec.name in seen:
                 parser.fail(f"{kind}[{i}].name", f"duplicate name {spec.name!r}: give each {kind[:-1]} its own 'name'")
             seen.add(spec.name)
+    node_name = _node_name(top.node_name, parser)
     if parser.problems:
         raise ConfigError(parser.problems)
     return PipelineConfig(
-        node_name=top.node_name or socket.gethostname(),
+        node_name=node_name,
         sources=sources,
         stages=stages,
         sinks=sinks,

@@ -9,7 +9,9 @@
    recovered the way one would by hand, from the times of each connection's
    SYN and SYN-ACK flows.
 2. *Who tried what and was denied?* Every DROPPED flow grouped by source,
-   destination, port, protocol and reason (Hubble's and the kernel's).
+   destination, port, protocol and reason (Hubble's and the kernel's), counted
+   as calls (distinct connections: a SYN and its retransmissions are one call)
+   with the dropped packets beside them.
 
 ``flowship report latency|drops --parquet PATH`` prints them; ``flowship demo``
 prints both for the traffic it generates.
@@ -177,32 +179,43 @@ class DroppedCalls:
     port: int | None
     protocol: str | None
     reason: str
-    count: int
+    calls: int  # distinct connections (Community ID, else the 5-tuple)
+    packets: int
     first: str
     last: str
 
 
 def dropped_calls(flows: pa.Table) -> list[DroppedCalls]:
-    """DROPPED flows grouped by who, to what, and why."""
+    """DROPPED flows grouped by who, to what, and why; calls are distinct connections, not packets.
+
+    A refused connection is several dropped packets (the SYN and its retransmissions): counting rows
+    would report 6 calls for 3 denied attempts.
+    """
     dropped = flows.filter(pc.fill_null(pc.equal(flows.column("verdict"), "DROPPED"), False))
     if dropped.num_rows == 0:
         return []
     reason = pc.coalesce(
         pc.binary_join_element_wise(dropped.column("drop_reason"), dropped.column("kernel_drop_reason"), " / "),
         dropped.column("drop_reason"), dropped.column("kernel_drop_reason"), pa.scalar("unknown"))
+    tuple_key = pc.binary_join_element_wise(
+        *[pc.fill_null(dropped.column(c).cast(pa.string()), "") for c in
+          ("ip_src", "ip_dst", "l4_protocol", "src_port", "dst_port", "icmp_type", "icmp_code")], "|")
     table = pa.table({
         "source": _endpoint_name(dropped, "src"), "destination": _endpoint_name(dropped, "dst"),
         "port": pc.coalesce(dropped.column("dst_port").cast(pa.int64()), dropped.column("icmp_type").cast(pa.int64())),
         "protocol": dropped.column("l4_protocol"), "reason": reason,
+        "connection": pc.coalesce(dropped.column("community_id"), tuple_key),
+        "packets": pc.fill_null(dropped.column("packets").cast(pa.int64()), 1),
         "time": dropped.column("time").cast(pa.int64()),
     })
     grouped = table.group_by(["source", "destination", "port", "protocol", "reason"], use_threads=False).aggregate(
-        [("time", "count"), ("time", "min"), ("time", "max")])
+        [("connection", "count_distinct"), ("packets", "sum"), ("time", "min"), ("time", "max")])
     from exporter.model.hubble_json import format_time
 
-    out = [DroppedCalls(r["source"], r["destination"], r["port"], r["protocol"], r["reason"], r["time_count"],
-                        format_time(r["time_min"]), format_time(r["time_max"])) for r in grouped.to_pylist()]
-    out.sort(key=lambda d: -d.count)
+    out = [DroppedCalls(r["source"], r["destination"], r["port"], r["protocol"], r["reason"],
+                        r["connection_count_distinct"], r["packets_sum"], format_time(r["time_min"]),
+                        format_time(r["time_max"])) for r in grouped.to_pylist()]
+    out.sort(key=lambda d: (-d.calls, -d.packets))
     return out
 
 
@@ -231,5 +244,5 @@ def format_drops(drops: list[DroppedCalls]) -> str:
     if not drops:
         return "no dropped flows"
     rows = [[d.source, d.destination, str(d.port if d.port is not None else "-"), d.protocol or "-", d.reason,
-             str(d.count), d.first, d.last] for d in drops]
-    return _table(["source", "destination", "port", "proto", "reason", "count", "first", "last"], rows)
+             str(d.calls), str(d.packets), d.first, d.last] for d in drops]
+    return _table(["source", "destination", "port", "proto", "reason", "calls", "packets", "first", "last"], rows)

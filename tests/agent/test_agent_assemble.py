@@ -23,7 +23,7 @@ from exporter.model.schema import FLOW_SCHEMA
 WALL = 1_700_000_000_000_000_000
 KERNEL_REASONS = {f"SKB_DROP_REASON_{name}": i + 2 for i, name in enumerate(
     ["NO_SOCKET", "PKT_TOO_SMALL", "TCP_CSUM", "NETFILTER_DROP", "IP_RPFILTER", "IP_OUTNOROUTES", "IP_NOPROTO",
-     "IP_CSUM", "UDP_CSUM", "SOCKET_FILTER", "OTHERHOST"])}
+     "IP_CSUM", "UDP_CSUM", "SOCKET_FILTER", "OTHERHOST", "QUEUE_PURGE", "TCP_OLD_DATA"])}
 
 
 def flow_events(rows: list[dict[str, Any]]) -> np.ndarray:
@@ -194,6 +194,33 @@ def test_drop_reason_table(kernel: str, hubble: str) -> None:
     names = DropReasons(KERNEL_REASONS)
     rows = rows_of(assembler().assemble(capture(drops=drop_events([names.value(kernel)])), {}))
     assert (rows[0]["kernel_drop_reason"], rows[0]["drop_reason"]) == (kernel, hubble)
+
+
+def test_benign_drops_are_counted_not_exported() -> None:
+    names = DropReasons(KERNEL_REASONS)
+    values = [names.value(n) for n in ("QUEUE_PURGE", "NETFILTER_DROP", "QUEUE_PURGE", "TCP_OLD_DATA")]
+    metrics = Metrics()
+    asm = assembler(metrics)
+    rows = rows_of(asm.assemble(capture(drops=drop_events(values)), {}))
+    assert [(r["verdict"], r["kernel_drop_reason"]) for r in rows] == [("DROPPED", "NETFILTER_DROP")]
+    counted = {(reason, cls): metrics.value("flowship_agent_kernel_drops_total", reason=reason, **{"class": cls})
+               for reason, cls in (("QUEUE_PURGE", "benign"), ("TCP_OLD_DATA", "benign"),
+                                   ("NETFILTER_DROP", "dropped"))}
+    assert counted == {("QUEUE_PURGE", "benign"): 2, ("TCP_OLD_DATA", "benign"): 1, ("NETFILTER_DROP", "dropped"): 1}
+    assert asm.totals["benign_drops"] == 3 and asm.totals["drop_events"] == 4
+    only_benign = asm.assemble(capture(drops=drop_events([names.value("QUEUE_PURGE")])), {})
+    assert only_benign.num_rows == 0
+
+
+def test_listed_benign_drops_are_exported_as_traced() -> None:
+    names = DropReasons(KERNEL_REASONS)
+    values = [names.value(n) for n in ("QUEUE_PURGE", "TCP_OLD_DATA", "NETFILTER_DROP")]
+    asm = assembler(drop_export_benign=frozenset({"QUEUE_PURGE"}))
+    rows = rows_of(asm.assemble(capture(drops=drop_events(values)), {}))
+    assert [(r["verdict"], r["kernel_drop_reason"], r["drop_reason"], r["event_type"], r["flow_event"])
+            for r in rows] == [("TRACED", "QUEUE_PURGE", None, 1, "drop"),
+                               ("DROPPED", "NETFILTER_DROP", "POLICY_DENIED", 1, "drop")]
+    assert asm.totals["benign_drops"] == 1
 
 
 HTTP = {"src_port": 40000, "dst_port": 8080, "l4_proto": 6, "flow_first_ns": 1}

@@ -29,7 +29,13 @@ def test_demo_prints_latency_per_hop_and_the_dropped_calls(tmp_path):
     assert front[2] == "12" and front[5] == "18" and front[9] == "6"  # 3 rounds; the kube-probe is filtered out
     assert db[2] == "18" and db[5] == "18" and db[9] == "0"
     assert float(front[7]) > 200.0 > float(db[7])  # the slow endpoint's time is the product-api's own
-    assert re.search(r"production/frontend\s+production/database\s+6432\s+TCP\s+POLICY_DENIED / NETFILTER_DROP", out)
+    denied = re.search(r"^production/frontend\s+production/database\s+6432\s+TCP\s+POLICY_DENIED / NETFILTER_DROP"
+                       r"\s+(\d+)\s+(\d+)\s", out, flags=re.M)
+    assert denied, out
+    assert int(denied.group(1)) == 3 and int(denied.group(2)) >= 6  # 3 rounds, each a SYN and its retransmission
+    drops = out[out.index("2. Which calls were dropped"):]
+    topology_rows = [line for line in drops.splitlines() if "production/" in line or "10.99.0." in line]
+    assert len(topology_rows) == 1, topology_rows  # the denied port only: no rows for normal closes
     # nothing left behind
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "fs-node-" not in left and "fs-frontend-" not in left

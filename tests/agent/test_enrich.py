@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import socket
+import struct
+import subprocess
+
 import pyarrow as pa
 import pytest
 
 from agent.enrich import (
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    RTM_NEWADDR,
     EndpointInfo,
     EnrichConfig,
     Enricher,
+    detect_local_ips,
     hubble_labels,
     identity_for_labels,
+    parse_addr_messages,
     workload_of,
 )
 from exporter.config import ConfigError, parse
@@ -165,6 +176,35 @@ def test_detect_host_ips_includes_loopback() -> None:
     enricher = _enricher({"detect_host_ips": True})
     assert "127.0.0.1" in enricher.host_ips
     assert enricher.lookup("127.0.0.1").labels == ("reserved:host",)
+
+
+def test_detected_ips_are_every_address_iproute2_lists() -> None:
+    if not shutil.which("ip"):
+        pytest.fail("the ground truth needs `ip` (apt-get install iproute2)")
+    listed = json.loads(subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True,
+                                       check=True).stdout)
+    expected = {a["local"] for link in listed for a in link.get("addr_info", []) if a.get("local")}
+    assert set(detect_local_ips()) == expected
+
+
+def _nlmsg(mtype: int, body: bytes) -> bytes:
+    msg = struct.pack("=IHHII", 16 + len(body), mtype, 0, 1, 0) + body
+    return msg + b"\0" * (-len(msg) % 4)
+
+
+def _rta(atype: int, value: bytes) -> bytes:
+    attr = struct.pack("=HH", 4 + len(value), atype) + value
+    return attr + b"\0" * (-len(attr) % 4)
+
+
+def test_address_dump_parsing_prefers_the_local_address() -> None:
+    ptp = struct.pack("=BBBBI", socket.AF_INET, 32, 0, 0, 5) + _rta(1, socket.inet_aton("10.0.0.2")) + _rta(
+        2, socket.inet_aton("10.0.0.1"))  # point-to-point: IFA_ADDRESS is the peer, IFA_LOCAL ours
+    v6 = struct.pack("=BBBBI", socket.AF_INET6, 64, 0, 0, 2) + _rta(1, socket.inet_pton(socket.AF_INET6, "fd00::5"))
+    data = _nlmsg(RTM_NEWADDR, ptp) + _nlmsg(RTM_NEWADDR, v6) + _nlmsg(NLMSG_DONE, struct.pack("=i", 0))
+    assert parse_addr_messages(data) == (["10.0.0.1", "fd00::5"], True)
+    with pytest.raises(OSError, match="RTM_GETADDR"):
+        parse_addr_messages(_nlmsg(NLMSG_ERROR, struct.pack("=i", -13) + b"\0" * 16))
 
 
 def test_enrich_many_rows_is_columnar() -> None:

@@ -228,8 +228,10 @@ def test_config_errors_name_file_key_path_and_expectation(tmp_path, text, messag
     assert proc.returncode == 2
 
 
-def test_shipped_configs_are_valid_and_defaults_match_embedded(tmp_path):
+def test_shipped_configs_are_valid_and_defaults_match_embedded(tmp_path, monkeypatch):
     from exporter.defaults import AGENT_DEFAULT, EXPORT_DEFAULT
+
+    monkeypatch.setenv("NODE_NAME", "node-1")  # the DaemonSet config takes node_name from it
 
     assert (REPO / "configs" / "export-default.yaml").read_text() == EXPORT_DEFAULT
     assert (REPO / "configs" / "agent-default.yaml").read_text() == AGENT_DEFAULT

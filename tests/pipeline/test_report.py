@@ -44,7 +44,8 @@ def _call_chain() -> list[dict]:
                  "src_port": 1234, "dst_port": 5432, "src_namespace": "support", "src_workload": "dashboard",
                  "dst_namespace": "production", "dst_workload": "database", "drop_reason": "POLICY_DENIED",
                  "kernel_drop_reason": "NETFILTER_DROP", "tcp_flags": 2})
-    rows.append({**rows[-1], "time": T0 + 1000 * MS})
+    rows.append({**rows[-1], "time": T0 + 1000 * MS})  # the SYN's retransmission: same call
+    rows.append({**rows[-1], "time": T0 + 3000 * MS, "src_port": 1235})  # a second denied call
     return rows
 
 
@@ -57,8 +58,17 @@ def test_latency_per_hop_and_drops(tmp_path):
     assert front.handshake_p50_ms == 1.0 and front.server_p50_ms == 250.0
     assert db.handshake_p50_ms == 0.2 and db.server_p95_ms == 200.0
     (drop,) = dropped_calls(flows)
-    assert (drop.source, drop.destination, drop.port, drop.reason, drop.count) == \
-        ("support/dashboard", "production/database", 5432, "POLICY_DENIED / NETFILTER_DROP", 2)
+    assert (drop.source, drop.destination, drop.port, drop.reason, drop.calls, drop.packets) == \
+        ("support/dashboard", "production/database", 5432, "POLICY_DENIED / NETFILTER_DROP", 2, 3)
+
+
+def test_dropped_calls_are_connections_by_community_id():
+    rows = [r for r in _call_chain() if r.get("verdict") == "DROPPED"]
+    # three packets of one connection (Community ID set), another connection without Community ID
+    with_ids = [{**r, "community_id": "1:abc", "src_port": 1234} for r in rows] + [
+        {**rows[0], "community_id": None, "src_port": 2000, "packets": 2}]
+    (drop,) = dropped_calls(flows_from_rows(with_ids))
+    assert (drop.calls, drop.packets) == (2, 5)
 
 
 def test_handshake_recovered_from_syn_and_synack_times_for_hubble_flows(tmp_path):
@@ -78,6 +88,8 @@ def test_report_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "production/frontend" in proc.stdout and "production/product-api:8080" in proc.stdout
     assert "POLICY_DENIED / NETFILTER_DROP" in proc.stdout
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("source"))
+    assert header.split()[5:7] == ["calls", "packets"]
 
 
 def test_a_connection_seen_on_two_interfaces_counts_once():
