@@ -37,6 +37,8 @@ from agent.kernel_drops import DropReasons
 pytestmark = pytest.mark.kernel
 
 REPO = Path(__file__).resolve().parents[2]
+# Multiplies subprocess timeouts: an emulated VM (tests/vm, QEMU without KVM) runs tshark and Python ~10x slower.
+TIME_SCALE = float(os.environ.get("FLOWSHIP_TEST_TIME_SCALE", "1"))
 TOOLS = {
     "ip": "iproute2",
     "tc": "iproute2",
@@ -66,7 +68,7 @@ def kernel_ready() -> None:
 
 
 def sh(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=timeout * TIME_SCALE)
 
 
 @dataclass
@@ -166,7 +168,7 @@ def tcpdump(net: Net, path: Path) -> Iterator[Path]:
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            _, err = proc.communicate(timeout=10)
+            _, err = proc.communicate(timeout=10 * TIME_SCALE)
         except subprocess.TimeoutExpired:
             proc.kill()
             _, err = proc.communicate()
@@ -398,7 +400,7 @@ def wait_ready(proc: subprocess.Popen[str]) -> None:
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 20) -> str:
-    out, err = proc.communicate(timeout=timeout)
+    out, err = proc.communicate(timeout=timeout * TIME_SCALE)
     assert proc.returncode == 0, err
     return out
 
