@@ -14,7 +14,10 @@ from pathlib import Path
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 
 BTF_MAGIC = 0xEB9F
+KIND_PTR = 2
 KIND_ENUM = 6
+KIND_TYPEDEF = 8
+KIND_FUNC_PROTO = 13
 KIND_ENUM64 = 19
 
 # bytes following struct btf_type, per kind: fixed part and per-member part (vlen entries)
@@ -47,6 +50,10 @@ class Btf:
 
     names: dict[int, set[str]] = field(default_factory=dict)
     enums: dict[str, dict[str, int]] = field(default_factory=dict)
+    # type id -> (kind, name, referenced type id); and FUNC_PROTO id -> parameter type ids
+    types: dict[int, tuple[int, str, int]] = field(default_factory=dict)
+    protos: dict[int, list[int]] = field(default_factory=dict)
+    typedefs: dict[str, int] = field(default_factory=dict)
 
     def has(self, kind: int, name: str) -> bool:
         """Whether a type of this kind and name exists."""
@@ -55,6 +62,33 @@ class Btf:
     def enum(self, name: str) -> dict[str, int]:
         """Members of an enum (KeyError if the kernel has no such enum)."""
         return self.enums[name]
+
+    def tracepoint_args(self, name: str) -> list[str] | None:
+        """Parameter types of a raw tracepoint (what tp_btf/<name> programs receive), None when absent.
+
+        The kernel describes each one as `typedef void (*btf_trace_<name>)(void *, args...)`; the
+        leading context pointer is left out. Types are named by kind: "ptr", "enum skb_drop_reason",
+        "int", ... which is enough to tell signatures apart (kfree_skb gained its reason in 5.17).
+        """
+        tid = self.typedefs.get(f"btf_trace_{name}")
+        if tid is None:
+            return None
+        seen = 0
+        while tid in self.types and self.types[tid][0] in (KIND_TYPEDEF, KIND_PTR) and seen < 8:
+            tid = self.types[tid][2]
+            seen += 1
+        params = self.protos.get(tid)
+        if params is None:
+            return None
+        return [self._describe(t) for t in params[1:]]
+
+    def _describe(self, tid: int) -> str:
+        kind, name, _ = self.types.get(tid, (0, "", 0))
+        if kind == KIND_PTR:
+            return "ptr"
+        if kind in (KIND_ENUM, KIND_ENUM64):
+            return f"enum {name}"
+        return name or f"kind{kind}"
 
 
 def parse(data: bytes) -> Btf:
@@ -76,6 +110,7 @@ def parse(data: bytes) -> Btf:
     member32 = struct.Struct(endian + "Ii")
     member64 = struct.Struct(endian + "III")
     pos = 0
+    tid = 0  # type ids start at 1, in section order
     limit = len(types)
     while pos < limit:
         name_off, info, _size = head.unpack_from(types, pos)
@@ -85,6 +120,13 @@ def parse(data: bytes) -> Btf:
         fixed, per = _EXTRA.get(kind, (None, None))
         if fixed is None:
             raise ValueError(f"unknown BTF kind {kind}")
+        tid += 1
+        if kind in (KIND_PTR, KIND_TYPEDEF, KIND_ENUM, KIND_ENUM64, 1):
+            out.types[tid] = (kind, name_at(name_off) if name_off else "", _size)
+            if kind == KIND_TYPEDEF and name_off:
+                out.typedefs[out.types[tid][1]] = tid
+        elif kind == KIND_FUNC_PROTO:
+            out.protos[tid] = [member32.unpack_from(types, pos + i * 8)[1] for i in range(vlen)]
         if name_off:
             name = name_at(name_off)
             out.names.setdefault(kind, set()).add(name)

@@ -196,6 +196,7 @@ class KernelCapture:
     def __init__(self) -> None:
         self.config = CaptureConfig()
         self.features: kernel_features.KernelFeatures | None = None
+        self.feature_states: dict[str, kernel_features.FeatureState] = {}
         self._st: _State | None = None
         self._ncpu = 0
         self.l7_dtype = ev.l7_event_dtype(self.config.l7_snap_len)
@@ -217,11 +218,27 @@ class KernelCapture:
         for w in feats.warnings():
             log.warning(w)
 
-        obj = loader.BpfObject(cfg.object_path)
+        drops = cfg.drops and feats.tp_btf_kfree_skb
+        self.feature_states = states = self._probed_states(cfg, feats)
+        obj = None
         try:
-            self._st = self._load(obj, cfg, feats)
-            if cfg.drops and feats.tp_btf_kfree_skb:
-                self._st.drop_link = obj.program("fs_kfree_skb").attach()
+            try:
+                obj = loader.load_object(cfg.object_path, lambda o: self._configure(o, cfg, drops))
+            except loader.BpfLoadError as exc:
+                if not drops or exc.program != "fs_kfree_skb":
+                    raise
+                # Drops are optional: a kernel whose verifier refuses the tracepoint program still captures flows.
+                log.warning("kernel drops are not reported: the kernel refused fs_kfree_skb: %s", exc)
+                states["drops"] = kernel_features.FeatureState(False, "refused by the verifier")
+                drops = False
+                obj = loader.load_object(cfg.object_path, lambda o: self._configure(o, cfg, drops))
+            self._st = self._state_of(obj, cfg)
+            if drops:
+                try:
+                    self._st.drop_link = obj.program("fs_kfree_skb").attach()
+                except OSError as exc:
+                    log.warning("kernel drops are not reported: attaching fs_kfree_skb failed: %s", exc)
+                    states["drops"] = kernel_features.FeatureState(False, "tracepoint attach failed")
             if interfaces is None or list(interfaces):
                 mode = cfg.attach_mode
                 if mode == "auto":
@@ -235,14 +252,32 @@ class KernelCapture:
                 )
                 self._st.attacher = att
                 att.start()
+                states["attach"] = kernel_features.FeatureState(True, att.mode if att.mode != "auto" else mode)
         except BaseException:
             self.close()
-            obj.close()
+            if obj is not None:
+                obj.close()
             raise
         self._st.last_sweep = time.monotonic()
         return self
 
-    def _load(self, obj: loader.BpfObject, cfg: CaptureConfig, feats: kernel_features.KernelFeatures) -> _State:
+    @staticmethod
+    def _probed_states(cfg: CaptureConfig, feats: kernel_features.KernelFeatures) -> dict[str, kernel_features.FeatureState]:
+        """What each feature will be, from the probes (start() corrects it when loading or attaching says otherwise)."""
+        fs = kernel_features.FeatureState
+        drop_reason = feats.drops_reason()
+        return {
+            "btf": fs(feats.btf, "vmlinux" if feats.btf else "missing"),
+            "ringbuf": fs(feats.ringbuf, "ringbuf" if feats.ringbuf else "missing"),
+            "attach": fs(feats.tcx or feats.clsact, "tcx" if feats.tcx else "tc" if feats.clsact else "missing"),
+            "drops": (fs(False, "disabled by config") if not cfg.drops
+                      else fs(False, drop_reason) if drop_reason else fs(True, "tp_btf/kfree_skb")),
+            "l7": (fs(bool(cfg.http or cfg.dns), "+".join(n for n, on in (("http", cfg.http), ("dns", cfg.dns)) if on)
+                      or "disabled by config")),
+            "sweep": fs(feats.syscall_prog, "syscall program" if feats.syscall_prog else "missing"),
+        }
+
+    def _configure(self, obj: loader.BpfObject, cfg: CaptureConfig, drops: bool) -> None:
         kcfg = cfg.kernel_config()
         rodata = obj.rodata().initial_value()
         if len(rodata) != ev.CONFIG_DTYPE.itemsize:
@@ -254,10 +289,10 @@ class KernelCapture:
         obj.map("fs_flows").set_max_entries(cfg.flow_table_entries)
         obj.map("fs_events").set_max_entries(cfg.flow_ring_bytes)
         obj.map("fs_l7_events").set_max_entries(cfg.l7_ring_bytes)
-        if not (cfg.drops and feats.tp_btf_kfree_skb):
+        if not drops:  # not loaded at all: a kernel without the tracepoint must not fail the object
             obj.program("fs_kfree_skb").set_autoload(False)
-        obj.load()
 
+    def _state_of(self, obj: loader.BpfObject, cfg: CaptureConfig) -> _State:
         self._ncpu = loader.num_possible_cpus()
         self.l7_dtype = ev.l7_event_dtype(cfg.l7_snap_len)
         reader = READERS[cfg.reader]

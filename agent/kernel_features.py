@@ -1,10 +1,17 @@
-"""Checks that the kernel and the process can run the capture, each failure named with what to do."""
+"""Checks that the kernel and the process can run the capture, each failure named with what to do.
+
+Required features (BTF, ring buffers, the syscall program type, tc or tcx, the helpers the tc and
+sweep programs call) stop the start with a remedy; optional ones (kernel drops) are switched off with
+a reason that the agent logs and publishes as a metric, so a mixed fleet runs everywhere and says
+where it sees less.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agent import btf, loader
 
@@ -12,6 +19,17 @@ CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
 CAP_PERFMON = 38
 CAP_BPF = 39
+
+# helper ids (uapi enum bpf_func_id, stable) that each program type calls
+HELPERS_TC = {
+    "bpf_ktime_get_ns": 5,
+    "bpf_skb_load_bytes": 26,
+    "bpf_skb_load_bytes_relative": 68,
+    "bpf_ringbuf_reserve": 131,
+    "bpf_ringbuf_submit": 132,
+    "bpf_ringbuf_discard": 133,
+}
+HELPERS_SYSCALL = {"bpf_for_each_map_elem": 164}
 
 _CAP_HELP = {
     "CAP_BPF": "load BPF programs and create maps",
@@ -37,7 +55,9 @@ class KernelFeatures:
     tcx: bool = False
     clsact: bool = False
     tp_btf_kfree_skb: bool = False
+    kfree_skb_args: list[str] | None = None  # parameter types of the kfree_skb tracepoint (BTF)
     syscall_prog: bool = False
+    missing_helpers: list[str] = field(default_factory=list)
     missing_caps: list[str] = field(default_factory=list)
 
     def problems(self) -> list[str]:
@@ -55,13 +75,42 @@ class KernelFeatures:
             out.append("neither tcx (kernel 6.6+) nor the clsact qdisc is available: load sch_ingress (modprobe)")
         if not self.syscall_prog and not self.missing_caps:
             out.append("BPF_PROG_TYPE_SYSCALL not supported (flow-table sweep): kernel 5.14 or newer is required")
+        if self.missing_helpers and not self.missing_caps:
+            out.append("BPF helpers missing: " + ", ".join(self.missing_helpers) + " (kernel 5.14 or newer)")
         return out
+
+    def drops_reason(self) -> str | None:
+        """Why kernel drops cannot be captured here, None when they can."""
+        if self.tp_btf_kfree_skb:
+            return None
+        if not self.btf:
+            return "no kernel BTF"
+        if self.kfree_skb_args is None:
+            return "the kernel has no kfree_skb tracepoint in its BTF"
+        return (f"the kfree_skb tracepoint has no drop reason here (arguments {self.kfree_skb_args}; "
+                "kernel 5.17 or newer has one)")
 
     def warnings(self) -> list[str]:
         """Features that are missing but only reduce what is captured."""
-        if self.tp_btf_kfree_skb:
-            return []
-        return ["tp_btf/kfree_skb with drop reasons not available (kernel 5.17+): kernel drops are not reported"]
+        reason = self.drops_reason()
+        return [] if reason is None else [f"kernel drops are not reported: {reason}"]
+
+
+def kfree_skb_has_reason(args: list[str] | None) -> bool:
+    """Whether a kfree_skb tracepoint signature is the one fs_kfree_skb reads: (skb, location, reason, ...).
+
+    5.17 added the reason as the third argument; 6.11 appended the receiving socket, which the
+    program does not read, so any signature with that prefix works.
+    """
+    return bool(args) and len(args) >= 3 and args[0] == "ptr" and args[2] == "enum skb_drop_reason"
+
+
+@dataclass
+class FeatureState:
+    """One capture feature as started: on or off, and in what way or why not (for logs and metrics)."""
+
+    enabled: bool
+    detail: str
 
 
 def check(status: Path = Path("/proc/self/status"), btf_path: Path = btf.VMLINUX_BTF) -> KernelFeatures:
@@ -78,13 +127,36 @@ def check(status: Path = Path("/proc/self/status"), btf_path: Path = btf.VMLINUX
         info = btf.load(btf_path)
         f.tcx = "BPF_TCX_INGRESS" in info.enums.get("bpf_attach_type", {})
         f.clsact = info.has(12, "clsact_init") or Path("/sys/kernel/btf/sch_ingress").exists() or _module_available()
-        f.tp_btf_kfree_skb = info.has(8, "btf_trace_kfree_skb") and "skb_drop_reason" in info.enums
+        f.kfree_skb_args = info.tracepoint_args("kfree_skb")
+        f.tp_btf_kfree_skb = kfree_skb_has_reason(f.kfree_skb_args) and "skb_drop_reason" in info.enums
     try:
         f.ringbuf = loader.probe_map_type(loader.BPF_MAP_TYPE_RINGBUF)
         f.syscall_prog = loader.probe_prog_type(loader.BPF_PROG_TYPE_SYSCALL)
+        if not f.missing_caps:  # probes load programs: without the capabilities all would fail
+            for name, hid in HELPERS_TC.items():
+                if not loader.probe_helper(loader.BPF_PROG_TYPE_SCHED_CLS, hid):
+                    f.missing_helpers.append(f"{name} (tc)")
+            if f.syscall_prog:
+                for name, hid in HELPERS_SYSCALL.items():
+                    if not loader.probe_helper(loader.BPF_PROG_TYPE_SYSCALL, hid):
+                        f.missing_helpers.append(f"{name} (syscall)")
     except loader.BpfUnavailableError:
         pass
     return f
+
+
+def publish(metrics: Any, source: str, states: dict[str, FeatureState]) -> None:
+    """flowship_agent_kernel_feature{source, feature, mode}: 1 when on, 0 when off (mode says why).
+
+    metrics is an exporter.metrics.Metrics (anything with gauge(name, doc, labels)).
+    """
+    g = metrics.gauge(
+        "flowship_agent_kernel_feature",
+        "Capture features on this kernel: 1 on, 0 off; mode is how it runs or why it is off.",
+        ["source", "feature", "mode"],
+    )
+    for name, st in states.items():
+        g.labels(source, name, st.detail).set(1 if st.enabled else 0)
 
 
 def _module_available() -> bool:

@@ -11,9 +11,13 @@ import ctypes
 import ctypes.util
 import errno
 import functools
+import mmap
 import os
+import re
+import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 # enum bpf_map_type / bpf_prog_type / bpf_attach_type values used here (uapi, stable)
@@ -28,9 +32,34 @@ BPF_TC_EGRESS = 2
 
 DEFAULT_OBJECT = Path(__file__).resolve().parent / "_bpf" / "flowship.bpf.o"
 
+VERIFIER_LOG_SIZE = 16 << 20
+"""Bytes of verifier log per program. Mapped lazily (only what the kernel writes costs memory) and
+only written when a load fails (libbpf then retries at log level 1), so it can be generous."""
+VERIFIER_LOG_MAX = 256 << 20
+
 
 class BpfError(OSError):
     """A libbpf or bpf() call failed; str() says which call and, for loads, the verifier's words."""
+
+
+class BpfLoadError(BpfError):
+    """The kernel refused a program: names it and quotes the verifier's complaint.
+
+    program: the refused program (None when libbpf failed before any program, e.g. a map);
+    log: the whole verifier log; truncated: the log did not fit (retry with a larger buffer);
+    log_path: where the whole log was written for reading.
+    """
+
+    def __init__(self, err: int, msg: str, program: str | None, log: str, truncated: bool,
+                 log_path: Path | None = None) -> None:
+        super().__init__(err, msg)
+        self.program = program
+        self.log = log
+        self.truncated = truncated
+        self.log_path = log_path
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 class BpfUnavailableError(RuntimeError):
@@ -98,8 +127,12 @@ _PROTOS: dict[str, tuple[object, list[object]]] = {
     "bpf_map__value_size": (_U32, [_P]),
     "bpf_map__key_size": (_U32, [_P]),
     "bpf_map__initial_value": (_P, [_P, ctypes.POINTER(ctypes.c_size_t)]),
+    "bpf_object__next_program": (_P, [_P, _P]),
+    "bpf_program__name": (_S, [_P]),
     "bpf_program__fd": (_I, [_P]),
+    "bpf_program__autoload": (ctypes.c_bool, [_P]),
     "bpf_program__set_autoload": (_I, [_P, ctypes.c_bool]),
+    "bpf_program__set_log_buf": (_I, [_P, _P, ctypes.c_size_t]),
     "bpf_program__attach": (_P, [_P]),
     "bpf_link__destroy": (_I, [_P]),
     "bpf_link_create": (_I, [_I, _I, _I, _P]),
@@ -115,6 +148,7 @@ _PROTOS: dict[str, tuple[object, list[object]]] = {
     "libbpf_num_possible_cpus": (_I, []),
     "libbpf_probe_bpf_map_type": (_I, [_I, _P]),
     "libbpf_probe_bpf_prog_type": (_I, [_I, _P]),
+    "libbpf_probe_bpf_helper": (_I, [_I, _I, _P]),
     "libbpf_set_print": (_P, [_PRINT_FN]),
     "ring_buffer__new": (_P, [_I, RING_SAMPLE_FN, _P, _P]),
     "ring_buffer__poll": (_I, [_P, _I]),
@@ -344,13 +378,45 @@ class BpfObject:
             raise KeyError(f"no program {name!r} in {self.path}")
         return BpfProgram(ptr, name)
 
-    def load(self) -> None:
-        """Create maps, run the verifier, load programs. Errors carry libbpf's log."""
+    def programs(self) -> Iterator[BpfProgram]:
+        """Every program of the object, in section order."""
+        lib = libbpf()
+        ptr = lib.bpf_object__next_program(self._obj(), None)
+        while ptr:
+            yield BpfProgram(ptr, lib.bpf_program__name(ptr).decode())
+            ptr = lib.bpf_object__next_program(self._obj(), ptr)
+
+    def load(self, log_size: int = VERIFIER_LOG_SIZE) -> None:
+        """Create maps, run the verifier, load programs.
+
+        Each program gets its own verifier log buffer of log_size bytes, so a refusal is reported
+        with the program's name and the verifier's last words (BpfLoadError), not libbpf's
+        printout of a log cut to fit its print buffer.
+        """
         lib, log = _lib()
         log.take()
-        ret = lib.bpf_object__load(self._obj())
-        if ret < 0:
-            raise _errno_error(f"bpf_object__load({self.path.name})", ret, detail=_tail(log.take()))
+        buffers: dict[str, tuple[mmap.mmap, ctypes.Array[ctypes.c_char]]] = {}
+        try:
+            for prog in self.programs():
+                if not lib.bpf_program__autoload(prog._ptr):
+                    continue
+                mm = mmap.mmap(-1, log_size)
+                view = (ctypes.c_char * log_size).from_buffer(mm)
+                buffers[prog.name] = (mm, view)
+                _check(f"bpf_program__set_log_buf({prog.name})",
+                       lib.bpf_program__set_log_buf(prog._ptr, ctypes.addressof(view), log_size))
+            ret = lib.bpf_object__load(self._obj())
+            if ret < 0:
+                logs = {name: _read_log(mm) for name, (mm, _) in buffers.items()}
+                raise _load_error(self.path.name, -ret, logs, log.take(), log_size)
+        finally:
+            for prog in self.programs():  # libbpf must not keep pointers into buffers freed here
+                if prog.name in buffers:
+                    lib.bpf_program__set_log_buf(prog._ptr, None, 0)
+            for name in list(buffers):
+                mm, view = buffers.pop(name)
+                del view  # the last reference to the exported buffer, or mmap.close() refuses
+                mm.close()
         self.loaded = True
 
     def close(self) -> None:
@@ -368,6 +434,124 @@ class BpfObject:
 
 def _tail(log: str, lines: int = 60) -> str:
     return "\n".join(log.splitlines()[-lines:])
+
+
+def _read_log(mm: mmap.mmap) -> str:
+    end = mm.find(b"\0")
+    return mm[: end if end >= 0 else len(mm)].decode(errors="replace")
+
+
+_LIBBPF_FAILED = re.compile(r"prog '([^']+)': (?:BPF program load failed|failed to load)")
+
+
+def _load_error(obj_name: str, err: int, logs: dict[str, str], libbpf_log: str, log_size: int) -> BpfLoadError:
+    """BpfLoadError for a failed bpf_object__load: which program, and what the verifier said."""
+    failed = [name for name, text in logs.items() if text.strip()]
+    m = _LIBBPF_FAILED.search(libbpf_log)
+    program = failed[0] if failed else (m.group(1) if m else None)
+    vlog = logs.get(program, "") if program else ""
+    truncated = err == errno.ENOSPC and bool(vlog)
+    msg = f"bpf_object__load({obj_name}): {os.strerror(err)}"
+    if err == errno.EPERM:
+        msg += " (needs root or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON)"
+    path = None
+    if vlog:
+        path = Path(tempfile.gettempdir()) / f"flowship-verifier-{program}.log"
+        try:
+            path.write_text(vlog)
+        except OSError:
+            path = None
+        c = verifier_complaint(vlog)
+        msg += f"\nthe kernel's verifier refused program {program!r}"
+        if c.insn:
+            msg += f" at instruction {c.insn}"
+        if c.source:
+            msg += f"\n  source: {c.source}"
+        msg += "\n  " + "\n  ".join(c.message or ["(no message: see the whole log)"])
+        if truncated:
+            msg += f"\n  (the log did not fit in {log_size} bytes: what is shown may not be the end)"
+        if path:
+            msg += f"\n  whole verifier log: {path}"
+    else:
+        if program:
+            msg += f"\nprogram {program!r} could not be loaded"
+        lines = [ln for ln in libbpf_log.splitlines() if ln.strip()]
+        if lines:
+            msg += "\nlibbpf said:\n  " + "\n  ".join(lines[-15:])
+    return BpfLoadError(err, msg, program, vlog, truncated, path)
+
+
+@dataclass
+class VerifierComplaint:
+    """The part of a verifier log that says why: failing instruction, its source line, the message."""
+
+    insn: str | None
+    source: str | None
+    message: list[str]
+
+
+_INSN = re.compile(r"^(\d+): \([0-9a-f]{2}\) (.*?)(?:\s+; .*)?$")
+_LOG_FOOTER = re.compile(
+    r"^(processed \d+ insns|verification time|stack depth|max_states_per_insn|"
+    r"-- END PROG LOAD LOG --|libbpf: )"
+)
+
+
+def verifier_complaint(log: str, max_message_lines: int = 6) -> VerifierComplaint:
+    """Extract the complaint from a verifier log.
+
+    The verifier stops at the first instruction it cannot prove safe and prints its reason right
+    after that instruction, followed by a statistics footer. So: drop the footer, take the lines
+    after the last instruction as the message, that instruction as the culprit (insn number and
+    text, without the register-state comment), and the last "; source" line before it.
+    """
+    lines = [ln.rstrip() for ln in log.splitlines()]
+    while lines and (not lines[-1].strip() or _LOG_FOOTER.match(lines[-1])):
+        lines.pop()
+    last_insn = None
+    for i in range(len(lines) - 1, -1, -1):
+        if _INSN.match(lines[i]):
+            last_insn = i
+            break
+    if last_insn is None:
+        return VerifierComplaint(None, None, [ln for ln in lines if ln.strip()][-max_message_lines:])
+    m = _INSN.match(lines[last_insn])
+    assert m is not None
+    insn = f"{m.group(1)} ({m.group(2).strip()})"
+    source = None
+    for j in range(last_insn - 1, -1, -1):
+        if lines[j].startswith("; "):
+            source = lines[j][2:].strip()
+            break
+    message = [ln for ln in lines[last_insn + 1:] if ln.strip()][:max_message_lines]
+    return VerifierComplaint(insn, source, message)
+
+
+def load_object(
+    path: str | os.PathLike[str],
+    configure: Callable[[BpfObject], None],
+    log_size: int = VERIFIER_LOG_SIZE,
+) -> BpfObject:
+    """Open, configure (maps, .rodata, autoload) and load an object.
+
+    When the verifier log did not fit (ENOSPC), libbpf cannot load the same object again, so it is
+    reopened and reconfigured with a buffer four times larger, up to VERIFIER_LOG_MAX.
+    """
+    while True:
+        obj = BpfObject(path)
+        try:
+            configure(obj)
+            obj.load(log_size)
+            return obj
+        except BpfLoadError as exc:
+            obj.close()
+            if exc.truncated and log_size < VERIFIER_LOG_MAX:
+                log_size *= 4
+                continue
+            raise
+        except BaseException:
+            obj.close()
+            raise
 
 
 # ---- attach primitives (used by attach.py) ----
@@ -444,3 +628,8 @@ def probe_map_type(map_type: int) -> bool:
 def probe_prog_type(prog_type: int) -> bool:
     """Whether the kernel supports a program type."""
     return libbpf().libbpf_probe_bpf_prog_type(prog_type, None) == 1
+
+
+def probe_helper(prog_type: int, helper_id: int) -> bool:
+    """Whether programs of this type may call a helper (loads a tiny program that calls it)."""
+    return libbpf().libbpf_probe_bpf_helper(prog_type, helper_id, None) == 1

@@ -178,6 +178,10 @@ class AgentSource(Source):
             raise AgentStartupError("the eBPF capture cannot start on this machine:\n  - " + "\n  - ".join(problems))
         cap = KernelCapture()
         cap.start(self.config.interfaces, self.config.capture_config())
+        kernel_features.publish(self.ctx.metrics, self.ctx.name, cap.feature_states)
+        for name, st in cap.feature_states.items():
+            if not st.enabled:
+                self.ctx.log.warning("capture feature off", feature=name, reason=st.detail)
         return cap
 
     def run(self, emit: Emit, stop: threading.Event) -> None:

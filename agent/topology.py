@@ -47,6 +47,8 @@ API_PORT, DB_PORT, DENIED_PORT, DNS_PORT = 8080, 5000, 6432, 53
 DNS_NAME, DNS_MISSING = "db.production.svc", "missing.production.svc"
 SLOW_SECONDS, DB_SECONDS = 0.2, 0.01
 TOOLS = {"ip": "iproute2", "nft": "nftables", "dnsmasq": "dnsmasq-base"}
+# Multiplies the waits below: in an emulated VM (tests/vm, QEMU without KVM) Python starts ~10x slower.
+TIME_SCALE = float(os.environ.get("FLOWSHIP_TEST_TIME_SCALE", "1"))
 
 DB_SERVER = r"""
 import sys, time
@@ -121,7 +123,7 @@ print(json.dumps(out), flush=True)
 
 
 def sh(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=timeout * TIME_SCALE)
 
 
 def missing_tools() -> list[str]:
@@ -185,7 +187,7 @@ class Topology:
 
     def wait_reachable(self, timeout: float = 20.0) -> None:
         """Ping every pod from the frontend and the node until all answer (links up, neighbours known)."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout * TIME_SCALE
         for src in (self.ns("frontend"), self.ns("product-api"), self.node):
             for p in PODS:
                 while sh("ip", "netns", "exec", src, "ping", "-c", "1", "-W", "1", p.ip, check=False).returncode:
@@ -222,7 +224,7 @@ class Topology:
                           "--conf-file=/dev/null", f"--listen-address={dns.ip}", "--bind-interfaces",
                           f"--port={DNS_PORT}", f"--address=/{DNS_NAME}/{db.ip}", "--local=/production.svc/",
                           "--pid-file=", "--user=root", "--log-facility=-")
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 10 * TIME_SCALE
         while not self._dns_answers(dns.ip):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"dnsmasq did not start: {proc.stderr.read() if proc.poll() is not None else ''}")
@@ -245,7 +247,7 @@ class Topology:
         api, dns, db = self.pod("product-api"), self.pod("dns"), self.pod("database")
         proc = self.python(self.ns("frontend"), FRONTEND_CLIENT, api.ip, API_PORT, dns.ip, db.ip, DENIED_PORT,
                            f"{DNS_NAME},{DNS_MISSING}")
-        out, err = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(timeout=timeout * TIME_SCALE)
         if proc.returncode:
             raise RuntimeError(f"frontend client failed: {err}")
         return json.loads(out)

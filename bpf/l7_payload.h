@@ -88,7 +88,8 @@ static __always_inline void fs_l7_packet(struct __sk_buff *skb, const struct fs_
 {
 	struct fs_l7_event *e;
 	__u32 snap = fs_cfg.l7_snap_len; /* a constant for the verifier: .rodata is frozen */
-	__u32 n, off;
+	__u64 n, last; /* 64-bit: register copies keep their scalar id (6.1 drops it on 32-bit moves) */
+	__u32 off;
 	int netoff;
 	__u8 cand, kind;
 
@@ -113,7 +114,15 @@ static __always_inline void fs_l7_packet(struct __sk_buff *skb, const struct fs_
 		fs_stat_inc(FS_STAT_LOST_L7_RING);
 		return;
 	}
-	if (n == 0 || n > snap || bpf_skb_load_bytes(skb, off, (__u8 *)(e + 1), n) < 0) {
+	/*
+	 * Copy length for Linux 6.1's verifier, which cannot bound n from the source's tests: the
+	 * compiler drops n > snap (it knows n <= snap) and 6.1 learns nothing from n != 0. So test
+	 * n - 1 < snap (n == 0 wraps) on a value whose origin barrier_var() hides: that gives
+	 * [0, snap - 1], and the size n - 1 + 1 is then [1, snap].
+	 */
+	last = n - 1;
+	barrier_var(last);
+	if (last >= snap || bpf_skb_load_bytes(skb, off, (__u8 *)(e + 1), last + 1) < 0) {
 		bpf_ringbuf_discard(e, 0);
 		return;
 	}

@@ -37,6 +37,8 @@ from agent.kernel_drops import DropReasons
 pytestmark = pytest.mark.kernel
 
 REPO = Path(__file__).resolve().parents[2]
+# Multiplies subprocess timeouts: an emulated VM (tests/vm, QEMU without KVM) runs tshark and Python ~10x slower.
+TIME_SCALE = float(os.environ.get("FLOWSHIP_TEST_TIME_SCALE", "1"))
 TOOLS = {
     "ip": "iproute2",
     "tc": "iproute2",
@@ -66,7 +68,7 @@ def kernel_ready() -> None:
 
 
 def sh(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=timeout * TIME_SCALE)
 
 
 @dataclass
@@ -166,7 +168,7 @@ def tcpdump(net: Net, path: Path) -> Iterator[Path]:
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            _, err = proc.communicate(timeout=10)
+            _, err = proc.communicate(timeout=10 * TIME_SCALE)
         except subprocess.TimeoutExpired:
             proc.kill()
             _, err = proc.communicate()
@@ -398,7 +400,7 @@ def wait_ready(proc: subprocess.Popen[str]) -> None:
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 20) -> str:
-    out, err = proc.communicate(timeout=timeout)
+    out, err = proc.communicate(timeout=timeout * TIME_SCALE)
     assert proc.returncode == 0, err
     return out
 
@@ -801,7 +803,8 @@ def test_close_leaves_nothing_behind(net: Net, mode: str) -> None:
         assert loader.prog_id(cap.program("fs_kfree_skb").fd) in _link_prog_ids()
     finally:
         cap.close()
-    assert _tcx_prog_ids(net, net.srv_if) == []
+    if kernel_features.check().tcx:  # before 6.6 there is no tcx hook to query (EINVAL)
+        assert _tcx_prog_ids(net, net.srv_if) == []
     assert net.exec(net.srv, "tc", "qdisc", "show", "dev", net.srv_if).stdout == qdiscs_before
     assert net.exec(net.srv, "tc", "filter", "show", "dev", net.srv_if, "ingress").stdout == ""
     assert net.exec(net.srv, "tc", "filter", "show", "dev", net.srv_if, "egress").stdout == ""
