@@ -368,6 +368,25 @@ def _node_name(value: str | None, parser: _Parser) -> str:
     return resolved or value
 
 
+def _check_buffer_paths(sinks: list[ComponentSpec], data_dir: Path, parser: _Parser) -> None:
+    """Two disk buffers in one directory would read each other's batches: each sink needs its own."""
+    owners: list[tuple[Path, int, str]] = []
+    for i, spec in enumerate(sinks):
+        buffer = spec.buffer
+        if buffer is None or getattr(buffer, "type", None) != "disk":
+            continue
+        raw = Path(buffer.path) if buffer.path else data_dir / "buffers" / spec.name
+        path = raw.expanduser().resolve()
+        for other, j, other_name in owners:
+            if path == other or other in path.parents or path in other.parents:
+                how = "is the same directory as" if path == other else \
+                    "is inside" if other in path.parents else "contains"
+                parser.fail(f"sinks[{i}].buffer.path", f"{str(raw)!r} {how} the disk buffer of sink {other_name!r} "
+                            f"(sinks[{j}]): give each sink its own buffer path")
+                break
+        owners.append((path, i, spec.name))
+
+
 def load_text(text: str, filename: str) -> PipelineConfig:
     """Parse and validate a whole config document."""
     try:
@@ -401,6 +420,7 @@ def load_text(text: str, filename: str) -> PipelineConfig:
                 parser.fail(f"{kind}[{i}].name", f"duplicate name {spec.name!r}: give each {kind[:-1]} its own 'name'")
             seen.add(spec.name)
     node_name = _node_name(top.node_name, parser)
+    _check_buffer_paths(sinks, Path(top.data_dir), parser)
     if parser.problems:
         raise ConfigError(parser.problems)
     return PipelineConfig(

@@ -403,6 +403,9 @@ class Pipeline:
             summary.rejected += int(info.get("rejected", 0))
         for branch in self.branches:
             summary.sinks[branch.name] = int(self.metrics.value("flowship_sink_flows_total", sink=branch.name))
+            if branch.buffer is not None and branch.buffer.damaged_records:
+                summary.dropped[f"disk buffer of {branch.name}/damaged records"] = branch.buffer.damaged_records
+                summary.dropped[f"disk buffer of {branch.name}/rows of damaged records"] = branch.buffer.damaged_rows
         for family in self.metrics.registry.collect():
             for sample in family.samples:
                 if sample.name == "flowship_stage_dropped_total" and sample.value:

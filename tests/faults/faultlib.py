@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pyarrow as pa
 import pytest
 import yaml
 
@@ -404,29 +403,10 @@ def victorialogs_uuids(url: str, run: str, expect_at_least: int, timeout: float 
 
 
 def buffer_uuids(directory: Path) -> list[str]:
-    """uuids of the rows a disk buffer would replay: every good record after its acknowledged position."""
-    from exporter.pipeline.disk_buffer import HEADER, MAGIC
+    """uuids of the rows a disk buffer would replay: every record after its acknowledged position that checks out."""
+    from exporter.pipeline.disk_buffer import pending_batches
 
-    if not directory.exists():
-        return []
-    ack = directory / "ack.json"
-    acked = orjson.loads(ack.read_bytes()) if ack.exists() else {"segment": 0, "offset": 0}
-    out: list[str] = []
-    for seg in sorted(directory.glob("*.seg")):
-        number = int(seg.stem)
-        if number < acked["segment"]:
-            continue
-        data = seg.read_bytes()
-        offset = acked["offset"] if number == acked["segment"] else 0
-        while offset + HEADER.size <= len(data):
-            magic, length, _crc, _kind = HEADER.unpack_from(data, offset)
-            end = offset + HEADER.size + length
-            if magic != MAGIC or end > len(data):
-                break  # a torn tail: the buffer truncates it on open (and never acknowledged it upstream)
-            with pa.ipc.open_stream(data[offset + HEADER.size:end]) as reader:
-                out.extend(reader.read_next_batch().column("uuid").to_pylist())
-            offset = end
-    return out
+    return [u for batch in pending_batches(directory) for u in batch.column("uuid").to_pylist()]
 
 
 def checkpoint_line(data_dir: Path, input_path: Path, source: str = "file") -> int:

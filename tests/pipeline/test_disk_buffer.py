@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import struct
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 import structlog
 
-from exporter.config import ByteSize, load_text
+from exporter.config import ByteSize, ConfigError, Duration, load_text
 from exporter.metrics import Metrics
 from exporter.model.hubble_json import decode_lines
-from exporter.pipeline.disk_buffer import BufferConfig, DiskBuffer
+from exporter.pipeline.disk_buffer import BufferConfig, DiskBuffer, _serialize
 from exporter.pipeline.envelope import Envelope, Receipt
 from exporter.pipeline.runtime import Pipeline
 
@@ -59,15 +62,55 @@ def test_append_ack_and_replay_after_restart(tmp_path, fixture_lines):
     assert sum(p.stat().st_size for p in tmp_path.glob("*.seg")) == 0  # space given back
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip"])
-def test_torn_tail_is_detected_and_good_records_kept(tmp_path, fixture_lines, damage):
-    parts = batches(fixture_lines)[:6]
-    metrics = Metrics()
-    buf = new_buffer(tmp_path, metrics)
+class RecordingLog:
+    """Keeps what the buffer logs, to check that a problem names its file."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, dict]] = []
+
+    def _add(self, level: str, message: str, **kw) -> None:
+        self.events.append((level, message, kw))
+
+    def info(self, message: str, **kw) -> None:
+        self._add("info", message, **kw)
+
+    def warning(self, message: str, **kw) -> None:
+        self._add("warning", message, **kw)
+
+    def error(self, message: str, **kw) -> None:
+        self._add("error", message, **kw)
+
+    def find(self, text: str) -> list[dict]:
+        return [kw for _level, message, kw in self.events if text in message]
+
+
+def fill(path: Path, parts: list[pa.RecordBatch], **kw) -> list[tuple[int, int]]:
+    """Append ``parts`` to a fresh buffer and close it; returns each record's (offset, end) in its segment."""
+    buf = new_buffer(path, **kw)
     buf.open()
     for part in parts:
         buf.append(Envelope(part, [Receipt()]), threading.Event())
+    spans = [(r.offset, r.end) for seg in buf._segments.values() for r in seg.records]
     buf.close()
+    return spans
+
+
+def drain(buf: DiskBuffer) -> list[list[str]]:
+    got = []
+    while (env := buf.read(timeout=0.3)) is not None:
+        got.append(env.batch.column("uuid").to_pylist())
+        env.ack()
+    return got
+
+
+def uuids(parts: list[pa.RecordBatch]) -> list[list[str]]:
+    return [p.column("uuid").to_pylist() for p in parts]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_torn_tail_is_detected_and_good_records_kept(tmp_path, fixture_lines, damage):
+    parts = batches(fixture_lines)[:6]
+    fill(tmp_path, parts)
     (segment,) = tmp_path.glob("*.seg")
     data = bytearray(segment.read_bytes())
     if damage == "truncate":
@@ -80,12 +123,182 @@ def test_torn_tail_is_detected_and_good_records_kept(tmp_path, fixture_lines, da
     again = new_buffer(tmp_path, metrics2)
     assert again.open() == 5
     assert metrics2.value("flowship_buffer_corrupt_total") == 1
-    got = []
-    while (env := again.read(timeout=0.2)) is not None:
-        got.append(env.batch.column("uuid").to_pylist())
-        env.ack()
-    assert got == [p.column("uuid").to_pylist() for p in parts[:5]]
+    assert metrics2.value("flowship_buffer_corrupt_rows_total") == 100  # the record header survived
+    assert drain(again) == uuids(parts[:5])
     again.close()
+
+
+@pytest.mark.parametrize("where", ["payload", "header", "magic", "zeroed"])
+def test_a_damaged_record_costs_only_itself(tmp_path, fixture_lines, where):
+    parts = batches(fixture_lines)[:8]
+    spans = fill(tmp_path, parts)
+    (segment,) = tmp_path.glob("*.seg")
+    data = bytearray(segment.read_bytes())
+    offset, end = spans[3]
+    if where == "payload":
+        for i in range(8):  # 8 flipped bytes inside the record
+            data[offset + 2000 + i * 97] ^= 0x5A
+    elif where == "header":
+        data[offset + 5] ^= 0x40  # the payload length: the scan has to find the next record by itself
+    elif where == "magic":
+        data[offset:offset + 4] = b"XXXX"
+    else:
+        data[offset:end] = bytes(end - offset)  # a sector of zeros
+    segment.write_bytes(bytes(data))
+
+    metrics, log = Metrics(), RecordingLog()
+    again = DiskBuffer(tmp_path, BufferConfig(type="disk"), metrics, "test", log)
+    assert again.open() == 7
+    assert drain(again) == uuids(parts[:3] + parts[4:])  # the records on both sides are delivered
+    assert metrics.value("flowship_buffer_corrupt_total", sink="test") == 1
+    assert again.damaged_records == 1
+    (report,) = log.find("skipping a damaged record")
+    assert report["segment"] == str(segment) and report["offset"] == offset
+    assert report["rows"] == (100 if where == "payload" else "unknown")
+    again.close()
+    assert not list(tmp_path.glob("*.seg"))  # delivered: space given back
+
+
+def _write_ack(path: Path, content: bytes) -> None:
+    (path / "ack.json").write_bytes(content)
+
+
+@pytest.mark.parametrize("content", [
+    b"garbage{", b"", b'{"segment": 1, "off', b"[]", b"[1, 2]", b'{"segment": "1", "offset": 0}',
+    b'{"segment": -1, "offset": 0}', b'{"segment": 99, "offset": 0}', b'{"segment": 1, "offset": 999999999}',
+    b'{"segment": 1, "offset": 31}',
+], ids=["garbage", "empty", "cut-short", "list", "list-of-numbers", "string-segment", "negative", "segment-too-high",
+        "offset-past-end", "offset-inside-a-record"])
+def test_a_damaged_or_impossible_ack_file_is_reported_and_everything_replayed(tmp_path, fixture_lines, content):
+    parts = batches(fixture_lines)[:5]
+    fill(tmp_path, parts)
+    _write_ack(tmp_path, content)
+    files_before = sorted(p.name for p in tmp_path.glob("*.seg"))
+
+    metrics, log = Metrics(), RecordingLog()
+    again = DiskBuffer(tmp_path, BufferConfig(type="disk"), metrics, "test", log)
+    assert again.open() == 5  # never a crash, never a deletion: replay from the oldest segment
+    assert set(files_before) <= {p.name for p in tmp_path.glob("*.seg")}
+    (report,) = log.find("ack.json is damaged or impossible")
+    assert report["path"] == str(tmp_path / "ack.json") and report["problem"]
+    assert metrics.value("flowship_buffer_ack_recoveries_total", sink="test") == 1
+    assert drain(again) == uuids(parts)
+    again.close()
+
+    third = DiskBuffer(tmp_path, BufferConfig(type="disk"), Metrics(), "test", RecordingLog())
+    assert third.open() == 0  # the position was rewritten: reported once, not at every start
+    assert not third.log.find("ack.json")
+    third.close()
+
+
+def test_a_valid_ack_file_skips_what_was_delivered(tmp_path, fixture_lines):
+    parts = batches(fixture_lines)[:5]
+    spans = fill(tmp_path, parts)
+    _write_ack(tmp_path, b'{"segment": 1, "offset": %d}' % spans[1][1])
+    log = RecordingLog()
+    again = DiskBuffer(tmp_path, BufferConfig(type="disk"), Metrics(), "test", log)
+    assert again.open() == 3
+    assert not log.find("ack.json")
+    assert drain(again) == uuids(parts[2:])
+    again.close()
+
+
+def test_stray_files_are_reported_and_ignored(tmp_path, fixture_lines):
+    parts = batches(fixture_lines)[:3]
+    fill(tmp_path, parts)
+    (tmp_path / "backup.seg").write_bytes(b"not a segment")
+    (tmp_path / "123.seg").write_bytes(b"short name")
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "00000000000000000009.seg.orig").write_bytes(b"x")
+    (tmp_path / "subdir").mkdir()
+    metrics, log = Metrics(), RecordingLog()
+    again = DiskBuffer(tmp_path, BufferConfig(type="disk"), metrics, "test", log)
+    assert again.open() == 3
+    (report,) = log.find("ignoring files that are not the buffer's own")
+    assert sorted(report["files"]) == sorted(["backup.seg", "123.seg", "notes.txt", "00000000000000000009.seg.orig",
+                                              "subdir"])
+    assert metrics.value("flowship_buffer_stray_files", sink="test") == 5
+    assert drain(again) == uuids(parts)
+    again.close()
+    assert (tmp_path / "backup.seg").read_bytes() == b"not a segment"  # left alone
+
+
+def test_segment_of_an_unknown_version_is_left_in_place(tmp_path, fixture_lines):
+    parts = batches(fixture_lines)[:2]
+    fill(tmp_path, parts)
+    future = tmp_path / "00000000000000000000.seg"
+    head = struct.pack("<8sHHQ", b"FSBUFSEG", 7, 0, 0)
+    future.write_bytes(head + struct.pack("<I", zlib.crc32(head)) + b"records of a newer format")
+    log = RecordingLog()
+    again = DiskBuffer(tmp_path, BufferConfig(type="disk"), Metrics(), "test", log)
+    assert again.open() == 2
+    (report,) = log.find("cannot read a segment")
+    assert report["segment"] == str(future) and "version 7" in report["reason"]
+    assert drain(again) == uuids(parts)
+    again.close()
+    assert future.exists()
+
+
+def test_version_1_segments_are_still_replayed(tmp_path, fixture_lines):
+    parts = batches(fixture_lines)[:4]
+    data = b""
+    for part in parts:  # the format flowship wrote before version 2
+        payload = _serialize(part)
+        data += struct.pack("<4sIIB3x", b"FSB1", len(payload), zlib.crc32(payload), 0) + payload
+    (tmp_path / "00000000000000000003.seg").write_bytes(data)
+    first_end = 16 + len(_serialize(parts[0]))
+    _write_ack(tmp_path, b'{"segment": 3, "offset": %d}' % first_end)
+    again = new_buffer(tmp_path)
+    assert again.open() == 3
+    assert drain(again) == uuids(parts[1:])
+    assert [p.name for p in tmp_path.glob("*.seg")] == ["00000000000000000004.seg"]  # new batches: version 2
+    again.close()
+
+
+def test_the_drain_reads_only_fsynced_records_so_the_ack_never_passes_durable_data(tmp_path, fixture_lines):
+    parts = batches(fixture_lines)[:6]
+    buf = new_buffer(tmp_path, fsync_interval=Duration(60))
+    buf.open()
+    for part in parts[:4]:
+        buf.append(Envelope(part, [Receipt()]), threading.Event())
+    buf.sync()
+    (segment,) = tmp_path.glob("*.seg")
+    durable = segment.stat().st_size
+    upstream = [Receipt() for _ in parts[4:]]
+    for part, receipt in zip(parts[4:], upstream, strict=True):
+        buf.append(Envelope(part, [receipt]), threading.Event())
+    assert not any(r.done for r in upstream)  # not fsync'd: not acknowledged to the source either
+    assert drain(buf) == uuids(parts[:4])  # the un-fsync'd records are not handed to the sink
+    buf._persist_ack()
+    ack = json.loads((tmp_path / "ack.json").read_text())
+    assert ack["segment"] == int(segment.stem) and ack["offset"] <= durable
+    # A power cut now loses what was not fsync'd; the position still names durable data.
+    with open(segment, "r+b") as fh:
+        fh.truncate(durable)
+    log = RecordingLog()
+    again = DiskBuffer(tmp_path, BufferConfig(type="disk"), Metrics(), "test", log)
+    assert again.open() == 0
+    assert not log.find("ack.json") and not log.find("damaged")
+    again.close()
+
+
+def test_shared_buffer_path_is_rejected_by_validate(tmp_path):
+    text = f"""
+data_dir: {tmp_path / 'state'}
+sources: [{{type: file, paths: ["{tmp_path / 'in.jsonl'}"]}}]
+sinks:
+  - {{type: stdout, name: a, buffer: {{type: disk, path: {tmp_path / 'buf'}}}}}
+  - {{type: stdout, name: b, buffer: {{type: disk, path: "{tmp_path / 'buf'}/"}}}}
+  - {{type: stdout, name: c, buffer: {{type: disk, path: {tmp_path / 'state' / 'buffers' / 'd'}}}}}
+  - {{type: stdout, name: d, buffer: {{type: disk}}}}
+  - {{type: stdout, name: e, buffer: {{type: memory, path: {tmp_path / 'buf'}}}}}
+"""
+    with pytest.raises(ConfigError) as err:
+        load_text(text, "c.yaml")
+    problems = err.value.problems
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("c.yaml: sinks[1].buffer.path: ") and "sink 'a' (sinks[0])" in problems[0]
+    assert problems[1].startswith("c.yaml: sinks[3].buffer.path: ") and "sink 'c' (sinks[2])" in problems[1]
 
 
 def test_drop_newest_counts_exactly(tmp_path, fixture_lines):
