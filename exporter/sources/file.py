@@ -194,24 +194,27 @@ class FileSource(Source):
         self._last_seen: dict[str, float] = dict.fromkeys(self._state, time.monotonic())
         self._fp_cache: dict[tuple[int, int], tuple[int, int, str | None]] = {}
         self.rotations = 0
+        self._positions: dict[str, FilePosition] = {}  # fingerprint -> read position (source thread)
         self.acks = OrderedAcks(self._advance)
 
     # -- checkpoints ------------------------------------------------------------------------
-    def _advance(self, position: FilePosition) -> None:
+    def _advance(self, positions: tuple[FilePosition, ...]) -> None:
+        """Persist a snapshot: the read position of every file up to a delivered batch."""
         if self.store is None:
             return
         now = time.monotonic()
         with self._state_lock:
-            self._state[position.fingerprint] = {"path": position.path, "dev": position.dev,
-                                                 "inode": position.inode, "offset": position.offset,
-                                                 "line": position.line}
-            for path, entry in list(self._by_path.items()):
-                if (entry.get("dev"), entry.get("inode")) == (position.dev, position.inode):
-                    del self._by_path[path]  # re-keyed by fingerprint now
-            for fp in [fp for fp, seen in self._last_seen.items() if now - seen > FORGET_AFTER]:
+            for position in positions:
+                self._state[position.fingerprint] = {"path": position.path, "dev": position.dev,
+                                                     "inode": position.inode, "offset": position.offset,
+                                                     "line": position.line}
+                for path, entry in list(self._by_path.items()):
+                    if (entry.get("dev"), entry.get("inode")) == (position.dev, position.inode):
+                        del self._by_path[path]  # re-keyed by fingerprint now
+            for fp in [fp for fp in self._state if now - self._last_seen.get(fp, 0.0) > FORGET_AFTER]:
                 # No pattern has matched this content for an hour: rotated away and deleted.
-                self._state.pop(fp, None)
-                del self._last_seen[fp]
+                del self._state[fp]
+                self._last_seen.pop(fp, None)
             state = {"version": 2, "files": dict(self._state), "by_path": dict(self._by_path)}
         self.store.save(state)
 
@@ -329,7 +332,11 @@ class FileSource(Source):
                 lines += self._final_line(f)
             if lines:
                 batch = f.decoder.decode(lines)
-                acc.add(batch, f.position())
+                # A batch can hold lines of several files, and the acknowledgements of several
+                # batches can complete at once (only the newest is reported): so each batch carries
+                # the position of every file read so far, not only of the last one.
+                self._positions[f.fingerprint] = f.position()
+                acc.add(batch, tuple(self._positions.values()))
                 if acc.full:
                     self._emit(emit, acc)
             if eof:
@@ -370,6 +377,10 @@ class FileSource(Source):
         """
         reachable: set[tuple[int, int]] = set()
         reading = {f.fingerprint for f in open_files.values()}
+        with self._state_lock:
+            forgotten = [fp for fp in self._positions if fp not in self._last_seen]
+        for fp in forgotten:
+            del self._positions[fp]
         for path in self._expand():
             try:
                 st = os.stat(path)
