@@ -278,3 +278,30 @@ def test_kafka_behind_a_wrong_ca_exits_4(tmp_path: Path, flows: list[bytes]) -> 
     assert "certificate verify failed" in log
     assert delivered(log, "kafka") == 0
     assert "not delivered: 1000 rows" in block
+
+
+def test_sigterm_with_a_sink_still_busy_at_the_deadline_exits_4(tmp_path: Path, flows: list[bytes]) -> None:
+    """No buffer, broker unreachable: after SIGTERM the flush outlives shutdown_timeout; the flows are in no buffer."""
+    source = tmp_path / "flows.jsonl"
+    source.write_bytes(b"\n".join(flows[:1000]) + b"\n")
+    settings = kafka_settings(tmp_path, source, f"127.0.0.1:{closed_port()}", flush_timeout="120s")
+    settings["shutdown_timeout"] = "1s"
+    config = write_config(tmp_path / "c.yaml", settings)
+    proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", "export", "--config", str(config),
+                             "--no-progress"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        time.sleep(3)  # the input is read; the sink waits for a broker that is not there
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    block = summary_block(err.decode(errors="replace"))
+    assert proc.returncode == EXIT_UNDELIVERED, block
+    assert took < 15, f"the shutdown deadline (1s) did not bound the stop: {took:.1f}s"
+    assert "flowship: stopped" in block and "still busy at the shutdown deadline" in block
+    assert "not delivered: 1000 rows" in block
