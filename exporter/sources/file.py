@@ -397,7 +397,11 @@ class FileSource(Source):
                     self.rotations += 1
                     self.ctx.log.info("rotated file followed under its new name", old=f.path, new=path,
                                       offset=f.offset)
-                    f.path = path
+                    f.path = f.decoder.name = path
+                continue
+            cached = self._fp_cache.get(key)
+            if cached is not None and cached[:2] == (st.st_size, st.st_mtime_ns) and cached[2] in reading:
+                reachable.add(key)  # an unchanged copy of a file being read: no need to open it again
                 continue
             f = self._identify(path, complete_only=True)
             if f is None:
