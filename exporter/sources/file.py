@@ -211,7 +211,9 @@ class FileSource(Source):
                 for path, entry in list(self._by_path.items()):
                     if (entry.get("dev"), entry.get("inode")) == (position.dev, position.inode):
                         del self._by_path[path]  # re-keyed by fingerprint now
-            for fp in [fp for fp in self._state if now - self._last_seen.get(fp, 0.0) > FORGET_AFTER]:
+            stale = [fp for fp in self._state if now - self._last_seen.get(fp, 0.0) > FORGET_AFTER] \
+                if self.config.follow else []  # a finite run sees each file once: it forgets nothing
+            for fp in stale:
                 # No pattern has matched this content for an hour: rotated away and deleted.
                 del self._state[fp]
                 self._last_seen.pop(fp, None)

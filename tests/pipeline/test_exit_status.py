@@ -305,3 +305,16 @@ def test_sigterm_with_a_sink_still_busy_at_the_deadline_exits_4(tmp_path: Path, 
     assert took < 15, f"the shutdown deadline (1s) did not bound the stop: {took:.1f}s"
     assert "flowship: stopped" in block and "still busy at the shutdown deadline" in block
     assert "not delivered: 1000 rows" in block
+
+
+def test_progress_line_shows_what_each_sink_has_left() -> None:
+    """While the sinks drain at the end of the input, the progress line says what it waits for."""
+    from exporter.metrics import Metrics
+    from exporter.progress import Progress
+
+    metrics = Metrics()
+    metrics.flows_in("file").inc(1000)
+    metrics.flows_out("es").inc(400)
+    metrics.flows_out("parquet").inc(1000)
+    line = Progress(metrics, ["es", "parquet"], pending=lambda: {"es": 600, "parquet": 0}).line()
+    assert "es 400 (left 600)" in line and "parquet 1,000 |" in line
