@@ -6,6 +6,7 @@ import argparse
 import json
 import signal
 import sys
+from typing import TYPE_CHECKING, TextIO
 
 import structlog
 
@@ -13,7 +14,23 @@ from exporter import logs
 from exporter.config import ConfigError, PipelineConfig, load_file, load_text, secret_problems
 from exporter.defaults import AGENT_DEFAULT, EXPORT_DEFAULT
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_REJECTED = 0, 1, 2, 3
+if TYPE_CHECKING:
+    from exporter.pipeline.runtime import RunSummary
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+EXIT_CODES = """\
+Exit codes (the most serious outcome wins):
+  0  ok: every flow read was delivered to every sink, or dropped on purpose and counted
+     (a stage, a full disk buffer with when_full: drop_newest); after SIGTERM/SIGINT, what
+     was not delivered yet is kept in the sinks' disk buffers for the next start
+  1  a component failed (could not start, a sink or source error)
+  2  invalid configuration or command line
+  3  finished, but some input lines were rejected (each logged with file:line)
+  4  undelivered: flows read are neither delivered nor dead-lettered (still in a disk buffer
+     at the end of the input, a sink flush timed out, a sink busy at the shutdown deadline)
+  5  dead-lettered: every flow was settled, but some went to a sink's dead-letter file
+"""
 
 DESCRIPTION = """\
 flowship exports network flows into long-term storage, SIEMs and analytics.
@@ -24,8 +41,7 @@ flowship exports network flows into long-term storage, SIEMs and analytics.
   flowship report latency|drops     answer the two questions from the Parquet output
   flowship demo    build a small namespace topology, capture it, answer the two questions
 
-Exit codes: 0 ok, 1 failure, 2 invalid config, 3 finished but some input lines were rejected.
-"""
+""" + EXIT_CODES
 
 
 def _load(args: argparse.Namespace, default: str, what: str) -> PipelineConfig:
@@ -36,8 +52,17 @@ def _load(args: argparse.Namespace, default: str, what: str) -> PipelineConfig:
     return load_text(default, "<embedded default>")
 
 
-def _print_summary(summary, stream=sys.stderr) -> None:  # noqa: ANN001
-    lines = [f"flowship: finished in {summary.seconds:.1f}s"]
+def _headline(summary: RunSummary) -> str:
+    code = summary.exit_code
+    how = "stopped" if summary.stopped else "finished"
+    what = {0: "every flow delivered", 1: "failed", 3: "some input lines were rejected",
+            4: "some flows were not delivered", 5: "some flows were dead-lettered"}.get(code, "")
+    return f"flowship: {how} in {summary.seconds:.1f}s: {what} (exit {code})"
+
+
+def _print_summary(summary: RunSummary, stream: TextIO = sys.stderr) -> None:
+    """The run summary: per source what was read, per sink what became of its rows."""
+    lines = [_headline(summary)]
     for name, info in summary.sources.items():
         detail = ", ".join(f"{k} {v}" for k, v in info.items() if not isinstance(v, dict))
         lines.append(f"  source {name}: {detail}")
@@ -45,6 +70,22 @@ def _print_summary(summary, stream=sys.stderr) -> None:  # noqa: ANN001
             lines.append(f"    rejected ({reason}): {count}")
     for name, count in summary.sinks.items():
         lines.append(f"  sink {name}: {count} rows delivered")
+        outcome = summary.outcomes.get(name)
+        if outcome is None:
+            continue
+        if outcome.dead_lettered:
+            lines.append(f"    dead-lettered: {outcome.dead_lettered} rows (see the sink's dead-letter file)")
+        if outcome.dropped:
+            lines.append(f"    dropped by the full disk buffer (when_full: drop_newest): {outcome.dropped} rows")
+        if outcome.buffered_batches:
+            lines.append(f"    left in the disk buffer: {outcome.buffered_batches} batches"
+                         + (f" ({outcome.undelivered} rows)" if outcome.undelivered else "")
+                         + ", delivered at the next start")
+        elif outcome.undelivered:
+            lines.append(f"    not delivered: {outcome.undelivered} rows (unacknowledged: a checkpointing "
+                         "source reads them again at the next start)")
+        if outcome.unfinished:
+            lines.append("    the sink was still busy at the shutdown deadline (shutdown_timeout)")
     for name, count in summary.dropped.items():
         lines.append(f"  dropped by {name}: {count:.0f}")
     for error in summary.errors:
@@ -79,7 +120,7 @@ def run_pipeline(config: PipelineConfig, metrics_address: str | None, progress: 
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    display = Progress(metrics, [b.name for b in pipeline.branches]) if progress else None
+    display = Progress(metrics, [b.name for b in pipeline.branches], pending=pipeline.pending) if progress else None
     if display:
         display.start()
     try:
@@ -96,7 +137,9 @@ def run_pipeline(config: PipelineConfig, metrics_address: str | None, progress: 
             server.shutdown()
     _print_summary(summary)
     structlog.get_logger().info("run summary", sources=summary.sources, sinks=summary.sinks,
-                                dropped=summary.dropped, errors=summary.errors, seconds=round(summary.seconds, 3))
+                                outcomes={k: vars(v) for k, v in summary.outcomes.items()},
+                                dropped=summary.dropped, errors=summary.errors, seconds=round(summary.seconds, 3),
+                                stopped=summary.stopped, exit_code=summary.exit_code)
     return summary.exit_code
 
 
@@ -162,8 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", "-c", required=needs_config, help="YAML config file (see configs/ and docs/config.md)")
 
     p = sub.add_parser("export", help="run the pipeline on Hubble/Kafka/file/stdin input",
-                       description="Run the export pipeline. Without --config: Hubble JSON lines on stdin "
-                                   "-> Parquet under ./flows.")
+                       description="Run the export pipeline. Without --config: Hubble JSON lines on stdin\n"
+                                   "-> Parquet under ./flows. At the end of a finite input it waits until\n"
+                                   "every sink has delivered; shutdown_timeout bounds only the drain after\n"
+                                   "SIGTERM/SIGINT (or a failure).",
+                       epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     common(p)
     p.add_argument("--metrics", help="serve /metrics, /healthz, /readyz on HOST:PORT")
     p.add_argument("--no-progress", action="store_true", help="no live progress line on a terminal")

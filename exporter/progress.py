@@ -1,10 +1,16 @@
-"""A one-line live progress display on a terminal (flows/s in, out per sink, dropped)."""
+"""A one-line live progress display on a terminal (flows/s in, out per sink, dropped).
+
+Per sink it also shows the rows still to deliver (``left``), so that the wait
+at the end of a finite input, while the sinks drain their buffers, says what
+it is waiting for.
+"""
 
 from __future__ import annotations
 
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from exporter.metrics import Metrics
 
@@ -16,9 +22,11 @@ def _fmt(n: float) -> str:
 class Progress:
     """Redraws one status line on stderr every ``interval`` seconds while running."""
 
-    def __init__(self, metrics: Metrics, sinks: list[str], interval: float = 1.0) -> None:
+    def __init__(self, metrics: Metrics, sinks: list[str], interval: float = 1.0,
+                 pending: Callable[[], dict[str, int]] | None = None) -> None:
         self.metrics = metrics
         self.sinks = sinks
+        self.pending = pending
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
@@ -32,8 +40,12 @@ class Progress:
         rate = (flows_in - self._last_in) / max(now - self._last_t, 1e-9)
         self._last_in, self._last_t = flows_in, now
         parts = [f"in {_fmt(flows_in)} ({_fmt(rate)}/s)"]
+        left = self.pending() if self.pending is not None else {}
         for sink in self.sinks:
-            parts.append(f"{sink} {_fmt(m.value('flowship_sink_flows_total', sink=sink))}")
+            part = f"{sink} {_fmt(m.value('flowship_sink_flows_total', sink=sink))}"
+            if left.get(sink):
+                part += f" (left {_fmt(left[sink])})"
+            parts.append(part)
         dropped = m.value("flowship_stage_dropped_total")
         rejected = m.value("flowship_source_rejected_total")
         parts.append(f"dropped {_fmt(dropped)}")

@@ -67,11 +67,25 @@ class Envelope:
     receipts: list[Receipt] = field(default_factory=list)
     kind: BatchKind = "flows"
     on_ack: Callable[[int], None] | None = None  # the runtime counts delivered rows here
+    counted: int = 0  # rows already reported to ``on_ack`` by :meth:`delivered`
+
+    def delivered(self, rows: int) -> None:
+        """Count rows the server accepted before the whole batch is settled.
+
+        A sink that acknowledges a batch in parts (one bulk request after
+        another) reports each part here, so that the run summary and the
+        metrics count rows actually delivered, not only whole batches.
+        """
+        if self.on_ack is not None and rows:
+            self.on_ack(rows)
+            self.counted += rows
 
     def ack(self) -> None:
         """The rows are durably delivered (or deliberately dropped)."""
         if self.on_ack is not None:
-            self.on_ack(self.batch.num_rows)
+            rest = self.batch.num_rows - self.counted
+            if rest > 0:
+                self.on_ack(rest)
             self.on_ack = None
         release_all(self.receipts)
         self.receipts = []

@@ -8,10 +8,18 @@ Threads and queues, all bounded:
                                   sink queue ► sink thread (sink stages → sink)
 
 A full queue blocks the step before it, so a slow sink slows the source
-instead of growing memory. Shutdown (SIGTERM/SIGINT or finite sources
-exhausted) drains in order: sources stop, the router drains and closes the
-shared stages (aggregation windows flush), each sink thread drains, closes
-its stages, flushes and closes its sink — all within ``shutdown_timeout``.
+instead of growing memory. Shutdown drains in order: sources stop, the router
+drains and closes the shared stages (aggregation windows flush), each sink
+thread drains, closes its stages, flushes and closes its sink. When finite
+sources are exhausted the run waits for every sink without a deadline (a
+batch job must not report success with flows still buffered); after
+SIGTERM/SIGINT (:meth:`Pipeline.stop`) or a component failure the drain is
+bounded by ``shutdown_timeout``.
+
+Every branch counts the rows handed to its sink (or disk buffer) and the
+rows the sink delivered, dead-lettered or the buffer dropped on purpose, so
+the summary can say, per sink, what is left and the exit status can tell the
+truth about it.
 """
 
 from __future__ import annotations
@@ -85,23 +93,66 @@ class Branch:
     buffer: DiskBuffer | None = None
     drain_thread: threading.Thread | None = None
     intake_done: threading.Event = field(default_factory=threading.Event)
+    handed: int = 0  # rows given to the sink or its disk buffer (sink thread only)
+    replayed_rows: int = 0  # rows of batches replayed from the disk buffer (drain thread only)
+    replay_left: int = 0  # batches of an earlier run still to be read from the buffer
+
+
+@dataclass
+class SinkOutcome:
+    """What became of the rows one sink was given in a run."""
+
+    delivered: int = 0
+    dead_lettered: int = 0
+    dropped: int = 0  # by a full disk buffer (when_full: drop_newest), counted on purpose
+    undelivered: int = 0  # handed to the sink and neither delivered, dead-lettered nor dropped
+    buffered_batches: int = 0  # still in the disk buffer, delivered at the next start
+    unfinished: bool = False  # the sink was still busy when the shutdown deadline passed
+
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # a component failed (start-up or during the run)
+EXIT_CONFIG = 2  # invalid configuration or command line
+EXIT_REJECTED = 3  # finished, but some input lines were rejected
+EXIT_UNDELIVERED = 4  # flows read were not delivered to every sink (left in a buffer, unacknowledged)
+EXIT_DEAD_LETTERED = 5  # every flow was settled, but some went to a dead-letter file
 
 
 @dataclass
 class RunSummary:
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)
-    sinks: dict[str, int] = field(default_factory=dict)
+    sinks: dict[str, int] = field(default_factory=dict)  # rows delivered per sink
+    outcomes: dict[str, SinkOutcome] = field(default_factory=dict)
     dropped: dict[str, float] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     rejected: int = 0
     seconds: float = 0.0
     clean_shutdown: bool = True
+    stopped: bool = False  # by SIGTERM/SIGINT (Pipeline.stop), not by the end of the input
+
+    def undelivered(self, name: str) -> bool:
+        """True when the sink holds flows it did not deliver in a way the exit status must report.
+
+        After a stop by signal, batches kept in a disk buffer are what stopping means (they
+        are durable and go out at the next start); at the end of a finite input they are not.
+        """
+        o = self.outcomes[name]
+        if o.unfinished:
+            return True
+        if o.buffered_batches:
+            return not self.stopped
+        return o.undelivered > 0
 
     @property
     def exit_code(self) -> int:
-        if self.errors or not self.clean_shutdown:
-            return 1
-        return 3 if self.rejected else 0
+        """The most serious outcome: failure, undelivered, dead-lettered, rejected input, ok."""
+        if self.errors:
+            return EXIT_FAILED
+        if not self.clean_shutdown or any(self.undelivered(name) for name in self.outcomes):
+            return EXIT_UNDELIVERED
+        if any(o.dead_lettered for o in self.outcomes.values()):
+            return EXIT_DEAD_LETTERED
+        return EXIT_REJECTED if self.rejected else EXIT_OK
 
 
 def _build_stages(specs: list[ComponentSpec], metrics: Metrics, pc: PipelineConfig, prefix: str) -> list[Stage]:
@@ -152,6 +203,7 @@ class Pipeline:
         self.log = structlog.get_logger().bind(component="pipeline")
         self.stop_event = threading.Event()  # asks sources to stop
         self._stop_requested: float | None = None
+        self._shutdown_from: float | None = None  # when shutdown_timeout started counting
         self._failed = threading.Event()
         self._errors: list[str] = []
         # Checkpoints, buffers and dead letters hold flow data: readable by this user only.
@@ -254,6 +306,7 @@ class Pipeline:
                 if env.batch.num_rows == 0:
                     env.ack()
                     continue
+                branch.handed += env.batch.num_rows
                 if buffer is not None:
                     buffer.append(env, self.stop_event)
                     continue
@@ -301,6 +354,9 @@ class Pipeline:
             while True:
                 env = buffer.read(timeout=0.2)
                 if env is not None:
+                    if branch.replay_left > 0:  # the buffer replays its oldest batches first
+                        branch.replay_left -= 1
+                        branch.replayed_rows += env.batch.num_rows
                     env.on_ack = counter.inc
                     sink.write(env)
                 elif branch.intake_done.is_set() and buffer.empty:
@@ -332,14 +388,40 @@ class Pipeline:
         self.log.error("pipeline component failed", error=message, exc_type=type(exc).__name__)
         self._errors.append(message)
         self._failed.set()
+        if self._shutdown_from is None:
+            self._shutdown_from = time.monotonic()  # a failing run drains within shutdown_timeout too
         self.stop_event.set()
+
+    def _join(self, thread: threading.Thread) -> None:
+        """Wait for a thread: without a deadline, until a signal or a failure starts one."""
+        while thread.is_alive():
+            started = self._shutdown_from
+            if started is not None:
+                remaining = started + self.config.shutdown_timeout - time.monotonic()
+                if remaining <= 0:
+                    return
+                thread.join(timeout=min(0.5, remaining))
+            else:
+                thread.join(timeout=0.5)
+
+    def left(self, branch: Branch) -> int:
+        """Rows handed to a branch's sink not yet delivered, dead-lettered or dropped (for progress)."""
+        name = branch.name
+        settled = (self.metrics.value("flowship_sink_flows_total", sink=name)
+                   + self.metrics.value("flowship_sink_dead_letter_total", sink=name)
+                   + self.metrics.value("flowship_buffer_dropped_total", sink=name))
+        return max(0, branch.handed + branch.replayed_rows - int(settled))
+
+    def pending(self) -> dict[str, int]:
+        """``left`` for every sink: what the progress line shows while the sinks drain."""
+        return {branch.name: self.left(branch) for branch in self.branches}
 
     # -- run ----------------------------------------------------------------------------------
     def start_sinks(self) -> None:
         for branch in self.branches:
             branch.sink.start()
             if branch.buffer is not None:
-                branch.buffer.open()
+                branch.replay_left = branch.buffer.open()
 
     def run(self, on_started: Callable[[Pipeline], None] | None = None) -> RunSummary:
         """Run until the sources finish or :meth:`stop` is called; return the summary."""
@@ -368,26 +450,24 @@ class Pipeline:
             while t.is_alive():
                 t.join(timeout=0.5)
         sources_done.set()
-        deadline = time.monotonic() + self.config.shutdown_timeout
         self.input.put_final(_STOP)
-        router.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._join(router)
         for branch in self.branches:
             if branch.thread:
-                branch.thread.join(timeout=max(0.0, deadline - time.monotonic()))
+                self._join(branch.thread)
             if branch.drain_thread:
-                branch.drain_thread.join(timeout=max(0.0, deadline - time.monotonic()))
+                self._join(branch.drain_thread)
                 if branch.drain_thread.is_alive() and not branch.thread.is_alive():
                     # The sink did not take everything in time; the rest waits on disk for the next start.
                     self.log.warning("sink did not drain its disk buffer before the shutdown deadline; "
                                      "the remaining batches are kept for the next start", sink=branch.name,
                                      batches=branch.buffer.unacknowledged)
                     continue
-            if branch.thread:
-                if branch.thread.is_alive():
-                    summary.clean_shutdown = False
-                    self._errors.append(f"sink {branch.name} did not finish within shutdown_timeout "
-                                        f"({self.config.shutdown_timeout:g}s); undelivered flows will be "
-                                        "read again on the next start")
+            if branch.thread and branch.thread.is_alive():
+                summary.clean_shutdown = False
+                self.log.error("sink did not finish within shutdown_timeout; its undelivered flows are not "
+                               "acknowledged (a checkpointing source reads them again at the next start)",
+                               sink=branch.name, shutdown_timeout=self.config.shutdown_timeout)
         if router.is_alive():
             summary.clean_shutdown = False
         for source in self.sources:
@@ -401,8 +481,10 @@ class Pipeline:
             info["flows"] = int(self.metrics.value("flowship_flows_in_total", source=source.ctx.name))
             summary.sources[source.ctx.name] = info
             summary.rejected += int(info.get("rejected", 0))
+        summary.stopped = self._stop_requested is not None
         for branch in self.branches:
-            summary.sinks[branch.name] = int(self.metrics.value("flowship_sink_flows_total", sink=branch.name))
+            summary.outcomes[branch.name] = outcome = self._outcome(branch)
+            summary.sinks[branch.name] = outcome.delivered
             if branch.buffer is not None and branch.buffer.damaged_records:
                 summary.dropped[f"disk buffer of {branch.name}/damaged records"] = branch.buffer.damaged_records
                 summary.dropped[f"disk buffer of {branch.name}/rows of damaged records"] = branch.buffer.damaged_rows
@@ -413,8 +495,23 @@ class Pipeline:
         summary.errors = list(self._errors)
         return summary
 
+    def _outcome(self, branch: Branch) -> SinkOutcome:
+        name, value = branch.name, self.metrics.value
+        outcome = SinkOutcome(delivered=int(value("flowship_sink_flows_total", sink=name)),
+                              dead_lettered=int(value("flowship_sink_dead_letter_total", sink=name)),
+                              dropped=int(value("flowship_buffer_dropped_total", sink=name)))
+        outcome.undelivered = self.left(branch)
+        if branch.buffer is not None:
+            outcome.buffered_batches = branch.buffer.unacknowledged
+        # A drain thread still running only means batches wait on disk; a sink thread still running
+        # means flows that are in no buffer at all.
+        outcome.unfinished = branch.thread is not None and branch.thread.is_alive()
+        return outcome
+
     def stop(self) -> None:
-        """Ask sources to stop; the run loop then drains and flushes everything."""
+        """Ask sources to stop; the run loop then drains and flushes within ``shutdown_timeout``."""
         if self._stop_requested is None:
             self._stop_requested = time.monotonic()
+        if self._shutdown_from is None:
+            self._shutdown_from = self._stop_requested
         self.stop_event.set()

@@ -261,6 +261,7 @@ class PendingEnvelope:
         with self._lock:
             self.delivered += delivered
             self.failed += failed
+            self.env.delivered(delivered)  # counted as they arrive, not when the whole envelope settles
             self.remaining -= delivered + failed
             if self.remaining > 0:
                 return
@@ -273,9 +274,7 @@ class PendingEnvelope:
         if self.failed:
             for receipt in env.receipts:
                 receipt.failed = True
-        if env.on_ack is not None:
-            on_ack, env.on_ack = env.on_ack, None
-            on_ack(self.delivered)
+        env.on_ack = None  # delivered rows were counted in settle(); failed rows are not delivered
         env.ack()
         if self._on_settled is not None:
             self._on_settled(self)

@@ -415,7 +415,10 @@ def checkpoint_line(data_dir: Path, input_path: Path, source: str = "file") -> i
     if not path.exists():
         return 0
     state = orjson.loads(path.read_bytes())
-    return int(state.get("files", {}).get(str(input_path), {}).get("line", 0))
+    files = state.get("files", {})
+    if state.get("version") == 2:  # keyed by content fingerprint, each entry naming its path
+        return max((int(e.get("line", 0)) for e in files.values() if e.get("path") == str(input_path)), default=0)
+    return int(files.get(str(input_path), {}).get("line", 0))
 
 
 def duplicates(values: list[str]) -> int:

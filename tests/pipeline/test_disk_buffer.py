@@ -414,7 +414,21 @@ def test_buffer_survives_restart_when_the_sink_never_came_back(tmp_path, fixture
     src.write_bytes(b"\n".join(fixture_lines[:600]) + b"\n")
     first = Pipeline(load_text(_config(tmp_path, src, shutdown="3s"), "c.yaml"), Metrics())
     next(b for b in first.branches if b.name == "slow").sink = GatedSink()  # never opens
-    first.run()
+    # The end of the input waits for the sinks without a deadline; a stop (as by SIGTERM) ends it.
+    checkpoint = tmp_path / "state" / "checkpoints" / "file.json"
+
+    def stop_once_checkpointed(pipeline: Pipeline) -> None:
+        def wait() -> None:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and '"line": 600' not in (
+                    checkpoint.read_text() if checkpoint.exists() else ""):
+                time.sleep(0.05)
+            pipeline.stop()
+        threading.Thread(target=wait, daemon=True).start()
+
+    summary = first.run(on_started=stop_once_checkpointed)
+    slow = summary.outcomes["slow"]
+    assert (slow.buffered_batches, slow.undelivered, summary.exit_code) == (1, 600, 0)  # stopped, kept on disk
 
     second = Pipeline(load_text(_config(tmp_path, src), "c.yaml"), Metrics())
     working = GatedSink()

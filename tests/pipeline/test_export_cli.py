@@ -116,8 +116,10 @@ sinks: [{{type: parquet, path: {tmp_path / 'out'}}}]
     assert parquet_rows(tmp_path / "out", what="count(*), count(distinct uuid)") == \
         parquet_rows(tmp_path / "out", what="800, count(distinct uuid)")
     checkpoint = orjson.loads((tmp_path / "state" / "checkpoints" / "file.json").read_bytes())
-    assert checkpoint["files"][str(src)]["offset"] == src.stat().st_size
-    assert checkpoint["files"][str(src)]["line"] == 800
+    (entry,) = checkpoint["files"].values()  # keyed by the fingerprint of the file's first line
+    assert entry["path"] == str(src)
+    assert entry["offset"] == src.stat().st_size
+    assert entry["line"] == 800
 
 
 def test_follow_survives_rotation_and_sigterm_flushes(tmp_path, fixture_lines):
