@@ -105,8 +105,8 @@ class ObserverConfig:
     max_flows: int = 4095                  # ring capacity: 2^n - 1, at most 65535 (as Hubble)
     tls: ObserverTLSConfig | None = None
     allow_unauthenticated: bool = False    # serve a non-loopback address without client certificates
-    max_workers: int = 20                  # RPC threads; max_streams of them at most hold GetFlows streams
-    max_streams: int = 16                  # open GetFlows streams, all clients together
+    max_workers: int = 72                  # RPC threads (made on demand); streams hold at most max_streams
+    max_streams: int = 64                  # open GetFlows streams, all clients together
     max_streams_per_client: int = 8        # ... per client (certificate CN, else peer address)
     lost_event_interval: Duration = Duration(1.0)
     follow_poll: Duration = Duration(0.5)  # how often an idle follower checks its client is still there
