@@ -158,7 +158,7 @@ class MetricsServer:
     """
 
     def __init__(self, metrics: Metrics, host: str, port: int, *, max_connections: int = 256,
-                 request_timeout: float = 10.0, write_timeout: float = 10.0, backlog: int = 128,
+                 request_timeout: float = 10.0, write_timeout: float = 10.0, backlog: int = 512,
                  max_head_bytes: int = 8192) -> None:
         self.metrics = metrics
         self.host, self.port = host, port
