@@ -1,8 +1,8 @@
 """A Hubble-compatible Observer gRPC server over the agent's recent flows.
 
-``hubble observe --server HOST:4244``, Hubble Relay, Hubble UI's backend and
-flowship's own ``hubble`` source can read a flowship agent as they read a
-Cilium node: ``GetFlows`` (number/first/follow/since/until, whitelist and
+``hubble observe --server unix:///run/flowship/hubble.sock`` (the private
+default), Hubble Relay over mTLS, Hubble UI's backend and flowship's own
+``hubble`` source can read a flowship agent as they read a Cilium node: ``GetFlows`` (number/first/follow/since/until, whitelist and
 blacklist FlowFilters, field_mask), ``ServerStatus``, ``GetNodes`` and
 ``GetNamespaces`` of service ``observer.Observer``.
 
@@ -14,6 +14,12 @@ it. Memory stays bounded by the ring capacity plus one published batch. A
 follower that reads slower than flows arrive is overtaken by the ring; it is
 then told how many flows it missed with a ``LostEvent`` from
 ``HUBBLE_RING_BUFFER`` (at most one per ``lost_event_interval``), as Hubble does.
+
+Every GetFlows stream holds a worker thread, so streams are counted per client
+and in total and refused with RESOURCE_EXHAUSTED beyond ``max_streams_per_client``
+/ ``max_streams``; ``max_workers`` exceeds ``max_streams`` so that unary calls
+always find a thread. The agent feeds the ring through :class:`ObserverSink`,
+after the pipeline's shared stages.
 """
 
 from __future__ import annotations
