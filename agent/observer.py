@@ -28,6 +28,7 @@ import errno
 import ipaddress
 import os
 import socket
+import stat
 import threading
 import time
 from collections import deque
@@ -437,6 +438,26 @@ def _bind_reason(address: str) -> str:
     return "gRPC could not bind it"
 
 
+def _unix_in_use(path: str) -> str | None:
+    """Why ``path`` cannot become the socket: another process serves it, or it is not a socket.
+
+    A socket file nobody listens on is left over from a process that died; it is replaced.
+    """
+    if not os.path.lexists(path):
+        return None
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        return "the path exists and is not a socket"
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        return None  # stale
+    finally:
+        probe.close()
+    return "another process is serving this socket (a second agent?)"
+
+
 def _unix_bind_reason(path: str) -> str:
     parent = Path(path).parent
     if not parent.is_dir():
@@ -496,6 +517,9 @@ class ObserverServer:
             parent = Path(path).parent
             if not parent.exists():
                 parent.mkdir(parents=True, mode=0o700)
+            busy = _unix_in_use(path)
+            if busy:  # gRPC would unlink the file and take the name from the process serving it
+                raise OSError(f"{self.config_key}.address: cannot listen on {cfg.address}: {busy}")
         tls = cfg.tls
         try:
             if tls is not None:
@@ -517,6 +541,7 @@ class ObserverServer:
                 raise OSError(f"{self.config_key}.address: cannot listen on {cfg.address}: "
                               f"{_unix_bind_reason(path)}")
             os.chmod(path, 0o600)  # flows are private to this user (the parent directory is too, when ours)
+            port = 0
         server.start()
         self._server = server
         self.port = port

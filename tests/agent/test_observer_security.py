@@ -67,6 +67,29 @@ def test_default_is_a_private_unix_socket(tmp_path, flows) -> None:
         server.stop(0)
 
 
+def test_unix_socket_in_use_is_refused_and_a_stale_one_replaced(tmp_path) -> None:
+    """A second agent must not take over the first one's socket (gRPC would unlink it silently)."""
+    path = tmp_path / "hubble.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))  # left behind by a process that died: nobody listens
+    stale.close()
+    first = ObserverServer(ObserverConfig(address=f"unix://{path}"), Metrics())
+    assert first.start() == 0
+    try:
+        second = ObserverServer(ObserverConfig(address=f"unix://{path}"), Metrics(), config_key="sources[0].observer")
+        with pytest.raises(OSError, match=rf"sources\[0\]\.observer\.address: cannot listen on unix://{path}: "
+                                          "another process is serving this socket"):
+            second.start()
+        channel = grpc.insecure_channel(f"unix://{path}")  # the first one still serves
+        assert observer_pb2_grpc.ObserverStub(channel).ServerStatus(observer_pb2.ServerStatusRequest(), timeout=5)
+        channel.close()
+    finally:
+        first.stop(0)
+    (tmp_path / "plain").write_text("")
+    with pytest.raises(OSError, match="the path exists and is not a socket"):
+        ObserverServer(ObserverConfig(address=f"unix://{tmp_path}/plain"), Metrics()).start()
+
+
 @pytest.mark.parametrize("address", ["127.0.0.1:4246", "[::1]:4246", "localhost:4246", "unix:relative.sock"])
 def test_loopback_needs_no_tls(address: str) -> None:
     assert parse(ObserverConfig, {"address": address}, "agent.yaml", "observer").address == address
