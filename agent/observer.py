@@ -115,6 +115,8 @@ class ObserverConfig:
     max_workers: int = 72                  # RPC threads (made on demand); streams hold at most max_streams
     max_streams: int = 64                  # open GetFlows streams, all clients together
     max_streams_per_client: int = 8        # ... per client (certificate CN, else peer address)
+    keepalive: Duration = Duration(60.0)   # ping idle connections this often ...
+    keepalive_timeout: Duration = Duration(20.0)  # ... and drop them (freeing their streams) when unanswered
     lost_event_interval: Duration = Duration(1.0)
     follow_poll: Duration = Duration(0.5)  # how often an idle follower checks its client is still there
     server_name: str | None = None         # reported in GetNodes' TLS info
@@ -506,7 +508,17 @@ class ObserverServer:
         # max_workers * 2 calls waiting, gRPC itself answers RESOURCE_EXHAUSTED instead of queueing.
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_workers,
                                                         thread_name_prefix="observer"),
-                             options=[("grpc.so_reuseport", 0)],
+                             options=[
+                                 ("grpc.so_reuseport", 0),
+                                 # A follower whose client vanished without closing (a node gone, a
+                                 # partition) would hold its stream forever: pings find it.
+                                 ("grpc.keepalive_time_ms", int(float(cfg.keepalive) * 1000)),
+                                 ("grpc.keepalive_timeout_ms", int(float(cfg.keepalive_timeout) * 1000)),
+                                 ("grpc.http2.ping_timeout_ms", int(float(cfg.keepalive_timeout) * 1000)),
+                                 ("grpc.http2.max_pings_without_data", 0),
+                                 # clients' own keepalive pings (the hubble source's every 30 s) are welcome
+                                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                             ],
                              maximum_concurrent_rpcs=cfg.max_workers * 2)
         server.add_generic_rpc_handlers((_observer_handler(_Servicer(self)), _health_handler()))
         address = cfg.address

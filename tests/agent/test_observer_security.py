@@ -208,6 +208,78 @@ def test_idle_followers_cannot_starve_other_clients(tmp_path, flows) -> None:
         t.join(5)
 
 
+class _PartitionProxy:
+    """A TCP relay that can stop forwarding without closing anything, as a network partition does."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.frozen = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.port))
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                while self.frozen.is_set():
+                    time.sleep(0.05)  # neither forward nor close: the peer hears nothing
+                data = src.recv(65536)
+                if not data or self.frozen.is_set():
+                    if not data:
+                        return
+                    continue
+                dst.sendall(data)
+        except OSError:
+            return
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self.sockets:
+            s.close()
+
+
+def test_a_vanished_follower_frees_its_stream(flows) -> None:
+    """A client gone without closing its connection is found by keepalive pings, and its slot freed."""
+    metrics = Metrics()
+    server = ObserverServer(ObserverConfig(address="127.0.0.1:0", follow_poll=0.05, keepalive=0.5,
+                                           keepalive_timeout=0.5, max_streams=1, max_workers=3), metrics)
+    port = server.start()
+    proxy = _PartitionProxy(port)
+    try:
+        call, _, _ = _follow(observer_pb2_grpc.ObserverStub(grpc.insecure_channel(proxy.address)))
+        deadline = time.monotonic() + 10
+        while metrics.value("flowship_observer_clients") != 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert metrics.value("flowship_observer_clients") == 1
+        direct = observer_pb2_grpc.ObserverStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        with pytest.raises(grpc.RpcError) as err:  # the only slot is held
+            list(direct.GetFlows(observer_pb2.GetFlowsRequest(number=1), timeout=5))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        proxy.frozen.set()
+        deadline = time.monotonic() + 15
+        while metrics.value("flowship_observer_clients") != 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert metrics.value("flowship_observer_clients") == 0, "the vanished follower still holds its stream"
+        server.publish(flows.slice(0, 3))
+        assert len(list(direct.GetFlows(observer_pb2.GetFlowsRequest(number=3), timeout=5))) == 3
+        call.cancel()
+    finally:
+        proxy.close()
+        server.stop(0)
+
+
 def test_observer_serves_flows_after_the_shared_stages(tmp_path, flows, monkeypatch) -> None:
     """A redact stage applies to the Observer: it is a sink of the pipeline, not a tap on the capture."""
     assert len([p for p in flows.column("src_pod").to_pylist() if p]) > 0
