@@ -2,9 +2,10 @@
 
 ``hubble observe --server unix:///run/flowship/hubble.sock`` (the private
 default), Hubble Relay over mTLS, Hubble UI's backend and flowship's own
-``hubble`` source can read a flowship agent as they read a Cilium node: ``GetFlows`` (number/first/follow/since/until, whitelist and
-blacklist FlowFilters, field_mask), ``ServerStatus``, ``GetNodes`` and
-``GetNamespaces`` of service ``observer.Observer``.
+``hubble`` source can read a flowship agent as they read a Cilium node:
+``GetFlows`` (number/first/follow/since/until, whitelist and blacklist
+FlowFilters, field_mask), ``ServerStatus``, ``GetNodes`` and ``GetNamespaces``
+of service ``observer.Observer``.
 
 The ring keeps the most recent ``max_flows`` flows (4095 by default, like
 Hubble) as Arrow record batches, not messages: filters and time bounds are
