@@ -420,3 +420,19 @@ sinks: [{{type: file, path: {tmp_path}/out.jsonl}}]
                           text=True, timeout=120)
     assert proc.returncode != 0
     assert "wrong CA: the server's certificate is not signed by ca_file" in proc.stderr
+
+
+def test_reads_the_observer_over_its_unix_socket(tmp_path, flows) -> None:
+    """The agent's private default (a unix socket) is readable by the hubble source as it is by the CLI."""
+    sock = tmp_path / "run" / "hubble.sock"
+    server = ObserverServer(ObserverConfig(address=f"unix://{sock}"), Metrics(), node_name="node-1")
+    server.start()
+    server.publish(flows.slice(0, 30))
+    try:
+        source = _source(tmp_path, address=f"unix://{sock}", follow=False, checkpoint=False)
+        emit = Collector()
+        t, _, errors = _run(source, emit)
+        t.join(30)
+        assert not errors and emit.uuids == flows.column("uuid").to_pylist()[:30]
+    finally:
+        server.stop(0)
