@@ -119,6 +119,21 @@ def tls_diagnosis(address: str, ca_file: str | None, cert_file: str | None, key_
         raw.close()
 
 
+def speaks_tls(address: str, timeout: float = 5.0) -> bool:
+    """True when the server at ``address`` completes a TLS handshake (certificates not checked)."""
+    host, _, port = address.rpartition(":")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as raw, \
+                ctx.wrap_socket(raw, server_hostname=host.strip("[]") or None):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def parse_filters(items: list[Any], key: str) -> tuple[list[flow_pb2.FlowFilter], list[str]]:
     """FlowFilter dicts (Hubble JSON, proto or camelCase names) → messages, plus problems."""
     out, problems = [], []
@@ -283,6 +298,9 @@ class HubbleSource(Source):
                                    timeout=min(5.0, float(c.connect_timeout)))
             if reason:
                 raise TLSError(reason)
+        elif speaks_tls(c.address, timeout=min(5.0, float(c.connect_timeout))):
+            raise TLSError("the server speaks TLS and this source does not: set tls: true (with ca_file, and "
+                           "cert_file and key_file when the server requires client certificates)")
         raise ConnectionError(f"cannot connect to {c.address}")
 
     def _request(self, position: _Position | None) -> observer_pb2.GetFlowsRequest:

@@ -384,6 +384,24 @@ def test_tls_failures_are_reported_and_end_a_finite_read(tmp_path, pki, mtls_ser
                      str(errors[0])), str(errors[0])
 
 
+def test_tls_on_one_side_only_is_reported(tmp_path, pki, mtls_server) -> None:
+    """tls: true against a plaintext server, and a plaintext source against a TLS server, say so."""
+    plain = _server()
+    try:
+        source = _source(tmp_path, address=f"127.0.0.1:{plain.port}", follow=False, tls=True, checkpoint=False,
+                         ca_file=pki["ca.crt"], connect_timeout="5s")
+        t, _, errors = _run(source, Collector())
+        t.join(20)
+        assert not t.is_alive() and "the server does not speak TLS at this address" in str(errors[0])
+    finally:
+        plain.stop(0)
+    source = _source(tmp_path, address=f"127.0.0.1:{mtls_server.port}", follow=False, checkpoint=False,
+                     connect_timeout="5s")
+    t, _, errors = _run(source, Collector())
+    t.join(20)
+    assert not t.is_alive() and "the server speaks TLS and this source does not: set tls: true" in str(errors[0])
+
+
 def test_tls_failure_while_following_is_logged_with_its_reason_and_retried(tmp_path, pki, mtls_server) -> None:
     source = _source(tmp_path, address=f"127.0.0.1:{mtls_server.port}", tls=True, checkpoint=False,
                      ca_file=pki["other-ca.crt"], cert_file=pki["client.crt"], key_file=pki["client.key"],
