@@ -9,6 +9,7 @@ components asking for the same series share it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -187,8 +188,10 @@ class MetricsServer:
         self._thread.start()
         self._ready.wait()
         if self._error is not None:
-            raise OSError(f"metrics: cannot listen on {self.host}:{self.port}: "
-                          f"{self._error.strerror or self._error}") from self._error
+            exc = self._error
+            reason = ("the address is already in use by another process" if exc.errno == errno.EADDRINUSE
+                      else exc.strerror or str(exc))
+            raise OSError(exc.errno, f"metrics: cannot listen on {self.host}:{self.port}: {reason}") from exc
 
     def _run(self) -> None:
         loop = self._loop = asyncio.new_event_loop()

@@ -125,13 +125,21 @@ def test_keep_alive_readiness_and_errors(metrics) -> None:
         server.shutdown()
 
 
-def test_a_taken_port_names_the_address(metrics) -> None:
+def test_a_taken_port_names_the_address(metrics, tmp_path, flowship_cmd) -> None:
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     port = taken.getsockname()[1]
+    message = f"metrics: cannot listen on 127.0.0.1:{port}: the address is already in use by another process"
     try:
-        with pytest.raises(OSError, match=f"metrics: cannot listen on 127.0.0.1:{port}"):
+        with pytest.raises(OSError, match=message):
             metrics.serve(f"127.0.0.1:{port}")
+        cfg = tmp_path / "m.yaml"
+        cfg.write_text(f"data_dir: {tmp_path}/state\nmetrics: 127.0.0.1:{port}\nsources: [{{type: stdin}}]\n"
+                       "sinks: [{type: stdout}]\n")
+        proc = subprocess.run([*flowship_cmd, "export", "--config", str(cfg)], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=120)
+        assert proc.returncode == 1 and f"flowship: cannot start: {message}" in proc.stderr
+        assert "Traceback" not in proc.stderr
     finally:
         taken.close()
