@@ -1,10 +1,11 @@
 """A Hubble-compatible Observer gRPC server over the agent's recent flows.
 
-``hubble observe --server HOST:4244``, Hubble Relay, Hubble UI's backend and
-flowship's own ``hubble`` source can read a flowship agent as they read a
-Cilium node: ``GetFlows`` (number/first/follow/since/until, whitelist and
-blacklist FlowFilters, field_mask), ``ServerStatus``, ``GetNodes`` and
-``GetNamespaces`` of service ``observer.Observer``.
+``hubble observe --server unix:///run/flowship/hubble.sock`` (the private
+default), Hubble Relay over mTLS, Hubble UI's backend and flowship's own
+``hubble`` source can read a flowship agent as they read a Cilium node:
+``GetFlows`` (number/first/follow/since/until, whitelist and blacklist
+FlowFilters, field_mask), ``ServerStatus``, ``GetNodes`` and ``GetNamespaces``
+of service ``observer.Observer``.
 
 The ring keeps the most recent ``max_flows`` flows (4095 by default, like
 Hubble) as Arrow record batches, not messages: filters and time bounds are
@@ -14,10 +15,21 @@ it. Memory stays bounded by the ring capacity plus one published batch. A
 follower that reads slower than flows arrive is overtaken by the ring; it is
 then told how many flows it missed with a ``LostEvent`` from
 ``HUBBLE_RING_BUFFER`` (at most one per ``lost_event_interval``), as Hubble does.
+
+Every GetFlows stream holds a worker thread, so streams are counted per client
+and in total and refused with RESOURCE_EXHAUSTED beyond ``max_streams_per_client``
+/ ``max_streams``; ``max_workers`` exceeds ``max_streams`` so that unary calls
+always find a thread. The agent feeds the ring through :class:`ObserverSink`,
+after the pipeline's shared stages.
 """
 
 from __future__ import annotations
 
+import errno
+import ipaddress
+import os
+import socket
+import stat
 import threading
 import time
 from collections import deque
@@ -33,8 +45,10 @@ import pyarrow as pa
 import structlog
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
+from exporter.components import Context, Sink
 from exporter.config import Duration
 from exporter.metrics import Metrics
+from exporter.pipeline.envelope import Envelope
 from exporter.proto.flow import flow_pb2
 from exporter.proto.observer import observer_pb2, observer_pb2_grpc
 
@@ -47,6 +61,12 @@ except Exception:  # noqa: BLE001 - running from a source tree
 
 _LOST_SOURCE = flow_pb2.LostEventSource.Value("HUBBLE_RING_BUFFER")
 _NAMESPACE_TTL_NS = 3600 * 10**9  # Hubble forgets namespaces not seen for an hour
+
+
+# Private by default, like Hubble's own local socket (/var/run/cilium/hubble.sock): no TCP port, so
+# nothing collides with Cilium's Hubble server (4244), Relay (4245) or metrics (9962-9965) on a node that
+# runs both with hostNetwork, and file permissions (0600, in a 0700 directory) decide who reads flows.
+DEFAULT_ADDRESS = "unix:///run/flowship/hubble.sock"
 
 
 @dataclass
@@ -63,15 +83,41 @@ class ObserverTLSConfig:
                 if getattr(self, key) and not Path(getattr(self, key)).is_file()]
 
 
+def unix_path(address: str) -> str | None:
+    """The socket path of a ``unix:PATH`` / ``unix:///PATH`` address, else None."""
+    if not address.startswith("unix:"):
+        return None
+    rest = address[len("unix:"):]
+    return "/" + rest.lstrip("/") if rest.startswith("//") else rest
+
+
+def is_private(address: str) -> bool:
+    """True for a unix socket or a loopback address: only this machine can connect."""
+    if unix_path(address) is not None:
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # every interface (":4244", "0.0.0.0"), or a name that may resolve anywhere
+
+
 @dataclass
 class ObserverConfig:
-    """``observer:`` in the agent's config."""
+    """``observer:`` in the agent's config (and the ``observer`` sink's keys)."""
 
     enabled: bool = True
-    address: str = ":4244"                 # ":4244" = every interface; "127.0.0.1:4244" = local only
+    address: str = DEFAULT_ADDRESS         # unix:PATH, 127.0.0.1:PORT, or host:PORT with mTLS
     max_flows: int = 4095                  # ring capacity: 2^n - 1, at most 65535 (as Hubble)
     tls: ObserverTLSConfig | None = None
-    max_workers: int = 16                  # concurrent RPCs (each follower holds one)
+    allow_unauthenticated: bool = False    # serve a non-loopback address without client certificates
+    max_workers: int = 72                  # RPC threads (made on demand); streams hold at most max_streams
+    max_streams: int = 64                  # open GetFlows streams, all clients together
+    max_streams_per_client: int = 8        # ... per client (certificate CN, else peer address)
+    keepalive: Duration = Duration(60.0)   # ping idle connections this often ...
+    keepalive_timeout: Duration = Duration(20.0)  # ... and drop them (freeing their streams) when unanswered
     lost_event_interval: Duration = Duration(1.0)
     follow_poll: Duration = Duration(0.5)  # how often an idle follower checks its client is still there
     server_name: str | None = None         # reported in GetNodes' TLS info
@@ -80,10 +126,24 @@ class ObserverConfig:
         problems = []
         if not (0 < self.max_flows <= 65535 and (self.max_flows + 1) & self.max_flows == 0):
             problems.append(f"max_flows: expected 2^n-1 between 1 and 65535 (e.g. 4095), got {self.max_flows}")
-        if ":" not in self.address:
-            problems.append(f"address: expected host:port or :port, got {self.address!r}")
-        if self.max_workers < 2:
-            problems.append(f"max_workers: expected at least 2, got {self.max_workers}")
+        path = unix_path(self.address)
+        if path is not None and not path:
+            problems.append(f"address: expected unix:PATH with a path, got {self.address!r}")
+        if path is None and ":" not in self.address:
+            problems.append(f"address: expected unix:PATH, host:port or :port, got {self.address!r}")
+        mtls = self.tls is not None and bool(self.tls.client_ca_file)
+        if self.enabled and not is_private(self.address) and not mtls and not self.allow_unauthenticated:
+            problems.append(
+                f"address: {self.address!r} is reachable from other machines, and the Observer serves every "
+                "flow (URLs, headers, addresses) to whoever connects: set tls with client_ca_file (mTLS) to "
+                "expose it, use a loopback address or unix:PATH, or set allow_unauthenticated: true")
+        if self.max_streams < 1:
+            problems.append(f"max_streams: expected at least 1, got {self.max_streams}")
+        if self.max_streams_per_client < 1:
+            problems.append(f"max_streams_per_client: expected at least 1, got {self.max_streams_per_client}")
+        if self.max_workers < self.max_streams + 2:
+            problems.append(f"max_workers: expected at least max_streams + 2 ({self.max_streams + 2}) so that "
+                            f"ServerStatus and other short calls always find a thread, got {self.max_workers}")
         return problems
 
 
@@ -290,11 +350,14 @@ class _Servicer(observer_pb2_grpc.ObserverServicer):
             query = _Query(request, self.s.node_name)
         except ValueError as exc:  # FilterError is a ValueError too
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        self.s._clients(+1)
+        client = _client_id(context)
+        refused = self.s._admit(client)
+        if refused:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
         try:
             yield from self.s._get_flows(request, query, context)
         finally:
-            self.s._clients(-1)
+            self.s._release(client)
 
     def ServerStatus(self, request, context) -> observer_pb2.ServerStatusResponse:  # noqa: N802
         return self.s.status()
@@ -304,6 +367,23 @@ class _Servicer(observer_pb2_grpc.ObserverServicer):
 
     def GetNamespaces(self, request, context) -> observer_pb2.GetNamespacesResponse:  # noqa: N802
         return observer_pb2.GetNamespacesResponse(namespaces=self.s.namespaces())
+
+
+def _client_id(context: grpc.ServicerContext) -> str:
+    """Who a stream counts against: the client certificate's CN under mTLS, else the peer's address.
+
+    The port is left out (each connection has its own), so one host's connections share a limit; over
+    a unix socket every local client is one peer.
+    """
+    auth = context.auth_context() or {}
+    names = auth.get("x509_common_name") or []
+    if names:
+        return "cn:" + names[0].decode(errors="replace")
+    peer = context.peer() or "unknown"
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return kind + ":" + rest.rpartition(":")[0]
+    return kind
 
 
 def _observer_handler(servicer: _Servicer) -> grpc.GenericRpcHandler:
@@ -340,14 +420,63 @@ def _health_handler() -> grpc.GenericRpcHandler:
     })
 
 
+def _bind_reason(address: str) -> str:
+    """Why a TCP address cannot be bound, found by trying it (gRPC's own error omits the reason)."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "::"
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError) as exc:
+        return f"cannot resolve it ({exc})"
+    family, _, _, _, sockaddr = infos[0]
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.bind(sockaddr)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return "the address is already in use by another process"
+        return exc.strerror or str(exc)
+    finally:
+        probe.close()
+    return "gRPC could not bind it"
+
+
+def _unix_in_use(path: str) -> str | None:
+    """Why ``path`` cannot become the socket: another process serves it, or it is not a socket.
+
+    A socket file nobody listens on is left over from a process that died; it is replaced.
+    """
+    if not os.path.lexists(path):
+        return None
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        return "the path exists and is not a socket"
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        return None  # stale
+    finally:
+        probe.close()
+    return "another process is serving this socket (a second agent?)"
+
+
+def _unix_bind_reason(path: str) -> str:
+    parent = Path(path).parent
+    if not parent.is_dir():
+        return f"the directory {parent} does not exist"
+    if not os.access(parent, os.W_OK):
+        return f"the directory {parent} is not writable by this user"
+    return "gRPC could not bind it"
+
+
 class ObserverServer:
     """Serves the ring over gRPC. ``publish`` is called by the agent with every flow batch."""
 
     def __init__(self, config: ObserverConfig, metrics: Metrics | None = None, node_name: str | None = None,
-                 log: Any = None) -> None:
-        import socket
-
+                 log: Any = None, config_key: str = "observer") -> None:
         self.config = config
+        self.config_key = config_key  # where `address` sits in the config file, for error messages
         self.metrics = metrics or Metrics()
         self.node_name = node_name or socket.gethostname()
         self.log = log or structlog.get_logger().bind(component="observer")
@@ -358,6 +487,7 @@ class ObserverServer:
         self._rate: deque[tuple[float, int]] = deque()
         self._namespaces: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
+        self._streams: dict[str, int] = {}  # open GetFlows streams per client
         m = self.metrics
         self._published = m.counter("flowship_observer_flows_total", "Flows published to the Observer ring.")
         self._lost = m.counter("flowship_observer_lost_events_total",
@@ -365,32 +495,71 @@ class ObserverServer:
         self._sent = m.counter("flowship_observer_sent_flows_total", "Flows sent to GetFlows clients.")
         self._ring_gauge = m.gauge("flowship_observer_ring_flows", "Flows held in the Observer ring.")
         self._client_gauge = m.gauge("flowship_observer_clients", "Open GetFlows streams.")
+        self._refused = m.counter("flowship_observer_refused_streams_total",
+                                  "GetFlows streams refused with RESOURCE_EXHAUSTED, by limit.", ["limit"])
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> int:
-        """Bind and serve; returns the port (useful with port 0)."""
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.config.max_workers,
+        """Bind and serve; returns the port (0 for a unix socket). A failure names the config key."""
+        problems = self.config.validate()
+        if problems:
+            raise ValueError(f"{self.config_key}." + f"\n{self.config_key}.".join(problems))
+        cfg = self.config
+        # Streams are capped below max_workers, so short calls always find a thread; past
+        # max_workers * 2 calls waiting, gRPC itself answers RESOURCE_EXHAUSTED instead of queueing.
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_workers,
                                                         thread_name_prefix="observer"),
-                             options=[("grpc.so_reuseport", 0)])
+                             options=[
+                                 ("grpc.so_reuseport", 0),
+                                 # A follower whose client vanished without closing (a node gone, a
+                                 # partition) would hold its stream forever: pings find it.
+                                 ("grpc.keepalive_time_ms", int(float(cfg.keepalive) * 1000)),
+                                 ("grpc.keepalive_timeout_ms", int(float(cfg.keepalive_timeout) * 1000)),
+                                 ("grpc.http2.ping_timeout_ms", int(float(cfg.keepalive_timeout) * 1000)),
+                                 ("grpc.http2.max_pings_without_data", 0),
+                                 # clients' own keepalive pings (the hubble source's every 30 s) are welcome
+                                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                             ],
+                             maximum_concurrent_rpcs=cfg.max_workers * 2)
         server.add_generic_rpc_handlers((_observer_handler(_Servicer(self)), _health_handler()))
-        address = self.config.address
+        address = cfg.address
         if address.startswith(":"):
             address = "[::]" + address
-        tls = self.config.tls
-        if tls is not None:
-            creds = grpc.ssl_server_credentials(
-                [(Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes())],
-                root_certificates=Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None,
-                require_client_auth=tls.client_ca_file is not None)
-            port = server.add_secure_port(address, creds)
-        else:
-            port = server.add_insecure_port(address)
-        if port == 0:
-            raise OSError(f"observer: cannot listen on {self.config.address}")
+        path = unix_path(address)
+        if path is not None:
+            parent = Path(path).parent
+            if not parent.exists():
+                parent.mkdir(parents=True, mode=0o700)
+            busy = _unix_in_use(path)
+            if busy:  # gRPC would unlink the file and take the name from the process serving it
+                raise OSError(f"{self.config_key}.address: cannot listen on {cfg.address}: {busy}")
+        tls = cfg.tls
+        try:
+            if tls is not None:
+                creds = grpc.ssl_server_credentials(
+                    [(Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes())],
+                    root_certificates=Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None,
+                    require_client_auth=tls.client_ca_file is not None)
+                port = server.add_secure_port(address, creds)
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError:  # grpc >= 1.5x: "Failed to bind to address ..."
+            port = 0
+        if port == 0 and path is None:
+            raise OSError(f"{self.config_key}.address: cannot listen on {cfg.address}: {_bind_reason(address)} "
+                          f"(on a node that runs Cilium, 4244 is its Hubble server and 4245 Hubble Relay; "
+                          f"choose another port, a unix:PATH, or set {self.config_key}.enabled: false)")
+        if path is not None:
+            if port == 0:
+                raise OSError(f"{self.config_key}.address: cannot listen on {cfg.address}: "
+                              f"{_unix_bind_reason(path)}")
+            os.chmod(path, 0o600)  # flows are private to this user (the parent directory is too, when ours)
+            port = 0
         server.start()
         self._server = server
         self.port = port
-        self.log.info("observer listening", address=self.config.address, port=port, tls=tls is not None)
+        self.log.info("observer listening", address=cfg.address, port=port, tls=tls is not None,
+                      client_certificates=bool(tls and tls.client_ca_file))
         return port
 
     def stop(self, grace: float | None = 5.0) -> None:
@@ -423,8 +592,32 @@ class ObserverServer:
                         self._namespaces[(c or "", ns)] = wall
 
     # -- RPCs ----------------------------------------------------------------------------------
-    def _clients(self, delta: int) -> None:
-        self._client_gauge.inc(delta)
+    def _admit(self, client: str) -> str | None:
+        """Count a new GetFlows stream of ``client``; the reason when a limit refuses it."""
+        cfg = self.config
+        with self._lock:
+            total = sum(self._streams.values())
+            mine = self._streams.get(client, 0)
+            if total >= cfg.max_streams:
+                self._refused.labels("max_streams").inc()
+                return (f"too many GetFlows streams: {total} open, the Observer's limit is max_streams = "
+                        f"{cfg.max_streams}")
+            if mine >= cfg.max_streams_per_client:
+                self._refused.labels("max_streams_per_client").inc()
+                return (f"too many GetFlows streams from {client}: {mine} open, the limit is "
+                        f"max_streams_per_client = {cfg.max_streams_per_client}")
+            self._streams[client] = mine + 1
+        self._client_gauge.inc()
+        return None
+
+    def _release(self, client: str) -> None:
+        with self._lock:
+            left = self._streams.get(client, 0) - 1
+            if left > 0:
+                self._streams[client] = left
+            else:
+                self._streams.pop(client, None)
+        self._client_gauge.dec()
 
     def _emit(self, query: _Query, entry: _Entry, seqs: np.ndarray) -> Generator[bytes, None, int]:
         """Yield serialized responses; returns how many the ring dropped before they could be sent."""
@@ -536,3 +729,27 @@ class ObserverServer:
             keys = sorted(self._namespaces)
         return [observer_pb2.Namespace(cluster=c, namespace=ns) for c, ns in keys]
 
+
+class ObserverSink(Sink):
+    """The Observer fed like any sink: after the shared stages, so ``redact`` and ``filter`` apply to it.
+
+    The agent source brings one along (``Source.companion_sinks``) when its ``observer`` is enabled. A
+    batch is delivered once it is in the ring, so the Observer never holds back a source's checkpoint;
+    aggregate rows are not flows and are passed over.
+    """
+
+    def __init__(self, config: ObserverConfig, ctx: Context, config_key: str = "observer") -> None:
+        super().__init__(config, ctx)
+        self.server = ObserverServer(config, metrics=ctx.metrics, node_name=ctx.node_name, log=ctx.log,
+                                     config_key=config_key)
+
+    def start(self) -> None:
+        self.server.start()
+
+    def write(self, env: Envelope) -> None:
+        if env.kind == "flows":
+            self.server.publish(env.batch)
+        env.ack()
+
+    def close(self) -> None:
+        self.server.stop()

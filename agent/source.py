@@ -2,8 +2,9 @@
 
 The source polls :class:`agent.capture.KernelCapture`, gathers about a second of kernel events (or
 ``batch_events`` of them, whichever comes first), assembles them into one flow batch
-(:mod:`agent.assemble`: L3/L4, drops, L7, enrichment, ids) and emits it with a receipt. The same batch
-goes to the Hubble Observer server when it is enabled.
+(:mod:`agent.assemble`: L3/L4, drops, L7, enrichment, ids) and emits it with a receipt. With ``observer``
+enabled the source also brings a companion sink, the Hubble Observer server, which the pipeline feeds after
+the shared stages like every other sink.
 
 Nothing to checkpoint: the kernel keeps no history to read again. What an abrupt death loses is the
 counters the flow table accumulated since each flow's last event (at most ``report_interval`` of
@@ -28,20 +29,21 @@ from agent.assemble import AssembleConfig, Assembler
 from agent.capture import DEFAULT_HTTP_PORTS, CaptureBatch, CaptureConfig, KernelCapture
 from agent.enrich import EnrichConfig, Enricher, detect_local_ips
 from agent.l7_http import DEFAULT_HEADER_ALLOW
-from exporter.components import Context, Emit, Source
+from exporter.components import Context, Emit, Sink, Source
 from exporter.config import ByteSize, Duration
 from exporter.pipeline.envelope import Receipt
 
 try:
-    from agent.observer import ObserverConfig
+    from agent.observer import DEFAULT_ADDRESS, ObserverConfig
 except ImportError:  # an installation without the Observer server: same keys, the server is skipped
+    DEFAULT_ADDRESS = "unix:///run/flowship/hubble.sock"
 
     @dataclass
     class ObserverConfig:  # type: ignore[no-redef]
         """``observer:`` — the Hubble Observer gRPC server (not part of this installation)."""
 
         enabled: bool = True
-        address: str = ":4244"
+        address: str = DEFAULT_ADDRESS
         max_flows: int = 4095
         tls: Any = None
 
@@ -192,7 +194,6 @@ class AgentSource(Source):
                            drop_export_benign=drop_reasons.export_set(cfg.drop_export_benign)),
             metrics=self.ctx.metrics, source=self.ctx.name, enricher=enricher)
         enricher.start()
-        self._start_observer()
         cap = self.capture = self.start_capture()
         try:
             for error in cap.attach_errors():
@@ -220,22 +221,29 @@ class AgentSource(Source):
             cap.close()
             self.capture = None
             enricher.stop()
-            if self.observer is not None:
-                self.observer.stop()
 
-    def _start_observer(self) -> None:
+    def companion_sinks(self, config_key: str) -> list[tuple[str, Sink]]:
+        """The Observer as a sink of its own, which the pipeline feeds after the shared stages.
+
+        So the Hubble API serves what every other output receives (redacted, filtered), not the raw
+        capture. ``config_key`` (``sources[0]``) lets a bind failure name the key to change.
+        """
         ocfg = self.config.observer
         if not ocfg.enabled:
-            return
+            return []
         try:
-            from agent.observer import ObserverServer
+            from agent.observer import ObserverSink
         except ImportError:
             self.ctx.log.warning("observer.enabled is set but this installation has no Observer server "
                                  "(agent/observer.py): flows are exported without the Hubble API")
-            return
-        self.observer = ObserverServer(ocfg, metrics=self.ctx.metrics, node_name=self.ctx.node_name,
-                                       log=self.ctx.log.bind(component=f"{self.ctx.name}.observer"))
-        self.observer.start()
+            return []
+        name = f"{self.ctx.name}.observer"
+        ctx = Context(name=name, metrics=self.ctx.metrics, node_name=self.ctx.node_name,
+                      data_dir=self.ctx.data_dir, log=self.ctx.log.bind(component=name),
+                      config_file=self.ctx.config_file)
+        sink = ObserverSink(ocfg, ctx, config_key=f"{config_key}.observer")
+        self.observer = sink.server
+        return [(name, sink)]
 
     # -- batches -----------------------------------------------------------------------------
 
@@ -271,8 +279,6 @@ class AgentSource(Source):
                 self.counts["acked_packets"] += packets
             self._unacked.dec(rows)
 
-        if self.observer is not None:
-            self.observer.publish(batch)
         emit(batch, Receipt(on_done=done, rows=rows))
 
     def summary(self) -> dict[str, Any]:

@@ -110,7 +110,11 @@ def run_pipeline(config: PipelineConfig, metrics_address: str | None, progress: 
         sys.stderr.write(f"flowship: cannot start: {exc}\n")
         return EXIT_FAILED
     address = metrics_address or config.metrics_address
-    server = metrics.serve(address) if address else None
+    try:
+        server = metrics.serve(address) if address else None
+    except OSError as exc:
+        sys.stderr.write(f"flowship: cannot start: {exc.strerror or exc}\n")
+        return EXIT_FAILED
 
     def on_signal(signum: int, _frame: object) -> None:
         structlog.get_logger().info("stopping: flushing sinks", signal=signal.Signals(signum).name,

@@ -8,9 +8,11 @@ components asking for the same series share it.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import threading
 from collections.abc import Callable, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -115,32 +117,165 @@ class Metrics:
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
-    def serve(self, address: str) -> ThreadingHTTPServer:
-        """Serve /metrics, /healthz and /readyz on ``host:port`` in a daemon thread."""
+    def serve(self, address: str, **limits: float) -> MetricsServer:
+        """Serve /metrics, /healthz and /readyz on ``host:port`` (see :class:`MetricsServer`)."""
         host, _, port = address.rpartition(":")
-        metrics = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server naming
-                if self.path.startswith("/metrics"):
-                    body, ctype, code = metrics.exposition(), CONTENT_TYPE_LATEST, 200
-                elif self.path.startswith("/healthz"):
-                    body, ctype, code = b"ok\n", "text/plain", 200
-                elif self.path.startswith("/readyz"):
-                    ok = metrics.ready()
-                    body, ctype, code = (b"ready\n" if ok else b"not ready\n"), "text/plain", 200 if ok else 503
-                else:
-                    body, ctype, code = b"not found\n", "text/plain", 404
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        server = ThreadingHTTPServer((host or "0.0.0.0", int(port)), Handler)
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+        server = MetricsServer(self, host.strip("[]") or "0.0.0.0", int(port), **limits)
+        server.start()
         return server
+
+    def answer(self, path: str) -> tuple[int, str, bytes]:
+        """(status, content type, body) for a GET of ``path``."""
+        if path.startswith("/metrics"):
+            return 200, CONTENT_TYPE_LATEST, self.exposition()
+        if path.startswith("/healthz"):
+            return 200, "text/plain", b"ok\n"
+        if path.startswith("/readyz"):
+            ok = self.ready()
+            return (200, "text/plain", b"ready\n") if ok else (503, "text/plain", b"not ready\n")
+        return 404, "text/plain", b"not found\n"
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+
+
+class _Conn:
+    __slots__ = ("writer", "waiting")
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.waiting = True  # waiting for a request (evictable), not answering one
+
+
+class MetricsServer:
+    """A small HTTP/1.1 server on one event-loop thread: idle connections cost a socket, not a thread.
+
+    Bounded everywhere: a connection must send a complete request head within ``request_timeout`` (also
+    between keep-alive requests) and take a response within ``write_timeout``; heads are limited to
+    ``max_head_bytes``; at most ``max_connections`` are open, and a new connection beyond that closes the
+    oldest one that is only waiting, so a scrape still gets in while idle sockets pile up. The kernel
+    queues at most ``backlog`` connections not yet accepted. Bodies are built on a two-thread pool so a
+    slow collection never stalls accepting.
+    """
+
+    def __init__(self, metrics: Metrics, host: str, port: int, *, max_connections: int = 256,
+                 request_timeout: float = 10.0, write_timeout: float = 10.0, backlog: int = 512,
+                 max_head_bytes: int = 8192) -> None:
+        self.metrics = metrics
+        self.host, self.port = host, port
+        self.max_connections = int(max_connections)
+        self.request_timeout = float(request_timeout)
+        self.write_timeout = float(write_timeout)
+        self.backlog = int(backlog)
+        self.max_head_bytes = int(max_head_bytes)
+        self.server_address: tuple[str, int] = (host, port)
+        self._conns: dict[asyncio.Task, _Conn] = {}  # insertion order: oldest first
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="metrics-body")
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: OSError | None = None
+        self.evicted = 0
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    def start(self) -> None:
+        """Bind (an OSError names the address) and serve in a daemon thread."""
+        self._thread = threading.Thread(target=self._run, name="metrics-http", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            exc = self._error
+            reason = ("the address is already in use by another process" if exc.errno == errno.EADDRINUSE
+                      else exc.strerror or str(exc))
+            raise OSError(exc.errno, f"metrics: cannot listen on {self.host}:{self.port}: {reason}") from exc
+
+    def _run(self) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+        try:
+            self._server = loop.run_until_complete(asyncio.start_server(
+                self._handle, self.host, self.port, backlog=self.backlog, limit=self.max_head_bytes,
+                reuse_address=True))
+        except OSError as exc:
+            self._error = exc
+            self._ready.set()
+            loop.close()
+            return
+        self.server_address = self._server.sockets[0].getsockname()[:2]
+        self._ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    def shutdown(self) -> None:
+        """Stop accepting, close every connection, end the thread."""
+        loop = self._loop
+        if loop is None or self._thread is None or not self._thread.is_alive():
+            return
+
+        def stop() -> None:
+            if self._server is not None:
+                self._server.close()
+            for task in list(self._conns):
+                task.cancel()
+            loop.call_later(0.05, loop.stop)
+
+        loop.call_soon_threadsafe(stop)
+        self._thread.join(5)
+        self._pool.shutdown(wait=False)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self._conns) >= self.max_connections:
+            victim = next((t for t, c in self._conns.items() if c.waiting), None)
+            if victim is None:  # every connection is being answered: this one waits its turn elsewhere
+                writer.transport.abort()
+                self.evicted += 1
+                return
+            self._conns.pop(victim).writer.transport.abort()
+            self.evicted += 1
+        conn = self._conns[task] = _Conn(writer)
+        try:
+            while True:
+                conn.waiting = True
+                try:
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.request_timeout)
+                except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+                    return  # idle too long, closed by the client, or a head too large: just close
+                conn.waiting = False
+                keep_alive = await self._respond(head, writer)
+                if not keep_alive:
+                    return
+        except (TimeoutError, ConnectionError, asyncio.CancelledError):
+            return
+        finally:
+            self._conns.pop(task, None)
+            if writer.transport.get_write_buffer_size():
+                writer.transport.abort()  # a client that does not read its answer: drop it now
+            else:
+                writer.close()
+
+    async def _respond(self, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            code, ctype, body, keep_alive = 400, "text/plain", b"bad request\n", False
+        elif parts[0] not in ("GET", "HEAD"):
+            code, ctype, body, keep_alive = 405, "text/plain", b"method not allowed\n", False
+        else:
+            loop = asyncio.get_running_loop()
+            code, ctype, body = await loop.run_in_executor(self._pool, self.metrics.answer, parts[1])
+            connection = headers.get("connection", "").lower()
+            keep_alive = connection != "close" if parts[2] == "HTTP/1.1" else connection == "keep-alive"
+        head_out = (f"HTTP/1.1 {code} {_REASONS.get(code, '')}\r\nContent-Type: {ctype}\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: {'keep-alive' if keep_alive else 'close'}"
+                    "\r\n\r\n").encode()
+        writer.write(head_out if parts[0] == "HEAD" else head_out + body)
+        await asyncio.wait_for(writer.drain(), self.write_timeout)
+        return keep_alive

@@ -227,6 +227,13 @@ class Pipeline:
                 directory = Path(spec.buffer.path) if spec.buffer.path else Path(config.data_dir) / "buffers" / spec.name
                 branch.buffer = DiskBuffer(directory, spec.buffer, self.metrics, spec.name, ctx.log)
             self.branches.append(branch)
+        # Sinks a source brings along (the agent's Observer) are fed after the shared stages too.
+        extra = len(sources or [])
+        for i, source in enumerate(self.sources):
+            key = f"sources[{i - extra}]" if i >= extra else source.ctx.name
+            for name, sink in getattr(source, "companion_sinks", lambda _key: [])(key):
+                self.branches.append(Branch(name, sink, [], BoundedQueue(f"sink:{name}", config.queue_batches,
+                                                                         self.metrics)))
         self.input = BoundedQueue("input", config.queue_batches, self.metrics)
         self._source_threads: list[threading.Thread] = []
         self._flows_in = {s.ctx.name: self.metrics.flows_in(s.ctx.name) for s in self.sources}

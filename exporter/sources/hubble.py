@@ -15,12 +15,19 @@ exponential backoff and resumes from the newest flow it emitted. Hubble keeps
 flows in a ring (4095 per node by default): what the ring dropped meanwhile
 cannot be fetched again; ``LostEvent`` responses are counted in
 ``flowship_lost_events_total{source, lost_source}`` and logged.
+
+A connection that fails because of TLS (wrong CA, missing or refused client
+certificate, server name mismatch) is reported with that reason
+(:func:`tls_diagnosis`); it ends a ``follow: false`` run with an error, since
+no retry can fix it, while a following source logs it and keeps retrying.
 """
 
 from __future__ import annotations
 
 import queue
 import random
+import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,6 +47,91 @@ from exporter.proto.observer import observer_pb2, observer_pb2_grpc
 # gRPC status codes that no retry can fix.
 _FATAL = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED,
           grpc.StatusCode.UNAUTHENTICATED}
+
+
+class TLSError(ConnectionError):
+    """The server was reached but TLS or client authentication failed: a config problem, not an outage."""
+
+
+# An HTTP/2 client preface and an empty SETTINGS frame: a gRPC server that accepted the handshake answers.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_CLIENT_CERT_ALERTS = ("CERTIFICATE_REQUIRED", "UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN",
+                       "UNSUPPORTED_CERTIFICATE", "ACCESS_DENIED", "HANDSHAKE_FAILURE", "DECRYPT_ERROR")
+
+
+def tls_diagnosis(address: str, ca_file: str | None, cert_file: str | None, key_file: str | None,
+                  server_name: str | None, timeout: float = 5.0) -> str | None:
+    """Why a TLS connection to ``address`` fails, in words; None when it works or the cause is not TLS.
+
+    gRPC only says "failed to connect" (or "Socket closed" when the server refuses the client
+    certificate), so the handshake is repeated here with Python's ssl module and the same files, which
+    reports the verification result and the server's alert.
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    name = server_name or host
+    try:
+        ctx = ssl.create_default_context(cafile=ca_file)
+        if cert_file:
+            ctx.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        return f"cannot use the TLS files: {exc}"
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        raw = socket.create_connection((host, int(port)), timeout=timeout)
+    except (OSError, ValueError):
+        return None  # not reachable at all: an outage, not a TLS problem
+    try:
+        with ctx.wrap_socket(raw, server_hostname=name) as conn:
+            conn.settimeout(timeout)
+            conn.sendall(_H2_PREFACE)
+            if conn.recv(9):
+                return None
+            if not cert_file:
+                return ("client certificate missing: the server closed the connection right after the TLS "
+                        "handshake, so it requires one (set cert_file and key_file)")
+            return (f"client certificate refused: the server closed the connection right after the TLS "
+                    f"handshake (is cert_file {cert_file} signed by a CA the server trusts, with "
+                    f"extendedKeyUsage clientAuth?)")
+    except ssl.SSLCertVerificationError as exc:
+        if exc.verify_code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
+            return (f"server name mismatch: the server's certificate is not valid for {name!r} "
+                    f"(set server_name to a name the certificate holds)")
+        if exc.verify_code in (2, 18, 19, 20, 21):  # no issuer, self-signed, untrusted chain
+            source = f"ca_file {ca_file}" if ca_file else "the system's trusted CAs"
+            return (f"wrong CA: the server's certificate is not signed by {source} "
+                    f"({exc.verify_message})")
+        return f"the server's certificate was rejected: {exc.verify_message}"
+    except ssl.SSLError as exc:
+        reason = exc.reason or ""
+        if any(alert in reason for alert in _CLIENT_CERT_ALERTS):
+            if not cert_file:
+                return f"client certificate missing: the server requires one (set cert_file and key_file): {reason}"
+            return f"client certificate refused: the server rejected cert_file {cert_file}: {reason}"
+        if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST"):
+            return "the server does not speak TLS at this address (tls: false?)"
+        return f"TLS handshake failed: {exc}"
+    except TimeoutError:
+        return None
+    except OSError as exc:
+        return f"the server closed the connection during the TLS handshake ({exc})"
+    finally:
+        raw.close()
+
+
+def speaks_tls(address: str, timeout: float = 5.0) -> bool:
+    """True when the server at ``address`` completes a TLS handshake (certificates not checked)."""
+    host, _, port = address.rpartition(":")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as raw, \
+                ctx.wrap_socket(raw, server_hostname=host.strip("[]") or None):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def parse_filters(items: list[Any], key: str) -> tuple[list[flow_pb2.FlowFilter], list[str]]:
@@ -179,6 +271,38 @@ class HubbleSource(Source):
             return grpc.secure_channel(c.address, creds, options)
         return grpc.insecure_channel(c.address, options)
 
+    def _uses_tls(self) -> bool:
+        c = self.config
+        return bool(c.tls or c.ca_file or c.cert_file)
+
+    def _wait_ready(self, channel: grpc.Channel) -> None:
+        """Connect within ``connect_timeout``; a failure says why (TLSError when TLS is the cause)."""
+        c = self.config
+        states: list[grpc.ChannelConnectivity] = []
+        settled = threading.Event()
+
+        def watch(state: grpc.ChannelConnectivity) -> None:
+            states.append(state)
+            if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE):
+                settled.set()
+
+        channel.subscribe(watch, try_to_connect=True)
+        try:
+            settled.wait(float(c.connect_timeout))
+        finally:
+            channel.unsubscribe(watch)
+        if states and states[-1] == grpc.ChannelConnectivity.READY:
+            return
+        if self._uses_tls():
+            reason = tls_diagnosis(c.address, c.ca_file, c.cert_file, c.key_file, c.server_name,
+                                   timeout=min(5.0, float(c.connect_timeout)))
+            if reason:
+                raise TLSError(reason)
+        elif speaks_tls(c.address, timeout=min(5.0, float(c.connect_timeout))):
+            raise TLSError("the server speaks TLS and this source does not: set tls: true (with ca_file, and "
+                           "cert_file and key_file when the server requires client certificates)")
+        raise ConnectionError(f"cannot connect to {c.address}")
+
     def _request(self, position: _Position | None) -> observer_pb2.GetFlowsRequest:
         c = self.config
         req = observer_pb2.GetFlowsRequest(follow=c.follow, whitelist=self.whitelist, blacklist=self.blacklist)
@@ -213,10 +337,7 @@ class HubbleSource(Source):
             first = False
             channel = self._channel()
             try:
-                try:
-                    grpc.channel_ready_future(channel).result(timeout=float(self.config.connect_timeout))
-                except grpc.FutureTimeoutError:
-                    raise ConnectionError(f"cannot connect to {self.config.address}") from None
+                self._wait_ready(channel)
                 ended, got_any = self._stream(channel, emit, stop)
                 if got_any:
                     delay = float(self.config.backoff_initial)
@@ -234,6 +355,14 @@ class HubbleSource(Source):
                 self.ctx.log.warning("hubble stream failed, reconnecting", address=self.config.address,
                                      code=code.name if code else None, details=exc.details() if code else str(exc),
                                      retry_in_s=round(delay, 2))
+            except TLSError as exc:
+                # A wrong CA, a missing or refused client certificate, a name mismatch: retrying cannot
+                # finish a finite read; a following source keeps trying (certificates may be rotated).
+                if not self.config.follow:
+                    raise RuntimeError(f"hubble source {self.ctx.name}: TLS with {self.config.address} "
+                                       f"failed: {exc}") from None
+                self.ctx.log.error("hubble TLS handshake failed, retrying", address=self.config.address,
+                                   reason=str(exc), retry_in_s=round(delay, 2))
             except ConnectionError as exc:
                 self.ctx.log.warning("hubble server unreachable, retrying", error=str(exc), retry_in_s=round(delay, 2))
             finally:

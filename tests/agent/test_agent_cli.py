@@ -216,14 +216,17 @@ sinks:
             time.sleep(0.1)
         assert source.observer is not None and source.observer.port
         stub = observer_pb2_grpc.ObserverStub(grpc.insecure_channel(f"127.0.0.1:{source.observer.port}"))
-        flows = [r.flow for r in stub.GetFlows(observer_pb2.GetFlowsRequest(number=4095), timeout=10)
-                 if r.HasField("flow")]
-        echo = [f for f in flows if f.IP.source == FE and f.IP.destination == API and f.l4.HasField("ICMPv4")
-                and f.interface.name == "v-api"]
+        echo: list = []
+        while len(echo) < 3 and time.monotonic() < deadline + 10:  # the Observer is fed after the stages
+            flows = [r.flow for r in stub.GetFlows(observer_pb2.GetFlowsRequest(number=4095), timeout=10)
+                     if r.HasField("flow")]
+            echo = [f for f in flows if f.IP.source == FE and f.IP.destination == API and f.l4.HasField("ICMPv4")
+                    and f.interface.name == "v-api"]
+            time.sleep(0.1)
         assert len(echo) == 3
         assert {(f.verdict, f.node_name, f.l4.ICMPv4.type, f.is_reply.value) for f in echo} == {(1, "obs-node", 8,
                                                                                                  False)}
-        assert len(echo) <= len(flows) <= source.counts["rows"]  # rows are counted just before they are published
+        assert len(echo) <= len(flows) <= source.counts["rows"]  # rows are counted before the pipeline has them
     finally:
         pipeline.stop()
         runner.join(60)

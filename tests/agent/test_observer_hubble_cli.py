@@ -110,3 +110,50 @@ def test_observe_follow_sees_new_flows(hubble_cli, server) -> None:
         proc.terminate()
         proc.wait(10)
         srv.stop(0)
+
+
+def test_observe_over_the_default_unix_socket(hubble_cli, server, tmp_path) -> None:
+    """The private default (a unix socket, as Hubble's own local default) with the CLI's unix:// form."""
+    _, flows = server
+    sock = tmp_path / "flowship" / "hubble.sock"
+    srv = ObserverServer(ObserverConfig(address=f"unix://{sock}"), Metrics(), node_name="node-1")
+    srv.start()
+    srv.publish(flows)
+    try:
+        proc = subprocess.run([hubble_cli, "observe", "--server", f"unix://{sock}", "-o", "jsonpb", "--last", "5"],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        uuids = [json.loads(line)["flow"]["uuid"] for line in proc.stdout.splitlines() if line.strip()]
+        assert uuids == flows.column("uuid").to_pylist()[-5:]
+        status = subprocess.run([hubble_cli, "status", "--server", f"unix://{sock}"], capture_output=True,
+                                text=True, timeout=60)
+        assert status.returncode == 0 and "Healthcheck" in status.stdout, status.stderr
+    finally:
+        srv.stop(0)
+
+
+def test_observe_with_client_certificates(hubble_cli, server, tmp_path) -> None:
+    """Exposed with mTLS: the CLI's --tls flags with a client certificate read it; without one they cannot."""
+    from test_observer import _pki
+
+    from agent.observer import ObserverTLSConfig
+
+    _, flows = server
+    pki = _pki(tmp_path)
+    srv = ObserverServer(ObserverConfig(address="127.0.0.1:0", tls=ObserverTLSConfig(
+        str(pki["server.crt"]), str(pki["server.key"]), str(pki["ca.crt"]))), Metrics(), node_name="node-1")
+    srv.start()
+    srv.publish(flows)
+    tls = ["--tls", "--tls-ca-cert-files", str(pki["ca.crt"]), "--tls-server-name", "hubble.local"]
+    client = ["--tls-client-cert-file", str(pki["client.crt"]), "--tls-client-key-file", str(pki["client.key"])]
+    try:
+        out = _hubble(hubble_cli, srv.port, "observe", "-o", "jsonpb", "--last", "3", *tls, *client)
+        assert [json.loads(line)["flow"]["uuid"] for line in out.splitlines() if line.strip()] == \
+            flows.column("uuid").to_pylist()[-3:]
+        refused = subprocess.run([hubble_cli, "observe", "--last", "3", "--server", f"127.0.0.1:{srv.port}", *tls,
+                                  "--request-timeout", "5s", "--timeout", "5s"],
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0 and not refused.stdout.strip()
+        assert "code = Unavailable" in refused.stderr, refused.stderr  # the handshake was refused
+    finally:
+        srv.stop(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import threading
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import structlog.testing
 
 from agent.observer import ObserverConfig, ObserverServer, ObserverTLSConfig
 from exporter.components import Context
@@ -305,30 +307,150 @@ def test_invalid_filter_on_the_server_is_fatal(tmp_path) -> None:
         server.stop(0)
 
 
-def test_mtls(tmp_path, flows) -> None:
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp_path)
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, str]:
+    """Two CAs; a server certificate for the Hubble peer name, a client certificate, and a client
+    certificate from the other CA (as a cluster's wrong secret would be)."""
+    directory = tmp_path_factory.mktemp("pki")
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-        "-subj", "/CN=test-ca")
-    for name, ext in (("server", "subjectAltName=DNS:node-1.default.hubble-grpc.cilium.io"),
-                      ("client", "extendedKeyUsage=clientAuth")):
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
+
+    for ca in ("ca", "other-ca"):
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
+            "-days", "2", "-subj", f"/CN={ca}")
+    for name, ext, ca in (("server", "subjectAltName=DNS:node-1.default.hubble-grpc.cilium.io", "ca"),
+                          ("client", "extendedKeyUsage=clientAuth", "ca"),
+                          ("rogue", "extendedKeyUsage=clientAuth", "other-ca")):
         run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj",
             f"/CN={name}")
-        (tmp_path / f"{name}.ext").write_text(ext + "\n")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
-            f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
-    server = _server(tls=ObserverTLSConfig(cert_file=str(tmp_path / "server.crt"),
-                                           key_file=str(tmp_path / "server.key"),
-                                           client_ca_file=str(tmp_path / "ca.crt")))
+        (directory / f"{name}.ext").write_text(ext + "\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
+            "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
+    return {p.name: str(p) for p in directory.iterdir()}
+
+
+PEER_NAME = "node-1.default.hubble-grpc.cilium.io"
+
+
+@pytest.fixture()
+def mtls_server(pki, flows):
+    server = _server(tls=ObserverTLSConfig(cert_file=pki["server.crt"], key_file=pki["server.key"],
+                                           client_ca_file=pki["ca.crt"]))
     server.publish(flows.slice(0, 20))
+    yield server
+    server.stop(0)
+
+
+def test_mtls(tmp_path, pki, mtls_server) -> None:
+    source = _source(tmp_path, address=f"127.0.0.1:{mtls_server.port}", follow=False, tls=True, checkpoint=False,
+                     ca_file=pki["ca.crt"], cert_file=pki["client.crt"], key_file=pki["client.key"],
+                     server_name=PEER_NAME)
+    emit = Collector()
+    t, _, errors = _run(source, emit)
+    t.join(30)
+    assert not errors and len(emit.uuids) == 20
+
+
+TLS_FAILURES = {
+    "wrong CA": ({"ca_file": "other-ca.crt", "cert_file": "client.crt", "key_file": "client.key"},
+                 r"wrong CA: the server's certificate is not signed by ca_file .*other-ca\.crt"),
+    "no client certificate": ({"ca_file": "ca.crt"},
+                              r"client certificate missing: .* \(set cert_file and key_file\)"),
+    "client certificate from another CA": (
+        {"ca_file": "ca.crt", "cert_file": "rogue.crt", "key_file": "rogue.key"},
+        r"client certificate refused: .*cert_file .*rogue\.crt"),
+    "server name mismatch": ({"ca_file": "ca.crt", "cert_file": "client.crt", "key_file": "client.key",
+                              "server_name": "node-2.default.hubble-grpc.cilium.io"},
+                             r"server name mismatch: the server's certificate is not valid for "
+                             r"'node-2\.default\.hubble-grpc\.cilium\.io'"),
+}
+
+
+@pytest.mark.parametrize("case", list(TLS_FAILURES))
+def test_tls_failures_are_reported_and_end_a_finite_read(tmp_path, pki, mtls_server, case: str) -> None:
+    """follow: false with a TLS or client-auth problem ends at once with the reason, not retries forever."""
+    files, reason = TLS_FAILURES[case]
+    config = {k: (pki[v] if k.endswith("_file") else v) for k, v in files.items()}
+    config.setdefault("server_name", PEER_NAME)
+    source = _source(tmp_path, address=f"127.0.0.1:{mtls_server.port}", follow=False, tls=True,
+                     checkpoint=False, connect_timeout="5s", **config)
+    emit = Collector()
+    t, _, errors = _run(source, emit)
+    t.join(20)
+    assert not t.is_alive(), "a finite read with a TLS failure kept retrying"
+    assert len(errors) == 1 and not emit.uuids
+    assert re.search(rf"hubble source hubble: TLS with 127\.0\.0\.1:{mtls_server.port} failed: {reason}",
+                     str(errors[0])), str(errors[0])
+
+
+def test_tls_on_one_side_only_is_reported(tmp_path, pki, mtls_server) -> None:
+    """tls: true against a plaintext server, and a plaintext source against a TLS server, say so."""
+    plain = _server()
     try:
-        source = _source(tmp_path, address=f"127.0.0.1:{server.port}", follow=False, tls=True, checkpoint=False,
-                         ca_file=str(tmp_path / "ca.crt"), cert_file=str(tmp_path / "client.crt"),
-                         key_file=str(tmp_path / "client.key"), server_name="node-1.default.hubble-grpc.cilium.io")
+        source = _source(tmp_path, address=f"127.0.0.1:{plain.port}", follow=False, tls=True, checkpoint=False,
+                         ca_file=pki["ca.crt"], connect_timeout="5s")
+        t, _, errors = _run(source, Collector())
+        t.join(20)
+        assert not t.is_alive() and "the server does not speak TLS at this address" in str(errors[0])
+    finally:
+        plain.stop(0)
+    source = _source(tmp_path, address=f"127.0.0.1:{mtls_server.port}", follow=False, checkpoint=False,
+                     connect_timeout="5s")
+    t, _, errors = _run(source, Collector())
+    t.join(20)
+    assert not t.is_alive() and "the server speaks TLS and this source does not: set tls: true" in str(errors[0])
+
+
+def test_tls_failure_while_following_is_logged_with_its_reason_and_retried(tmp_path, pki, mtls_server) -> None:
+    source = _source(tmp_path, address=f"127.0.0.1:{mtls_server.port}", tls=True, checkpoint=False,
+                     ca_file=pki["other-ca.crt"], cert_file=pki["client.crt"], key_file=pki["client.key"],
+                     server_name=PEER_NAME, connect_timeout="2s")
+    emit = Collector()
+    with structlog.testing.capture_logs() as logs:
+        t, stop, errors = _run(source, emit)
+        deadline = time.monotonic() + 20
+        while source.reconnects < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop.set()
+        t.join(20)
+    assert source.reconnects >= 2 and not errors  # still trying: certificates may be rotated
+    failed = [e for e in logs if e["event"] == "hubble TLS handshake failed, retrying"]
+    assert failed and all("wrong CA" in e["reason"] for e in failed)
+
+
+def test_tls_failure_exit_status(tmp_path, pki, mtls_server, flowship_cmd) -> None:
+    """The command: a finite hubble read with the wrong CA exits non-zero and says why."""
+    cfg = tmp_path / "hubble.yaml"
+    cfg.write_text(f"""data_dir: {tmp_path}/state
+sources:
+  - type: hubble
+    address: 127.0.0.1:{mtls_server.port}
+    follow: false
+    tls: true
+    ca_file: {pki["other-ca.crt"]}
+    cert_file: {pki["client.crt"]}
+    key_file: {pki["client.key"]}
+    server_name: {PEER_NAME}
+sinks: [{{type: file, path: {tmp_path}/out.jsonl}}]
+""")
+    proc = subprocess.run([*flowship_cmd, "export", "--config", str(cfg), "--no-progress"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "wrong CA: the server's certificate is not signed by ca_file" in proc.stderr
+
+
+def test_reads_the_observer_over_its_unix_socket(tmp_path, flows) -> None:
+    """The agent's private default (a unix socket) is readable by the hubble source as it is by the CLI."""
+    sock = tmp_path / "run" / "hubble.sock"
+    server = ObserverServer(ObserverConfig(address=f"unix://{sock}"), Metrics(), node_name="node-1")
+    server.start()
+    server.publish(flows.slice(0, 30))
+    try:
+        source = _source(tmp_path, address=f"unix://{sock}", follow=False, checkpoint=False)
         emit = Collector()
         t, _, errors = _run(source, emit)
         t.join(30)
-        assert not errors and len(emit.uuids) == 20
+        assert not errors and emit.uuids == flows.column("uuid").to_pylist()[:30]
     finally:
         server.stop(0)
