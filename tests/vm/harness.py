@@ -46,6 +46,7 @@ DEFAULT_TESTS = [
         "test_tcp_connection_matches_tcpdump", "test_udp_and_icmp_match_tcpdump", "test_http_snippets",
         "test_kernel_drops_netfilter_and_no_socket", "test_close_leaves_nothing_behind")),
     "tests/agent/test_kernel_scenario.py",
+    "tests/agent/test_kernel_drops.py",
     "tests/agent/test_loader_verifier.py",
     "tests/agent/test_kernel_features.py",
 ]
