@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -109,7 +110,18 @@ def filled(tmp_path_factory: pytest.TempPathFactory, flows) -> Path:
             "retry": {"initial_backoff": "100ms", "max_backoff": "1s"}}
     config = _config(root, source, down, shutdown="3s")
     log = root / "fill.log"
-    _run(config, log, timeout=180)
+    # A finite run waits for its sinks without a deadline, so stop it as an operator would: SIGTERM once
+    # the source has checkpointed the whole input (the shutdown deadline then leaves it all in the buffer).
+    proc = spawn_export(config, log)
+    try:
+        deadline = time.monotonic() + 180
+        while checkpoint_line(root / "state", source) < FLOWS and proc.poll() is None:
+            assert time.monotonic() < deadline, f"the source did not checkpoint the input in time:\n{tail(log)}"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        stop_process(proc)
     assert checkpoint_line(root / "state", source) == FLOWS, f"the source did not checkpoint everything:\n{tail(log)}"
     held = buffer_uuids(root / "buffer")
     assert sorted(held) == sorted(uuids), f"the buffer holds {len(held)} of {FLOWS} flows:\n{tail(log)}"
