@@ -313,10 +313,14 @@ def test_power_loss_never_leaves_ack_past_durable_data_and_loses_nothing(tmp_pat
                                     stderr=open(log, "ab"),  # noqa: SIM115 - handed to the child
                                     env={**os.environ, "PYTHONPATH": str(REPO), "FSYNC_WATCH": str(buffer),
                                          "FSYNC_LOG": str(fsync_log)})
-            kill_after = rng.uniform(1.8, 3.2)  # a moment, not a checkpoint: fsync'd or not, as it comes
-            started = time.monotonic()
-            while proc.poll() is None and time.monotonic() - started < kill_after:
+            # Cut once this life has made progress (a 25th of the input checkpointed, so the cut meets
+            # data on any machine speed), then at a random moment: fsync'd or not, as it comes.
+            started, begun = time.monotonic(), checkpoint_line(tmp_path / "state", source)
+            while (proc.poll() is None and time.monotonic() - started < 120
+                   and checkpoint_line(tmp_path / "state", source) - begun < FLOWS // 25):
                 time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.4))
+            kill_after = time.monotonic() - started
             if proc.poll() is not None:
                 assert proc.returncode == 0, f"flowship failed on its own (exit {proc.returncode}):\n{tail(log)}"
                 break  # the export finished before this cut
