@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
+from exporter.model.columns import nonempty, nonzero
 from exporter.model.ids import complete, digest_uuid
 from exporter.model.schema import FLOW_SCHEMA, TCP_FLAG_BITS, TIMESTAMP
 
@@ -75,21 +76,12 @@ def _field(struct: pa.Array, *path: str) -> pa.Array:
     return struct
 
 
-def _nonempty(arr: pa.Array) -> pa.Array:
-    """"" → null (protojson omits empty strings; the line decoder treats them as absent)."""
-    return pc.if_else(pc.equal(arr, ""), pa.scalar(None, arr.type), arr)
-
-
-def _nonzero(arr: pa.Array) -> pa.Array:
-    return pc.if_else(pc.equal(arr, 0), pa.scalar(None, arr.type), arr)
-
-
 def _nonempty_list(arr: pa.Array) -> pa.Array:
     return pc.if_else(pc.equal(pc.list_value_length(arr), 0), pa.scalar(None, arr.type), arr)
 
 
 def _u64(arr: pa.Array) -> pa.Array:
-    return _nonzero(pc.cast(_nonempty(arr), pa.uint64()))
+    return nonzero(pc.cast(nonempty(arr), pa.uint64()))
 
 
 def _first_workload(workloads: pa.Array, key: str) -> pa.Array:
@@ -158,7 +150,7 @@ def _decode_fast(data: bytes) -> pa.RecordBatch | None:
     columns["time"] = pc.coalesce(_field(flow, "time"), table.column("time").chunk(0))
     if columns["time"].null_count:
         return None
-    uuid = _nonempty(_field(flow, "uuid"))
+    uuid = nonempty(_field(flow, "uuid"))
     if uuid.null_count:
         lines = [line for line in data.split(b"\n") if line.strip()]
         if len(lines) != n:
@@ -169,7 +161,7 @@ def _decode_fast(data: bytes) -> pa.RecordBatch | None:
         uuid = pa.array(values, _S)
     columns["uuid"] = uuid
     columns["verdict"] = _field(flow, "verdict")
-    columns["drop_reason_code"] = _nonzero(_field(flow, "drop_reason"))
+    columns["drop_reason_code"] = nonzero(_field(flow, "drop_reason"))
     columns["drop_reason"] = _field(flow, "drop_reason_desc")
     eth = _field(flow, "ethernet")
     columns["eth_src"] = _field(eth, "source")
@@ -177,7 +169,7 @@ def _decode_fast(data: bytes) -> pa.RecordBatch | None:
     ip = _field(flow, "IP")
     columns["ip_src"] = _field(ip, "source")
     columns["ip_dst"] = _field(ip, "destination")
-    columns["ip_src_xlated"] = _nonempty(_field(ip, "source_xlated"))
+    columns["ip_src_xlated"] = nonempty(_field(ip, "source_xlated"))
     version = _field(ip, "ipVersion")
     columns["ip_version"] = pc.if_else(pc.equal(version, "IPv4"), 4, pc.if_else(pc.equal(version, "IPv6"), 6, None)).cast(pa.uint8())
     columns["ip_encrypted"] = pc.if_else(pc.fill_null(_field(ip, "encrypted"), False), True, None)
@@ -210,9 +202,9 @@ def _decode_fast(data: bytes) -> pa.RecordBatch | None:
         ep = _field(flow, side)
         columns[f"{prefix}_id"] = _field(ep, "ID")
         columns[f"{prefix}_identity"] = _field(ep, "identity")
-        columns[f"{prefix}_cluster"] = _nonempty(_field(ep, "cluster_name"))
-        columns[f"{prefix}_namespace"] = _nonempty(_field(ep, "namespace"))
-        columns[f"{prefix}_pod"] = _nonempty(_field(ep, "pod_name"))
+        columns[f"{prefix}_cluster"] = nonempty(_field(ep, "cluster_name"))
+        columns[f"{prefix}_namespace"] = nonempty(_field(ep, "namespace"))
+        columns[f"{prefix}_pod"] = nonempty(_field(ep, "pod_name"))
         columns[f"{prefix}_labels"] = _nonempty_list(_field(ep, "labels"))
         workloads = _field(ep, "workloads")
         columns[f"{prefix}_workload"] = _first_workload(workloads, "name")
@@ -223,7 +215,7 @@ def _decode_fast(data: bytes) -> pa.RecordBatch | None:
         columns[f"{prefix}_names"] = _nonempty_list(_field(flow, f"{side}_names"))
 
     columns["flow_type"] = _field(flow, "Type")
-    columns["node_name"] = pc.coalesce(_nonempty(_field(flow, "node_name")), _nonempty(table.column("node_name").chunk(0)))
+    columns["node_name"] = pc.coalesce(nonempty(_field(flow, "node_name")), nonempty(table.column("node_name").chunk(0)))
     columns["node_labels"] = _nonempty_list(_field(flow, "node_labels"))
     l7 = _field(flow, "l7")
     columns["l7_type"] = _field(l7, "type")
@@ -242,19 +234,19 @@ def _decode_fast(data: bytes) -> pa.RecordBatch | None:
     columns["reply"] = pc.if_else(pc.fill_null(_field(flow, "reply"), False), True, None)
     event = _field(flow, "event_type")
     columns["event_type"] = pc.if_else(pc.is_valid(event), pc.fill_null(_field(event, "type"), 0), None)
-    columns["event_subtype"] = _nonzero(_field(event, "sub_type"))
+    columns["event_subtype"] = nonzero(_field(event, "sub_type"))
     columns["traffic_direction"] = _field(flow, "traffic_direction")
-    columns["policy_match_type"] = _nonzero(_field(flow, "policy_match_type"))
+    columns["policy_match_type"] = nonzero(_field(flow, "policy_match_type"))
     columns["trace_point"] = _field(flow, "trace_observation_point")
     columns["trace_reason"] = _field(flow, "trace_reason")
     columns["is_reply"] = _field(flow, "is_reply")
     iface = _field(flow, "interface")
     columns["interface_index"] = _field(iface, "index")
     columns["interface_name"] = _field(iface, "name")
-    columns["proxy_port"] = _nonzero(_field(flow, "proxy_port"))
+    columns["proxy_port"] = nonzero(_field(flow, "proxy_port"))
     columns["socket_cookie"] = _u64(_field(flow, "socket_cookie"))
     columns["cgroup_id"] = _u64(_field(flow, "cgroup_id"))
-    columns["summary"] = _nonempty(_field(flow, "Summary"))
+    columns["summary"] = nonempty(_field(flow, "Summary"))
     agg = _field(flow, "aggregate")
     columns["aggregate_ingress_count"] = _field(agg, "ingress_flow_count")
     columns["aggregate_egress_count"] = _field(agg, "egress_flow_count")

@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import structlog
 
-from exporter.model.hubble_json import _extension, rows_to_batch
+from exporter.model.hubble_decode import read_extension, rows_to_batch
 from exporter.model.schema import TCP_FLAG_BITS
 from exporter.proto.flow import flow_pb2
 
@@ -230,7 +230,7 @@ def _endpoint_row(ep: flow_pb2.Endpoint, prefix: str, row: dict[str, Any]) -> No
 
 
 def flow_row(f: flow_pb2.Flow) -> dict[str, Any]:
-    """One Flow message → flat columns (the protobuf twin of hubble_json.flatten_flow)."""
+    """One Flow message → flat columns (the protobuf twin of hubble_decode.flatten_flow)."""
     row: dict[str, Any] = {}
     if f.HasField("time"):
         row["time"] = f.time.seconds * 1_000_000_000 + f.time.nanos
@@ -367,7 +367,7 @@ def from_flow_messages(messages: Sequence[flow_pb2.Flow], node_names: Sequence[s
         if "node_name" not in row and node_names is not None and node_names[i]:
             row["node_name"] = node_names[i]
         if extensions is not None and extensions[i]:
-            _extension(extensions[i], row)
+            read_extension(extensions[i], row)
         rows.append(row)
     try:
         return rows_to_batch(rows)

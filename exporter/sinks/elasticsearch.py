@@ -1,6 +1,6 @@
 """``elasticsearch`` sink: ECS documents into Elasticsearch 8/9 or OpenSearch 2.x.
 
-Documents are the ECS mapping of :mod:`exporter.model.ecs`, written with
+Documents are the ECS mapping of :mod:`exporter.model.ecs_encode`, written with
 ``_bulk`` ``create`` actions whose ``_id`` is the flow uuid: a retried request
 cannot duplicate a flow, and a 409 answer means "already delivered". By
 default flows go to the data stream ``logs-flowship.flows-default`` (aggregate
@@ -45,7 +45,7 @@ from elastic_transport import NodeConfig, Serializer, Transport, TransportError
 
 from exporter.components import Context, Sink
 from exporter.config import ByteSize, Duration
-from exporter.model import ecs
+from exporter.model import ecs_encode, ecs_fields
 from exporter.model.schema import TIMESTAMP
 from exporter.pipeline.envelope import Envelope
 from exporter.sinks import http
@@ -339,13 +339,13 @@ class ElasticsearchSink(Sink):
                 {"strings_as_keyword": {"match_mapping_type": "string",
                                         "mapping": {"type": "keyword", "ignore_above": 1024}}},
             ],
-            "properties": ecs.es_properties(aggregates=kind == "aggregates"),
+            "properties": ecs_fields.es_properties(aggregates=kind == "aggregates"),
         }
         body: dict[str, Any] = {
             "index_patterns": [pattern],
             "priority": c.template_priority,
             "template": {"settings": {"index": settings}, "mappings": mappings},
-            "_meta": {"managed_by": "flowship", "ecs_version": ecs.ECS_VERSION},
+            "_meta": {"managed_by": "flowship", "ecs_version": ecs_fields.ECS_VERSION},
         }
         if c.mode == "data_stream":
             body["data_stream"] = {}
@@ -413,14 +413,14 @@ class ElasticsearchSink(Sink):
         if n == 0:
             return [], np.zeros(0, dtype=np.int64)
         if kind == "flows":
-            docs = ecs.ndjson_array(batch)
+            docs = ecs_encode.ndjson_array(batch)
             ids = batch.column("uuid")
             if c.mode == "data_stream":
                 targets = pa.array([c.data_stream] * n, pa.string())
             else:
                 targets = index_names(batch.column("time"), c.index)
         else:
-            doc_bytes = [orjson.dumps(d) for d in ecs.aggregate_documents(batch)]
+            doc_bytes = [orjson.dumps(d) for d in ecs_encode.aggregate_documents(batch)]
             docs = pa.array(doc_bytes, pa.binary()).cast(pa.string())
             ids = pa.array([str(uuidlib.uuid5(_ID_NAMESPACE, d.hex())) for d in doc_bytes], pa.string())
             if c.mode == "data_stream":

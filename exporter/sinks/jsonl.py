@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from exporter.components import Context, Sink
 from exporter.config import ByteSize
-from exporter.model.hubble_json import encode_lines
+from exporter.model.hubble_encode import encode_lines
 from exporter.pipeline.envelope import Envelope
 
 Format = Literal["hubble", "ecs"]
@@ -30,9 +30,9 @@ Format = Literal["hubble", "ecs"]
 def encode(batch: pa.RecordBatch, kind: str, fmt: Format) -> list[bytes]:
     """Lines (newline-terminated) for a batch in the chosen format."""
     if fmt == "ecs":
-        from exporter.model import ecs
+        from exporter.model import ecs_encode
 
-        return ecs.encode_ndjson(batch, kind=kind)
+        return ecs_encode.encode_ndjson(batch, kind=kind)
     if kind != "flows":
         import orjson
 
@@ -42,7 +42,7 @@ def encode(batch: pa.RecordBatch, kind: str, fmt: Format) -> list[bytes]:
 
 def _aggregate_rows(batch: pa.RecordBatch) -> list[dict]:
     """Aggregate rows as plain dicts with RFC 3339 times (they have no Hubble form)."""
-    from exporter.model.hubble_json import format_time
+    from exporter.model.times import format_time
 
     columns = {}
     for f in batch.schema:

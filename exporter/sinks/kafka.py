@@ -46,7 +46,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from exporter.components import Context, Sink
 from exporter.config import ByteSize, Duration, secret_value
-from exporter.model import ecs
+from exporter.model import ecs_encode
 from exporter.model.ids import connection_hashes
 from exporter.pipeline.envelope import Envelope
 from exporter.sinks import rows_as_json
@@ -224,15 +224,15 @@ def encode_values(batch: pa.RecordBatch, encoding: str, kind: str = "flows") -> 
     """Message values for a batch (no trailing newlines)."""
     if kind != "flows":
         if encoding == "ecs-json":
-            return ecs.encode_documents(batch, kind="aggregates")
+            return ecs_encode.encode_documents(batch, kind="aggregates")
         return [orjson.dumps(row) for row in rows_as_json(batch)]
     if encoding == "ecs-json":
-        return ecs.encode_documents(batch)
+        return ecs_encode.encode_documents(batch)
     if encoding == "protobuf":
         from exporter.model.proto import to_flow_bytes
 
         return to_flow_bytes(batch)
-    from exporter.model.hubble_json import encode_text_column
+    from exporter.model.hubble_encode import encode_text_column
 
     return encode_text_column(batch).cast(pa.binary()).to_pylist()
 

@@ -35,9 +35,10 @@ import pyarrow.compute as pc
 
 from exporter.components import Context, Sink
 from exporter.config import ByteSize, Duration
-from exporter.model.ecs import rfc3339
-from exporter.model.hubble_json import encode_text_column
+from exporter.model.columns import nonempty
+from exporter.model.hubble_encode import encode_text_column
 from exporter.model.schema import FLOW_SCHEMA
+from exporter.model.times import nanos_times
 from exporter.pipeline.envelope import Envelope
 from exporter.proto.logproto import push_pb2
 from exporter.sinks import http, rows_as_json
@@ -167,7 +168,7 @@ def _as_text(arr: pa.Array) -> pa.Array:
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     if pa.types.is_timestamp(arr.type):
-        return rfc3339(arr)
+        return nanos_times(arr)
     if pa.types.is_boolean(arr.type):
         return pc.if_else(arr, pa.scalar("true"), pa.scalar("false"))
     if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
@@ -443,7 +444,7 @@ class LokiSink(Sink):
             else:
                 lines = logfmt_lines(batch).cast(pa.binary())
             meta_cols = [name for name in c.structured_metadata if name in batch.schema.names]
-            metadata = [(name, _nonempty(_as_text(batch.column(name)))) for name in meta_cols]
+            metadata = [(name, nonempty(_as_text(batch.column(name)))) for name in meta_cols]
         else:
             selectors = label_selectors(batch, c.aggregate_labels, {**c.static_labels, "kind": "aggregates"})
             time_col = next((t for t in ("window_start", "time", "window_end") if t in batch.schema.names), None)
@@ -539,10 +540,6 @@ class LokiSink(Sink):
             if len(value) > 2:
                 out["structured_metadata"] = value[2]
         return out
-
-
-def _nonempty(arr: pa.Array) -> pa.Array:
-    return pc.if_else(pc.equal(arr, ""), pa.scalar(None, pa.string()), arr)
 
 
 def _truncate_utf8(value: bytes, limit: int) -> bytes:

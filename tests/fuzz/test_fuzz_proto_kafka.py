@@ -35,8 +35,9 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from exporter.model import ecs
-from exporter.model.hubble_json import decode_lines, encode_lines
+from exporter.model import ecs_encode
+from exporter.model.hubble_decode import decode_lines
+from exporter.model.hubble_encode import encode_lines
 from exporter.model.proto import from_flow_bytes, to_flow_bytes
 from exporter.model.schema import FLOW_SCHEMA
 from exporter.proto.flow import flow_pb2
@@ -66,7 +67,7 @@ def messages(encoding: str) -> tuple[bytes, ...]:
     if encoding == "protobuf":
         return tuple(to_flow_bytes(batch))
     if encoding == "ecs-json":
-        return tuple(ecs.encode_documents(batch))
+        return tuple(ecs_encode.encode_documents(batch))
     return tuple(line.rstrip(b"\n") for line in encode_lines(batch))
 
 
@@ -333,7 +334,7 @@ def check_writable(batch: pa.RecordBatch) -> None:
     """What the sinks do with a batch: Parquet, ECS and Hubble JSON encodings, never raise."""
     pq.write_table(pa.Table.from_batches([batch]), pa.BufferOutputStream())
     if batch.num_rows:
-        ecs.ndjson_array(batch)
+        ecs_encode.ndjson_array(batch)
         encode_lines(batch)
 
 

@@ -6,7 +6,7 @@ import orjson
 
 from exporter.hubble_metrics import HubbleMetrics
 from exporter.metrics import Metrics
-from exporter.model.hubble_json import decode_lines
+from exporter.model.hubble_decode import decode_lines
 
 
 def test_hubble_series_from_fixtures(fixture_lines):

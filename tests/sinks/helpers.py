@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from exporter.components import Context
 from exporter.metrics import Metrics
-from exporter.model import hubble_json
+from exporter.model import hubble_decode
 
 
 def make_ctx(name: str = "sink", data_dir: Path | None = None) -> Context:
@@ -22,7 +22,7 @@ def decode_fixtures(files: list[Path]) -> dict[str, pa.RecordBatch]:
     """Every recorded fixture file decoded, by file stem."""
     out = {}
     for path in files:
-        result = hubble_json.decode_lines(path.read_bytes())
+        result = hubble_decode.decode_lines(path.read_bytes())
         assert not result.errors, (path, result.errors[:3])
         out[path.stem] = result.batch
     return out

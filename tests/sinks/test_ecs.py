@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.model import ecs
+from exporter.model import ecs_decode, ecs_encode, ecs_fields
 from exporter.model.schema import FLOW_SCHEMA, flows_from_rows
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,14 +19,14 @@ T0 = 1_700_000_000_123_456_789
 
 
 def _doc(row: dict) -> dict:
-    return ecs.to_documents(flows_from_rows([{"time": T0, **row}]))[0]
+    return ecs_encode.to_documents(flows_from_rows([{"time": T0, **row}]))[0]
 
 
 def test_fast_path_equals_dict_path_on_every_fixture(fixture_batches):
     total = 0
     for name, batch in fixture_batches.items():
-        docs = ecs.to_documents(batch)
-        lines = ecs.encode_documents(batch)
+        docs = ecs_encode.to_documents(batch)
+        lines = ecs_encode.encode_documents(batch)
         assert len(lines) == len(docs) == batch.num_rows
         for doc, line in zip(docs, lines, strict=True):
             assert orjson.loads(line) == doc, name
@@ -36,14 +36,14 @@ def test_fast_path_equals_dict_path_on_every_fixture(fixture_batches):
 
 def test_ndjson_lines_end_with_newline(fixture_batches):
     batch = fixture_batches["hubble-otel-basic-sample-5-dns-flows"]
-    lines = ecs.encode_ndjson(batch)
+    lines = ecs_encode.encode_ndjson(batch)
     assert len(lines) == 5
     assert all(line.endswith(b"\n") and line.count(b"\n") == 1 for line in lines)
-    assert [orjson.loads(line) for line in lines] == ecs.to_documents(batch)
+    assert [orjson.loads(line) for line in lines] == ecs_encode.to_documents(batch)
 
 
 def test_dropped_flow_fields(fixture_batches):
-    docs = ecs.to_documents(fixture_batches["cilium-docs-exporter-fieldmask-2-drops"])
+    docs = ecs_encode.to_documents(fixture_batches["cilium-docs-exporter-fieldmask-2-drops"])
     v6, v4 = docs
     assert v6["network"]["transport"] == "ipv6-icmp"
     assert v6["network"]["iana_number"] == "58"
@@ -73,7 +73,7 @@ def test_dropped_flow_fields(fixture_batches):
 
 def test_http_fields(fixture_batches):
     batch = fixture_batches["hubble-otel-basic-sample-5-http-flows"]
-    docs = ecs.to_documents(batch)
+    docs = ecs_encode.to_documents(batch)
     request = docs[0]
     assert request["network"]["protocol"] == "http"
     assert request["event"]["action"] == "http_request"
@@ -95,7 +95,7 @@ def test_http_fields(fixture_batches):
 
 
 def test_dns_fields(fixture_batches):
-    docs = ecs.to_documents(fixture_batches["hubble-otel-basic-sample-5-dns-flows"])
+    docs = ecs_encode.to_documents(fixture_batches["hubble-otel-basic-sample-5-dns-flows"])
     query, answer = docs[0], docs[1]
     assert query["dns"] == {"type": "query", "question": {
         "name": "istiod-istio-1611.istio-system.svc.istio-system.svc.cluster.local", "type": "A"}}
@@ -136,9 +136,9 @@ def test_json_escaping_of_awkward_strings():
     awkward = 'q"uote\\back\nline\ttab\x01ctl ünï €'
     batch = flows_from_rows([{"time": T0, "uuid": "a", "src_pod": awkward, "http_url": "/p?x=\"y\"",
                               "src_labels": [awkward, "k=v"], "dns_query": "a\\b."}])
-    line = ecs.encode_documents(batch)[0]
+    line = ecs_encode.encode_documents(batch)[0]
     doc = orjson.loads(line)
-    assert doc == ecs.to_documents(batch)[0]
+    assert doc == ecs_encode.to_documents(batch)[0]
     assert doc["flowship"]["source"]["pod"] == awkward
     assert doc["flowship"]["source"]["labels"] == [awkward, "k=v"]
     assert doc["url"]["query"] == 'x="y"'
@@ -146,9 +146,9 @@ def test_json_escaping_of_awkward_strings():
 
 def test_empty_batch():
     empty = flows_from_rows([])
-    assert ecs.encode_documents(empty) == []
-    assert ecs.encode_ndjson(empty) == []
-    assert ecs.to_documents(empty) == []
+    assert ecs_encode.encode_documents(empty) == []
+    assert ecs_encode.encode_ndjson(empty) == []
+    assert ecs_encode.to_documents(empty) == []
 
 
 _text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
@@ -178,9 +178,9 @@ _row = st.fixed_dictionaries({
 @given(st.lists(_row, min_size=1, max_size=25))
 def test_fast_path_equals_dict_path_property(rows):
     batch = flows_from_rows(rows)
-    docs = ecs.to_documents(batch)
-    assert [orjson.loads(x) for x in ecs.encode_documents(batch)] == docs
-    back, bad = ecs.decode_ndjson(ecs.encode_documents(batch))
+    docs = ecs_encode.to_documents(batch)
+    assert [orjson.loads(x) for x in ecs_encode.encode_documents(batch)] == docs
+    back, bad = ecs_decode.decode_ndjson(ecs_encode.encode_documents(batch))
     assert bad == []
     for column in ("time", "uuid", "verdict", "ip_src", "ip_dst", "l4_protocol", "src_port", "tcp_flags",
                    "src_namespace", "dst_pod", "src_labels", "bytes", "is_reply", "traffic_direction"):
@@ -193,11 +193,11 @@ def test_fast_path_equals_dict_path_property(rows):
 
 
 def test_decode_restores_fixture_columns(all_flows):
-    lines = ecs.encode_documents(all_flows)
-    back, bad = ecs.decode_ndjson(lines)
+    lines = ecs_encode.encode_documents(all_flows)
+    back, bad = ecs_decode.decode_ndjson(lines)
     assert bad == []
     assert back.num_rows == all_flows.num_rows
-    restored = {f.inverse for f in ecs.FLOW_FIELDS if f.inverse}
+    restored = {f.inverse for f in ecs_fields.FLOW_FIELDS if f.inverse}
     assert {"time", "uuid", "ip_src", "ip_dst", "src_port", "dst_port", "l4_protocol", "verdict", "drop_reason",
             "src_namespace", "dst_pod", "src_labels", "http_url", "http_code", "dns_query", "dns_rcode",
             "tcp_flags", "traffic_direction", "community_id", "node_name", "eth_src"} <= restored
@@ -209,8 +209,8 @@ def test_decode_restores_fixture_columns(all_flows):
 
 
 def test_decode_reports_bad_documents():
-    good = ecs.encode_documents(flows_from_rows([{"time": T0, "uuid": "ok"}]))[0]
-    batch, bad = ecs.decode_ndjson([good, b"not json", b"[1,2]", b'{"event":{"id":"x"}}',
+    good = ecs_encode.encode_documents(flows_from_rows([{"time": T0, "uuid": "ok"}]))[0]
+    batch, bad = ecs_decode.decode_ndjson([good, b"not json", b"[1,2]", b'{"event":{"id":"x"}}',
                                     b'{"@timestamp":"2023-01-01T00:00:00Z","source":{"port":"eighty"}}'])
     assert batch.num_rows == 1
     assert [i for i, _ in bad] == [1, 2, 3, 4]
@@ -233,7 +233,7 @@ def test_aggregate_documents():
               for f in schema]
     arrays = [a.cast(f.type) for a, f in zip(arrays, schema, strict=True)]
     batch = pa.RecordBatch.from_arrays(arrays, schema=schema)
-    (doc,) = ecs.aggregate_documents(batch)
+    (doc,) = ecs_encode.aggregate_documents(batch)
     assert doc["@timestamp"] == "2023-11-14T22:13:20.123456789Z"
     assert doc["event"]["kind"] == "metric"
     assert doc["event"]["dataset"] == "flowship.aggregates"
@@ -247,20 +247,20 @@ def test_aggregate_documents():
     assert doc["flowship"]["aggregate"]["connections"] == 3
     assert doc["flowship"]["aggregate"]["first_seen"] == "2023-11-14T22:13:20.123456790Z"
     assert "type" not in doc["event"] or doc["event"]["type"] == ["info"]
-    lines = ecs.encode_ndjson(batch, kind="aggregates")
+    lines = ecs_encode.encode_ndjson(batch, kind="aggregates")
     assert orjson.loads(lines[0]) == doc
 
 
 def test_every_field_is_documented():
     text = (REPO / "docs" / "ecs.md").read_text()
     documented = set(re.findall(r"^\| `([^`]+)` \|", text, re.M))
-    mapped = {f.path for f in ecs.FLOW_FIELDS}
+    mapped = {f.path for f in ecs_fields.FLOW_FIELDS}
     assert mapped - documented == set(), "fields missing from docs/ecs.md"
     assert documented - mapped - {"flowship.aggregate.*"} == set(), "docs/ecs.md lists fields the mapping lacks"
 
 
 def test_es_mapping_types():
-    props = ecs.es_properties()
+    props = ecs_fields.es_properties()
     assert props["@timestamp"] == {"type": "date_nanos"}
     assert props["source"]["properties"]["ip"] == {"type": "ip"}
     assert props["related"]["properties"]["ip"] == {"type": "ip"}
@@ -271,5 +271,5 @@ def test_es_mapping_types():
 
 @pytest.mark.parametrize("column", [f.name for f in FLOW_SCHEMA])
 def test_every_flow_column_is_exported_or_listed(column):
-    used = {c for f in ecs.FLOW_FIELDS for c in f.needs}
-    assert column in used or column in ecs.NOT_EXPORTED
+    used = {c for f in ecs_fields.FLOW_FIELDS for c in f.needs}
+    assert column in used or column in ecs_fields.NOT_EXPORTED

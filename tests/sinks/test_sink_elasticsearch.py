@@ -18,7 +18,7 @@ from fakes import FakeFaultServer
 from helpers import aggregate_rows, generated_flows, make_ctx
 
 from exporter.config import ConfigError, parse
-from exporter.model import ecs
+from exporter.model import ecs_encode, times
 from exporter.model.schema import flows_from_rows
 from exporter.pipeline.envelope import Envelope, Receipt
 from exporter.sinks.elasticsearch import ElasticsearchSink, ElasticsearchSinkConfig, index_names
@@ -121,7 +121,7 @@ def test_fixture_flows_are_indexed_exactly(opensearch_server, all_flows, run_id,
     n = all_flows.num_rows
     assert _refresh_count(opensearch_server, names["data_stream"]) == n
     # every stored _source equals the ECS document, and _id is the flow uuid
-    expected = {d["event"]["id"]: d for d in ecs.to_documents(all_flows)}
+    expected = {d["event"]["id"]: d for d in ecs_encode.to_documents(all_flows)}
     hits = _search_all(opensearch_server, names["data_stream"])
     assert len(hits) == n
     for hit in hits:
@@ -163,8 +163,8 @@ def test_siem_query_dropped_flows_of_a_namespace_in_a_time_range(opensearch_serv
     shop = pc.or_(pc.equal(flows.column("src_namespace"), "shop"), pc.equal(flows.column("dst_namespace"), "shop"))
     want = pc.sum(pc.and_(pc.and_(in_range, dropped), shop).cast(pa.int64())).as_py()
     assert want > 20
-    lo_text = ecs.rfc3339(pa.array([lo], pa.int64()).cast(pa.timestamp("ns", tz="UTC")))[0].as_py()
-    hi_text = ecs.rfc3339(pa.array([hi], pa.int64()).cast(pa.timestamp("ns", tz="UTC")))[0].as_py()
+    lo_text = times.nanos_times(pa.array([lo], pa.int64()).cast(pa.timestamp("ns", tz="UTC")))[0].as_py()
+    hi_text = times.nanos_times(pa.array([hi], pa.int64()).cast(pa.timestamp("ns", tz="UTC")))[0].as_py()
     query = {"bool": {"filter": [
         {"term": {"event.type": "denied"}},
         {"bool": {"should": [{"term": {"flowship.source.namespace": "shop"}},
@@ -316,7 +316,7 @@ def test_export_run_with_the_index_write_blocked_for_a_while_indexes_every_flow_
     import subprocess
     import sys
 
-    from exporter.model.hubble_json import encode_lines
+    from exporter.model.hubble_encode import encode_lines
 
     names = _names(run_id)
     cleanup += [names["data_stream"], names["aggregates_data_stream"], f"logs-flowshiptest{run_id}.flows",

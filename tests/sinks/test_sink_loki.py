@@ -16,7 +16,7 @@ from fakes import FakeFaultServer
 from helpers import aggregate_rows, make_ctx
 
 from exporter.config import ConfigError, parse
-from exporter.model import hubble_json
+from exporter.model import hubble_encode
 from exporter.pipeline.envelope import Envelope, Receipt
 from exporter.proto.logproto import push_pb2
 from exporter.sinks.loki import (
@@ -110,7 +110,7 @@ def test_push_request_decodes_with_generated_code(fixture_batches):
     # shuffle the records: the request must still sort entries by time within each stream
     raw = push_request(list(reversed(records)))
     req = push_pb2.PushRequest.FromString(raw)
-    lines = [line[:-1] for line in hubble_json.encode_lines(batch)]
+    lines = [line[:-1] for line in hubble_encode.encode_lines(batch)]
     times = batch.column("time").cast(pa.int64()).to_pylist()
     uuids = batch.column("uuid").to_pylist()
     seen = {}
@@ -232,7 +232,7 @@ def test_flows_arrive_in_victorialogs(victorialogs_server, all_flows, run_id, en
     i = 7
     uuid = all_flows.column("uuid")[i].as_py()
     (hit,) = _query(victorialogs_server, f'_stream:{{job="{job}"}} uuid:="{uuid}"')
-    expected_line = hubble_json.encode_lines(all_flows)[i][:-1].decode()
+    expected_line = hubble_encode.encode_lines(all_flows)[i][:-1].decode()
     assert hit["_msg"] == expected_line
     assert hit["community_id"] == all_flows.column("community_id")[i].as_py()
     assert hit["verdict"] == all_flows.column("verdict")[i].as_py()

@@ -26,7 +26,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
 from helpers import decode_fixtures, distinct_flows, generated_flows, make_ctx  # noqa: E402
 
 from exporter.config import parse  # noqa: E402
-from exporter.model import ecs  # noqa: E402
+from exporter.model import ecs_fields  # noqa: E402
 from exporter.pipeline.envelope import Envelope, Receipt  # noqa: E402
 from exporter.sinks.kafka import KafkaSink, KafkaSinkConfig  # noqa: E402
 from exporter.sources.kafka import KafkaSource, KafkaSourceConfig, OffsetTracker, detect_encoding  # noqa: E402
@@ -197,7 +197,7 @@ def test_four_encodings_in_one_topic_round_trip(kafka, all_flows, run_id):
     # hubble-json carries every column; ECS restores the columns it maps
     for batch, columns in ((parts[0], ["time", "verdict", "ip_src", "dst_port", "src_labels", "http_url",
                                        "dns_query", "community_id", "node_name", "tcp_flags"]),
-                           (parts[1], sorted({f.inverse for f in ecs.FLOW_FIELDS if f.inverse})),
+                           (parts[1], sorted({f.inverse for f in ecs_fields.FLOW_FIELDS if f.inverse})),
                            (parts[3], list(all_flows.schema.names))):
         for column in columns:
             want = batch.column(column)
@@ -320,7 +320,7 @@ class _Msg:
 def test_a_decoder_that_raises_costs_only_the_message_that_made_it_raise(tmp_path, monkeypatch):
     """A decoder bug (an exception no decoder should raise) rejects the one message, not the poll."""
     import exporter.sources.kafka as kafka_source
-    from exporter.model.hubble_json import encode_lines
+    from exporter.model.hubble_encode import encode_lines
 
     real = kafka_source.decode_messages
 
