@@ -12,10 +12,10 @@ Rows produced (see docs/agent.md for the full semantics):
   the reply row (responder → initiator, ``is_reply`` true, src/dst swapped) when it counted reply
   packets. ``bytes``/``packets``/``tcp_flags`` are that direction's, so sums over rows are exact.
 * Drops (``verdict`` DROPPED, ``event_type`` 1): one row per packet the kernel refused or lost. Frees that
-  accompany normal operation (:mod:`agent.drop_reasons`: queue purges on close, duplicates) are only
+  accompany normal operation (:mod:`flowship.agent.drop_reasons`: queue purges on close, duplicates) are only
   counted, unless ``drop_export_benign`` lists their reason: then they are rows with verdict TRACED.
 * L7 (``flow_type`` L7, ``event_type`` 129): HTTP requests/responses and DNS queries/responses,
-  paired by :mod:`agent.l7_http` and :mod:`agent.l7_dns`.
+  paired by :mod:`flowship.agent.l7_http` and :mod:`flowship.agent.l7_dns`.
 """
 
 from __future__ import annotations
@@ -30,15 +30,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from agent import drop_reasons
-from agent import events as ev
-from agent.capture import LOSS_STATS, CaptureBatch
-from agent.kernel_drops import DropReasons
-from agent.l7_dns import DnsPairer
-from agent.l7_http import DEFAULT_HEADER_ALLOW, HttpPairer
-from exporter.metrics import Metrics
-from exporter.model.ids import community_ids, complete, connection_hashes
-from exporter.model.schema import FLOW_SCHEMA, TIMESTAMP, empty_flows
+from flowship.agent import drop_reasons
+from flowship.agent import events as ev
+from flowship.agent.capture import LOSS_STATS, CaptureBatch
+from flowship.agent.kernel_drops import DropReasons
+from flowship.agent.l7_dns import DnsPairer
+from flowship.agent.l7_http import DEFAULT_HEADER_ALLOW, HttpPairer
+from flowship.metrics import Metrics
+from flowship.model.ids import community_ids, complete, connection_hashes, mix64
+from flowship.model.schema import FLOW_SCHEMA, TIMESTAMP, empty_flows
 
 # Cilium monitor message types (pkg/monitor/api): drop, trace, access log (L7).
 EVENT_DROP, EVENT_TRACE, EVENT_L7 = 1, 4, 129
@@ -105,16 +105,6 @@ def ip_strings(addr: np.ndarray, ip_version: np.ndarray) -> pa.Array:
     return pa.array(texts, type=pa.string()).take(pa.array(index))
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.uint64, copy=True)
-    x ^= x >> np.uint64(30)
-    x *= np.uint64(0xBF58476D1CE4E5B9)
-    x ^= x >> np.uint64(27)
-    x *= np.uint64(0x94D049BB133111EB)
-    x ^= x >> np.uint64(31)
-    return x
-
-
 def hash128(parts: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
     """Two independent 64-bit lanes over the given uint64 columns (same values → same hash)."""
     with np.errstate(over="ignore"):
@@ -122,8 +112,8 @@ def hash128(parts: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
         b = np.full(n, 0xBB67AE8584CAA73B, dtype=np.uint64)
         for p in parts:
             p = np.broadcast_to(np.asarray(p).astype(np.uint64), (n,))
-            a = _mix64(a ^ p)
-            b = _mix64((b + np.uint64(0x9E3779B97F4A7C15)) ^ p)
+            a = mix64(a ^ p)
+            b = mix64((b + np.uint64(0x9E3779B97F4A7C15)) ^ p)
     return a, b
 
 
@@ -132,7 +122,7 @@ _VARIANT = np.frombuffer(b"89ab", dtype=np.uint8)
 
 
 def uuid_strings(hi: np.ndarray, lo: np.ndarray) -> pa.Array:
-    """Format 128-bit hashes as uuids, laid out exactly as exporter.model.ids.digest_uuid does."""
+    """Format 128-bit hashes as uuids, laid out exactly as flowship.model.ids.digest_uuid does."""
     n = len(hi)
     raw = np.empty((n, 16), dtype=np.uint8)
     raw[:, :8] = hi.astype(">u8").view(np.uint8).reshape(n, 8)
@@ -178,7 +168,7 @@ def _wall(mono_ns: np.ndarray, offset: int) -> pa.Array:
 
 
 def community_id_column(key: np.ndarray, columns: Mapping[str, pa.Array]) -> pa.Array:
-    """Community IDs computed once per distinct connection key (exporter.model.ids.community_ids), then spread."""
+    """Community IDs computed once per distinct connection key (flowship.model.ids.community_ids), then spread."""
     _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
     pick = pa.array(first.astype(np.int64))
     names = ["ip_src", "ip_dst", "l4_protocol", "src_port", "dst_port", "icmp_type", "icmp_code"]
@@ -394,8 +384,8 @@ class Assembler:
         take = pa.array(idx.astype(np.int32))
         swapped = idx.astype(np.int32) + np.where(is_reply, m, 0).astype(np.int32)
         other = idx.astype(np.int32) + np.where(is_reply, 0, m).astype(np.int32)
-        a = _mix64(ha[idx] ^ is_reply.astype(np.uint64))
-        b = _mix64(hb[idx] ^ (is_reply.astype(np.uint64) + np.uint64(0x5BD1E995)))
+        a = mix64(ha[idx] ^ is_reply.astype(np.uint64))
+        b = mix64(hb[idx] ^ (is_reply.astype(np.uint64) + np.uint64(0x5BD1E995)))
         cols = {
             "time": _wall(t_ev[idx], wall_offset),
             "uuid": uuid_strings(a, b),

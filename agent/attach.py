@@ -17,22 +17,22 @@ from __future__ import annotations
 import ctypes
 import errno
 import fnmatch
-import logging
 import os
 import select
 import socket
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
-from agent import loader
+import structlog
 
-log = logging.getLogger(__name__)
+from flowship.agent import loader, netlink
 
 AttachMode = Literal["auto", "tcx", "tc"]
+T = TypeVar("T")
 
 CLONE_NEWNET = 0x40000000
 NETLINK_ROUTE = 0
@@ -40,18 +40,12 @@ RTMGRP_LINK = 1
 RTM_NEWLINK = 16
 RTM_DELLINK = 17
 RTM_GETLINK = 18
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLM_F_REQUEST = 0x1
-NLM_F_DUMP = 0x300
 IFLA_IFNAME = 3
 IFF_UP = 0x1
 IFF_LOOPBACK = 0x8
 
 _NO_TCX_ERRNOS = (errno.EINVAL, errno.EOPNOTSUPP, 524)  # 524: kernel-internal ENOTSUPP
-_NLMSGHDR = struct.Struct("=IHHII")
 _IFINFOMSG = struct.Struct("=BxHiII")
-_RTATTR = struct.Struct("=HH")
 
 
 @dataclass
@@ -92,36 +86,36 @@ def enter_netns(netns: str) -> None:
         os.close(fd)
 
 
+def call_in_netns(netns: str, fn: Callable[[], T]) -> T:
+    """``fn()`` on a thread of its own that entered the namespace (the caller's thread stays where it is);
+    what it raises is raised here."""
+    box: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            enter_netns(netns)
+            box["value"] = fn()
+        except BaseException as exc:  # raised in the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=body, name="netns-call")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def parse_link_messages(data: bytes) -> tuple[list[tuple[int, Link]], bool]:
     """(message type, Link) pairs of RTM_NEWLINK/DELLINK messages, and whether a dump ended."""
     out: list[tuple[int, Link]] = []
-    done = False
-    off = 0
-    while off + _NLMSGHDR.size <= len(data):
-        length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, off)
-        if length < _NLMSGHDR.size:
-            break
-        body = off + _NLMSGHDR.size
-        if mtype == NLMSG_DONE:
-            done = True
-        elif mtype == NLMSG_ERROR:
-            (code,) = struct.unpack_from("=i", data, body)
-            if code:
-                raise OSError(-code, f"netlink: {os.strerror(-code)}")
-        elif mtype in (RTM_NEWLINK, RTM_DELLINK):
-            _family, _type, index, flags, _change = _IFINFOMSG.unpack_from(data, body)
-            name = ""
-            a = body + _IFINFOMSG.size
-            end = off + length
-            while a + _RTATTR.size <= end:
-                alen, atype = _RTATTR.unpack_from(data, a)
-                if alen < _RTATTR.size:
-                    break
-                if atype == IFLA_IFNAME:
-                    name = data[a + _RTATTR.size : a + alen].split(b"\0", 1)[0].decode()
-                a += (alen + 3) & ~3
-            out.append((mtype, Link(index, name, flags)))
-        off += (length + 3) & ~3
+    found, done = netlink.messages(data, "netlink")
+    for mtype, body, end in found:
+        if mtype not in (RTM_NEWLINK, RTM_DELLINK):
+            continue
+        _family, _type, index, flags, _change = _IFINFOMSG.unpack_from(data, body)
+        raw = netlink.attributes(data, body + _IFINFOMSG.size, end).get(IFLA_IFNAME, b"")
+        out.append((mtype, Link(index, raw.split(b"\0", 1)[0].decode(), flags)))
     return out, done
 
 
@@ -135,7 +129,9 @@ class Attacher:
         patterns: Sequence[str] | None = None,
         mode: AttachMode = "auto",
         netns: str | None = None,
+        log: Any = None,
     ) -> None:
+        self.log = log or structlog.get_logger().bind(component="agent.attach")
         self._ingress_fd = ingress_fd
         self._egress_fd = egress_fd
         self.patterns = list(patterns) if patterns else None
@@ -197,8 +193,7 @@ class Attacher:
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             sock.bind((0, RTMGRP_LINK))
-            req = _NLMSGHDR.pack(_NLMSGHDR.size + _IFINFOMSG.size, RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
-            sock.send(req + _IFINFOMSG.pack(0, 0, 0, 0, 0))
+            sock.send(netlink.dump_request(RTM_GETLINK, 1, _IFINFOMSG.pack(0, 0, 0, 0, 0)))
             dumped = False
             while not dumped:
                 msgs, dumped = parse_link_messages(sock.recv(1 << 16))
@@ -228,15 +223,14 @@ class Attacher:
                     raise
                 self._handle(parse_link_messages(data)[0])
         except Exception as exc:  # keep what is attached detachable; report
-            log.error("interface watcher stopped: %s", exc)
+            self.log.error("interface watcher stopped", error=str(exc))
             self.errors.append(f"watcher: {exc}")
         finally:
             self._detach_all()
             sock.close()
 
     def _resync(self, sock: socket.socket) -> None:
-        req = _NLMSGHDR.pack(_NLMSGHDR.size + _IFINFOMSG.size, RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, 2, 0)
-        sock.send(req + _IFINFOMSG.pack(0, 0, 0, 0, 0))
+        sock.send(netlink.dump_request(RTM_GETLINK, 2, _IFINFOMSG.pack(0, 0, 0, 0, 0)))
         present: set[int] = set()
         done = False
         while not done:
@@ -275,14 +269,13 @@ class Attacher:
                 except OSError as exc:
                     if exc.errno == errno.ENODEV:  # already gone again
                         continue
-                    msg = f"attach to {link.name} (ifindex {link.index}) failed: {exc}"
-                    log.warning(msg)
-                    self.errors.append(msg)
+                    self.log.warning("attach failed", interface=link.name, ifindex=link.index, error=str(exc))
+                    self.errors.append(f"attach to {link.name} (ifindex {link.index}) failed: {exc}")
                     continue
                 with self._cond:
                     self._attached[link.index] = att
                     self._cond.notify_all()
-                log.info("attached to %s (ifindex %d, %s)", link.name, link.index, att.mode)
+                self.log.info("interface attached", interface=link.name, ifindex=link.index, mode=att.mode)
 
     def _attach(self, link: Link) -> Attachment:
         if self.mode in ("auto", "tcx"):
@@ -291,7 +284,7 @@ class Attacher:
             except OSError as exc:
                 if self.mode == "tcx" or exc.errno not in _NO_TCX_ERRNOS:
                     raise
-                log.info("tcx unavailable (%s); using clsact", exc)
+                self.log.info("tcx unavailable, using clsact", error=str(exc))
                 self.mode = "tc"
         return self._attach_tc(link)
 
@@ -342,7 +335,7 @@ class Attacher:
         with self._cond:
             del self._attached[ifindex]
             self._cond.notify_all()
-        log.info("interface %s (ifindex %d) is gone", att.name, ifindex)
+        self.log.info("interface gone", interface=att.name, ifindex=ifindex)
 
     def _detach_all(self) -> None:
         for att in list(self._attached.values()):

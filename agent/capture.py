@@ -11,22 +11,20 @@ poll, so NTP steps are followed); wall-clock time = field + wall_offset_ns.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
+import structlog
 
-from agent import events as ev
-from agent import kernel_features, loader
-from agent.attach import Attacher, Attachment, AttachMode, netns_path
-from agent.ringbuf import READERS, RingReader, RingWaiter
-
-log = logging.getLogger(__name__)
+from flowship.agent import events as ev
+from flowship.agent import kernel_features, loader
+from flowship.agent.attach import Attacher, Attachment, AttachMode, netns_path
+from flowship.agent.ringbuf import READERS, RingReader, RingWaiter
 
 DEFAULT_HTTP_PORTS = (80, 8080, 8000, 3000, 5000, 9090)
 
@@ -42,17 +40,13 @@ lost unless the entry is evicted in a later ring-full sweep); drop_ring/l7_ring:
 flow_table_full: packets reported as untracked events; untracked: packets counted nowhere."""
 
 
-@dataclass(frozen=True)
-class CaptureConfig:
-    """Everything the kernel side can be told; defaults are the agent's defaults."""
+@dataclass
+class KernelOptions:
+    """Kernel-side settings that CaptureConfig and the agent's config (``type: agent``) share by name."""
 
-    report_interval_s: float = 5.0  # periodic event per active flow
-    idle_timeout_s: float = 30.0  # sweep evicts entries without packets for this long
-    ended_timeout_s: float = 2.0  # ... and ended (FIN/FIN, RST) entries this long after their last packet
-    sweep_interval_s: float | None = 1.0  # poll() sweeps this often; None: only explicit sweep()
+    netns: str | None = None  # attach inside this network namespace (name under /run/netns or a path)
     aggregation: Literal["flow", "packet"] = "flow"
     http: bool = True
-    http_ports: tuple[int, ...] = DEFAULT_HTTP_PORTS
     http_all_ports: bool = False
     dns: bool = True
     dns_port: int = 53
@@ -60,30 +54,46 @@ class CaptureConfig:
     drops: bool = True
     drop_netns: str | None = None  # report drops of this netns only (name or path); None: all namespaces
     flow_table_entries: int = 65536
+    attach_mode: AttachMode = "auto"
+
+
+@dataclass
+class CaptureConfig(KernelOptions):
+    """Everything the kernel side can be told; defaults are the agent's defaults."""
+
+    report_interval_s: float = 5.0  # periodic event per active flow
+    idle_timeout_s: float = 30.0  # sweep evicts entries without packets for this long
+    ended_timeout_s: float = 2.0  # ... and ended (FIN/FIN, RST) entries this long after their last packet
+    sweep_interval_s: float | None = 1.0  # poll() sweeps this often; None: only explicit sweep()
+    http_ports: tuple[int, ...] = DEFAULT_HTTP_PORTS
     flow_ring_bytes: int = 8 << 20
     l7_ring_bytes: int = 2 << 20
-    attach_mode: AttachMode = "auto"
-    netns: str | None = None  # attach inside this network namespace (name or path)
     reader: Literal["mmap", "libbpf"] = "mmap"
     object_path: Path = loader.DEFAULT_OBJECT
 
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad setting."""
+    def problems(self, key: Callable[[str], str] = str) -> list[str]:
+        """What is wrong, in the order of the checks; ``key`` turns a field name into the setting's name."""
+        out = []
         if self.report_interval_s <= 0:
-            raise ValueError("report_interval_s must be > 0")
+            out.append(f"{key('report_interval_s')} must be > 0")
         if self.l7_snap_len <= 0 or self.l7_snap_len % 8 or self.l7_snap_len > ev.L7_SNAP_MAX:
-            raise ValueError(f"l7_snap_len must be a multiple of 8 between 8 and {ev.L7_SNAP_MAX}")
+            out.append(f"{key('l7_snap_len')} must be a multiple of 8 between 8 and {ev.L7_SNAP_MAX}")
         for name in ("flow_ring_bytes", "l7_ring_bytes"):
             v = getattr(self, name)
             if v < os.sysconf("SC_PAGE_SIZE") or v & (v - 1):
-                raise ValueError(f"{name} must be a power of two of at least one page, got {v}")
-        for p in (*self.http_ports, self.dns_port):
-            if not 0 < p < 65536:
-                raise ValueError(f"port {p} out of range")
+                out.append(f"{key(name)} must be a power of two of at least one page, got {v}")
+        out += [f"port {p} out of range" for p in (*self.http_ports, self.dns_port) if not 0 < p < 65536][:1]
         if self.aggregation not in ("flow", "packet"):
-            raise ValueError("aggregation must be 'flow' or 'packet'")
+            out.append(f"{key('aggregation')} must be 'flow' or 'packet'")
         if self.reader not in READERS:
-            raise ValueError(f"reader must be one of {sorted(READERS)}")
+            out.append(f"{key('reader')} must be one of {sorted(READERS)}")
+        return out
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad setting."""
+        problems = self.problems()
+        if problems:
+            raise ValueError(problems[0])
 
     def kernel_config(self) -> np.ndarray:
         """struct fs_config for .rodata."""
@@ -193,7 +203,8 @@ class KernelCapture:
         last = cap.finish()        # detach, flush every entry, return what is left
     """
 
-    def __init__(self) -> None:
+    def __init__(self, log: Any = None) -> None:
+        self.log = log or structlog.get_logger().bind(component="agent.capture")
         self.config = CaptureConfig()
         self.features: kernel_features.KernelFeatures | None = None
         self.feature_states: dict[str, kernel_features.FeatureState] = {}
@@ -216,7 +227,7 @@ class KernelCapture:
         if problems:
             raise loader.BpfUnavailableError("kernel capture cannot start:\n  - " + "\n  - ".join(problems))
         for w in feats.warnings():
-            log.warning(w)
+            self.log.warning(w)
 
         drops = cfg.drops and feats.tp_btf_kfree_skb
         self.feature_states = states = self._probed_states(cfg, feats)
@@ -228,7 +239,7 @@ class KernelCapture:
                 if not drops or exc.program != "fs_kfree_skb":
                     raise
                 # Drops are optional: a kernel whose verifier refuses the tracepoint program still captures flows.
-                log.warning("kernel drops are not reported: the kernel refused fs_kfree_skb: %s", exc)
+                self.log.warning("kernel drops are not reported: the kernel refused fs_kfree_skb", error=str(exc))
                 states["drops"] = kernel_features.FeatureState(False, "refused by the verifier")
                 drops = False
                 obj = loader.load_object(cfg.object_path, lambda o: self._configure(o, cfg, drops))
@@ -237,7 +248,7 @@ class KernelCapture:
                 try:
                     self._st.drop_link = obj.program("fs_kfree_skb").attach()
                 except OSError as exc:
-                    log.warning("kernel drops are not reported: attaching fs_kfree_skb failed: %s", exc)
+                    self.log.warning("kernel drops are not reported: attaching fs_kfree_skb failed", error=str(exc))
                     states["drops"] = kernel_features.FeatureState(False, "tracepoint attach failed")
             if interfaces is None or list(interfaces):
                 mode = cfg.attach_mode
@@ -249,6 +260,7 @@ class KernelCapture:
                     patterns=interfaces,
                     mode=mode,
                     netns=cfg.netns,
+                    log=self.log,
                 )
                 self._st.attacher = att
                 att.start()

@@ -1,7 +1,7 @@
 """``flowship agent``: the node agent as a pipeline run (agent source → stages → sinks).
 
 Checks first that this process can load and attach eBPF programs, so that a missing privilege is one
-clear message instead of a failed pipeline; then runs :func:`exporter.cli.run_pipeline` with the config,
+clear message instead of a failed pipeline; then runs :func:`flowship.pipeline.launch.run_pipeline` with the config,
 adding an ``agent`` source with defaults when the config has none. SIGTERM/SIGINT (and ``--duration``)
 stop the capture: programs are detached, the flow table is flushed and every sink drains.
 """
@@ -16,7 +16,7 @@ import threading
 
 import structlog
 
-from exporter.config import ComponentSpec, PipelineConfig
+from flowship.config import ComponentSpec, PipelineConfig
 
 EXIT_FAILED = 1
 
@@ -25,7 +25,7 @@ def with_agent_source(config: PipelineConfig) -> PipelineConfig:
     """The config itself when it has an ``agent`` source; otherwise a copy with one (defaults) added."""
     if any(spec.type == "agent" for spec in config.sources):
         return config
-    from agent.source import AgentSourceConfig
+    from flowship.agent.source import AgentSourceConfig
 
     names = {spec.name for spec in config.sources}
     name = "agent" if "agent" not in names else "agent-capture"
@@ -35,7 +35,7 @@ def with_agent_source(config: PipelineConfig) -> PipelineConfig:
 
 def startup_problems() -> list[str]:
     """What stops the capture on this machine (privileges, kernel features), each with its remedy."""
-    from agent import kernel_features, loader
+    from flowship.agent import kernel_features, loader
 
     problems = []
     if not loader.DEFAULT_OBJECT.exists():
@@ -52,7 +52,7 @@ def startup_problems() -> list[str]:
 
 
 def run_agent(config: PipelineConfig, args: argparse.Namespace) -> int:
-    from exporter.cli import run_pipeline
+    from flowship.pipeline.launch import run_pipeline
 
     log = structlog.get_logger()
     problems = startup_problems()

@@ -1,7 +1,7 @@
 """``flowship demo``: the seed article's two scenarios, live, on this machine.
 
 Builds the frontend → product-api → database topology in network namespaces
-(:mod:`agent.topology`), captures it with the agent (eBPF on the server-side
+(:mod:`flowship.agent.topology`), captures it with the agent (eBPF on the server-side
 veths, so each connection is seen once), writes Parquet, and prints the two
 answers the article works out by hand with ``hubble observe``:
 
@@ -30,8 +30,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from agent import topology as topo
-from exporter.config import load_text
+from flowship.agent import topology as topo
+from flowship.config import load_text
 
 ROUNDS = 3
 
@@ -72,9 +72,9 @@ def build_config(out: Path, node_ns: str, extra_config: str | None) -> Any:
                          static=_static_map())
     config = load_text(text, "<demo>")
     if extra_config:
-        from exporter.config import load_file
+        from flowship.config import load_file
 
-        extra = load_file(extra_config)
+        extra = load_file(extra_config, sources_optional=True)  # only its sinks are used
         config.sinks.extend(extra.sinks)  # the demo's flows also go wherever the given config sends flows
     return config
 
@@ -85,7 +85,7 @@ def _topology_drops(flows: pa.Table) -> tuple[pa.Table, int]:
     Kernel drops are reported for every namespace of the machine, so a busy host adds its own (loopback
     resets of other programs, say) to the demo's Parquet data; the answer is about the topology.
     """
-    from exporter import report
+    from flowship import report
 
     prefix = topo.SUBNET + "."
     ours = pc.or_(pc.starts_with(pc.fill_null(flows.column("ip_src"), ""), prefix),
@@ -95,10 +95,10 @@ def _topology_drops(flows: pa.Table) -> tuple[pa.Table, int]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from agent.source import AgentSource
-    from exporter import report
-    from exporter.metrics import Metrics
-    from exporter.pipeline.runtime import Pipeline
+    from flowship import report
+    from flowship.agent.source import AgentSource
+    from flowship.metrics import Metrics
+    from flowship.pipeline.runtime import Pipeline
 
     if os.geteuid() != 0:
         print("flowship demo needs root: it creates network namespaces and attaches eBPF programs.")

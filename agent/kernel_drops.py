@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent import btf
+from flowship.agent import btf
 
 PREFIX = "SKB_DROP_REASON_"
 

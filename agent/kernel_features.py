@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent import btf, loader
+from flowship.agent import btf, loader
 
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
@@ -148,7 +148,7 @@ def check(status: Path = Path("/proc/self/status"), btf_path: Path = btf.VMLINUX
 def publish(metrics: Any, source: str, states: dict[str, FeatureState]) -> None:
     """flowship_agent_kernel_feature{source, feature, mode}: 1 when on, 0 when off (mode says why).
 
-    metrics is an exporter.metrics.Metrics (anything with gauge(name, doc, labels)).
+    metrics is an flowship.metrics.Metrics (anything with gauge(name, doc, labels)).
     """
     g = metrics.gauge(
         "flowship_agent_kernel_feature",

@@ -24,12 +24,12 @@ import ipaddress
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
-from exporter.model.schema import FLOW_SCHEMA
+from flowship.agent.l7_pairing import ParseError, batch_keys, rows_in_order
+from flowship.model.schema import FLOW_SCHEMA
 
 RR_TYPES: dict[int, str] = {
     1: "A", 2: "NS", 3: "MD", 4: "MF", 5: "CNAME", 6: "SOA", 7: "MB", 8: "MG", 9: "MR", 10: "NULL",
@@ -50,12 +50,6 @@ _MAX_POINTERS = 32
 
 def type_name(rrtype: int) -> str:
     return RR_TYPES.get(rrtype) or f"TYPE{rrtype}"
-
-
-class ParseError(NamedTuple):
-    """Why a snippet was not read as DNS (a short, bounded reason)."""
-
-    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,15 +281,11 @@ class DnsPairer:
 
         ``tcp`` marks rows whose payload carries the TCP length prefix.
         """
-        n = len(payloads)
-        out = DnsColumns.empty(n)
-        conn_l = np.asarray(conn, dtype=np.uint64).tolist()
-        ts_l = np.asarray(ts_ns, dtype=np.int64).tolist()
+        out = DnsColumns.empty(len(payloads))
+        conn_l, ts_l = batch_keys(conn, ts_ns)
         tcp_l = np.asarray(tcp, dtype=bool).tolist() if tcp is not None else None
         errors = self.stats.parse_errors
-        if ts_l:
-            self.expire(min(ts_l))  # before the new rows compete for room
-        for i in range(n):
+        for i in rows_in_order(len(payloads), ts_l, self.expire):
             payload = payloads[i]
             if not payload:
                 continue
@@ -330,8 +320,6 @@ class DnsPairer:
             else:
                 self.stats.matched += 1
                 out.l7_latency_ns[i] = max(0, ts_l[i] - sent)
-        if ts_l:
-            self.expire(max(ts_l))
         return out
 
     def expire(self, now_ns: int) -> int:

@@ -31,7 +31,8 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from exporter.model.schema import FLOW_SCHEMA
+from flowship.agent.l7_pairing import ParseError, batch_keys, rows_in_order
+from flowship.model.schema import FLOW_SCHEMA
 
 # Request methods recognised at the start of a payload. A closed list keeps
 # binary protocols that happen to start with letters from being read as HTTP.
@@ -58,12 +59,6 @@ SENSITIVE_HEADERS: frozenset[str] = frozenset({"authorization", "proxy-authoriza
 # (checked with bytes.translate, which deletes the allowed bytes in C: anything left is a bad byte)
 _TARGET_OK = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100))
 _TOKEN_OK = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-class ParseError(NamedTuple):
-    """Why a snippet was not read as HTTP (a short, bounded reason)."""
-
-    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,22 +443,18 @@ class HttpPairer:
                 dst_port: np.ndarray | None = None) -> HttpColumns:
         """Parse and pair one batch of rows (in capture order).
 
-        ``conn``: connection keys (``exporter.model.ids.connection_hashes``),
+        ``conn``: connection keys (``flowship.model.ids.connection_hashes``),
         ``ts_ns``: kernel timestamps, ``payloads``: snippet bytes or None,
         ``direction``: 0/1 per row (which side sent it; requests and their
         responses travel in opposite directions), ``dst_ip``/``dst_port``: the
         receiver, used for the URL when a request has no Host header.
         """
-        n = len(payloads)
         out = HttpColumns.empty()
-        conn_l = np.asarray(conn, dtype=np.uint64).tolist()
-        ts_l = np.asarray(ts_ns, dtype=np.int64).tolist()
+        conn_l, ts_l = batch_keys(conn, ts_ns)
         dir_l = np.asarray(direction, dtype=np.int64).tolist() if direction is not None else None
         port_l = np.asarray(dst_port, dtype=np.int64).tolist() if dst_port is not None else None
         errors = self.stats.parse_errors
-        if ts_l:
-            self.expire(min(ts_l))  # before the new rows compete for room
-        for i in range(n):
+        for i in rows_in_order(len(payloads), ts_l, self.expire):
             payload = payloads[i]
             if not payload:
                 out._append(i)
@@ -489,8 +480,6 @@ class HttpPairer:
                     out.http_headers[j] = [{"key": k, "value": v} for k, v in msg.headers]
                 else:
                     self._respond(out, j, msg, (conn_l[i], d ^ 1 if dir_l is not None else 0), ts_l[i])
-        if ts_l:
-            self.expire(max(ts_l))
         return out
 
     def _respond(self, out: HttpColumns, j: int, msg: HttpResponse, key: tuple[int, int], ts: int) -> None:

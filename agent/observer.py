@@ -9,7 +9,7 @@ of service ``observer.Observer``.
 
 The ring keeps the most recent ``max_flows`` flows (4095 by default, like
 Hubble) as Arrow record batches, not messages: filters and time bounds are
-evaluated on columns (``exporter.stages.filter.compile_filter_set``), and a
+evaluated on columns (``flowship.model.flowfilter.compile_filter_set``), and a
 batch is converted to ``flow.Flow`` messages once, when a reader first needs
 it. Memory stays bounded by the ring capacity plus one published batch. A
 follower that reads slower than flows arrive is overtaken by the ring; it is
@@ -45,12 +45,12 @@ import pyarrow as pa
 import structlog
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
-from exporter.components import Context, Sink
-from exporter.config import Duration
-from exporter.metrics import Metrics
-from exporter.pipeline.envelope import Envelope
-from exporter.proto.flow import flow_pb2
-from exporter.proto.observer import observer_pb2, observer_pb2_grpc
+from flowship.components import Context, Sink
+from flowship.config import Duration
+from flowship.metrics import Metrics
+from flowship.pipeline.envelope import Envelope
+from flowship.proto.flow import flow_pb2
+from flowship.proto.observer import observer_pb2, observer_pb2_grpc
 
 try:
     from importlib.metadata import version as _dist_version
@@ -184,7 +184,7 @@ class _Entry:
         """(first sequence number, one Flow per row), converted on first use."""
         with self._lock:
             if self._messages is None:
-                from exporter.model.proto import to_flow_messages
+                from flowship.model.proto import to_flow_messages
 
                 self._messages = to_flow_messages(self.batch)
             return self.start, self._messages
@@ -286,7 +286,7 @@ class _Query:
     """A compiled GetFlowsRequest: which rows match, and how to shape each response."""
 
     def __init__(self, request: observer_pb2.GetFlowsRequest, node_name: str) -> None:
-        from exporter.stages.filter import compile_filter_set
+        from flowship.model.flowfilter import compile_filter_set
 
         self.filters = None
         if request.whitelist or request.blacklist:
@@ -488,6 +488,7 @@ class ObserverServer:
         self._namespaces: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
         self._streams: dict[str, int] = {}  # open GetFlows streams per client
+        self._followers = 0  # follow streams past their snapshot: they see every flow published from now on
         m = self.metrics
         self._published = m.counter("flowship_observer_flows_total", "Flows published to the Observer ring.")
         self._lost = m.counter("flowship_observer_lost_events_total",
@@ -636,9 +637,27 @@ class ObserverServer:
                 yield items[idx] if query.mask is None else query.response(items[idx])
         return skipped
 
+    def followers(self) -> int:
+        """Open follow streams that took their position in the ring: each receives what is published next."""
+        with self._lock:
+            return self._followers
+
     def _get_flows(self, request: observer_pb2.GetFlowsRequest, query: _Query,
                    context: grpc.ServicerContext) -> Iterator[bytes]:
         entries, cursor = self.ring.snapshot()
+        if not request.follow:
+            yield from self._serve(request, query, context, entries, cursor)
+            return
+        with self._lock:
+            self._followers += 1
+        try:
+            yield from self._serve(request, query, context, entries, cursor)
+        finally:
+            with self._lock:
+                self._followers -= 1
+
+    def _serve(self, request: observer_pb2.GetFlowsRequest, query: _Query, context: grpc.ServicerContext,
+               entries: list[_Entry], cursor: int) -> Iterator[bytes]:
         number = request.number
         lost_pending = 0
         last_lost = 0.0
@@ -733,15 +752,16 @@ class ObserverServer:
 class ObserverSink(Sink):
     """The Observer fed like any sink: after the shared stages, so ``redact`` and ``filter`` apply to it.
 
-    The agent source brings one along (``Source.companion_sinks``) when its ``observer`` is enabled. A
-    batch is delivered once it is in the ring, so the Observer never holds back a source's checkpoint;
-    aggregate rows are not flows and are passed over.
+    Built like every sink, from its config and a :class:`Context` (whose ``config_key`` names where its
+    options sit); the agent source brings one along (``Source.companion_sinks``) when its ``observer`` is
+    enabled. A batch is delivered once it is in the ring, so the Observer never holds back a source's
+    checkpoint; aggregate rows are not flows and are passed over.
     """
 
-    def __init__(self, config: ObserverConfig, ctx: Context, config_key: str = "observer") -> None:
+    def __init__(self, config: ObserverConfig, ctx: Context) -> None:
         super().__init__(config, ctx)
         self.server = ObserverServer(config, metrics=ctx.metrics, node_name=ctx.node_name, log=ctx.log,
-                                     config_key=config_key)
+                                     config_key=ctx.config_key or "observer")
 
     def start(self) -> None:
         self.server.start()

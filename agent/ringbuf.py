@@ -23,7 +23,7 @@ from typing import Protocol
 
 import numpy as np
 
-from agent import loader
+from flowship.agent import loader
 
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30

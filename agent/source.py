@@ -1,8 +1,8 @@
 """``agent`` source: this node's flows, captured in the kernel with eBPF.
 
-The source polls :class:`agent.capture.KernelCapture`, gathers about a second of kernel events (or
+The source polls :class:`flowship.agent.capture.KernelCapture`, gathers about a second of kernel events (or
 ``batch_events`` of them, whichever comes first), assembles them into one flow batch
-(:mod:`agent.assemble`: L3/L4, drops, L7, enrichment, ids) and emits it with a receipt. With ``observer``
+(:mod:`flowship.agent.assemble`: L3/L4, drops, L7, enrichment, ids) and emits it with a receipt. With ``observer``
 enabled the source also brings a companion sink, the Hubble Observer server, which the pipeline feeds after
 the shared stages like every other sink.
 
@@ -19,22 +19,22 @@ import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from agent import drop_reasons
-from agent.assemble import AssembleConfig, Assembler
-from agent.capture import DEFAULT_HTTP_PORTS, CaptureBatch, CaptureConfig, KernelCapture
-from agent.enrich import EnrichConfig, Enricher, detect_local_ips
-from agent.l7_http import DEFAULT_HEADER_ALLOW
-from exporter.components import Context, Emit, Sink, Source
-from exporter.config import ByteSize, Duration
-from exporter.pipeline.envelope import Receipt
+from flowship.agent import drop_reasons
+from flowship.agent.assemble import AssembleConfig, Assembler
+from flowship.agent.capture import DEFAULT_HTTP_PORTS, CaptureBatch, CaptureConfig, KernelCapture, KernelOptions
+from flowship.agent.enrich import EnrichConfig, Enricher, detect_local_ips
+from flowship.agent.l7_http import DEFAULT_HEADER_ALLOW
+from flowship.components import Context, Emit, Sink, Source
+from flowship.config import ByteSize, Duration
+from flowship.pipeline.envelope import Receipt
 
 try:
-    from agent.observer import DEFAULT_ADDRESS, ObserverConfig
+    from flowship.agent.observer import DEFAULT_ADDRESS, ObserverConfig
 except ImportError:  # an installation without the Observer server: same keys, the server is skipped
     DEFAULT_ADDRESS = "unix:///run/flowship/hubble.sock"
 
@@ -52,29 +52,26 @@ class AgentStartupError(RuntimeError):
     """The capture cannot start here; the message names what is missing and what to do."""
 
 
+# CaptureConfig fields that the agent's config spells differently (in seconds and bytes there, with units here)
+_CAPTURE_KEYS = {"report_interval_s": "report_interval", "idle_timeout_s": "idle_timeout",
+                 "flow_ring_bytes": "flow_ring_size", "l7_ring_bytes": "l7_ring_size"}
+
+
 @dataclass
-class AgentSourceConfig:
-    """``type: agent`` — every key is optional; see docs/agent.md."""
+class AgentSourceConfig(KernelOptions):
+    """``type: agent`` — every key is optional; see docs/agent.md.
+
+    The kernel-side keys shared with :class:`CaptureConfig` are declared in :class:`KernelOptions`.
+    """
 
     interfaces: list[str] | None = None  # glob patterns; default: every non-loopback interface that is up
-    netns: str | None = None  # attach inside this network namespace (name under /run/netns or a path)
-    report_interval: Duration = Duration(5.0)  # an event per active flow at least this often
-    idle_timeout: Duration = Duration(30.0)  # flows without packets for this long are evicted
-    aggregation: Literal["flow", "packet"] = "flow"
-    http: bool = True
+    report_interval: Duration = Duration(CaptureConfig.report_interval_s)  # an event per active flow this often
+    idle_timeout: Duration = Duration(CaptureConfig.idle_timeout_s)  # flows without packets this long are evicted
     http_ports: list[int] = field(default_factory=lambda: list(DEFAULT_HTTP_PORTS))
-    http_all_ports: bool = False
     http_headers: list[str] = field(default_factory=lambda: list(DEFAULT_HEADER_ALLOW))
-    dns: bool = True
-    dns_port: int = 53
-    l7_snap_len: int = 256
-    drops: bool = True
-    drop_netns: str | None = None  # report kernel drops of this namespace only; default: every namespace
     drop_export_benign: list[str] = field(default_factory=list)  # benign drop reasons to export (TRACED); ALL
-    flow_table_entries: int = 65536
-    flow_ring_size: ByteSize = ByteSize(8 << 20)
-    l7_ring_size: ByteSize = ByteSize(2 << 20)
-    attach_mode: Literal["auto", "tcx", "tc"] = "auto"
+    flow_ring_size: ByteSize = ByteSize(CaptureConfig.flow_ring_bytes)
+    l7_ring_size: ByteSize = ByteSize(CaptureConfig.l7_ring_bytes)
     batch_interval: Duration = Duration(1.0)  # emit at least this often
     batch_events: int = 16384  # ... or when this many kernel events are waiting
     buffer_events: int = 262144  # events read from the rings and held while the pipeline is slow (~34 MB)
@@ -82,31 +79,22 @@ class AgentSourceConfig:
     observer: ObserverConfig = field(default_factory=ObserverConfig)
 
     def capture_config(self) -> CaptureConfig:
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(KernelOptions)}
         return CaptureConfig(
+            **shared,
             report_interval_s=float(self.report_interval),
             idle_timeout_s=float(self.idle_timeout),
-            aggregation=self.aggregation,
-            http=self.http,
             http_ports=tuple(self.http_ports),
-            http_all_ports=self.http_all_ports,
-            dns=self.dns,
-            dns_port=self.dns_port,
-            l7_snap_len=self.l7_snap_len,
-            drops=self.drops,
-            drop_netns=self.drop_netns,
-            flow_table_entries=self.flow_table_entries,
             flow_ring_bytes=int(self.flow_ring_size),
             l7_ring_bytes=int(self.l7_ring_size),
-            attach_mode=self.attach_mode,
-            netns=self.netns,
         )
 
     def validate(self) -> list[str]:
         problems = []
         try:
-            self.capture_config().validate()
+            problems += self.capture_config().problems(lambda name: _CAPTURE_KEYS.get(name, name))[:1]
         except (ValueError, TypeError) as exc:
-            problems.append(str(exc).replace("_s ", " ").replace("_bytes", "_size"))
+            problems.append(str(exc))
         problems += drop_reasons.export_problems(self.drop_export_benign)
         if self.buffer_events < 1:
             problems.append(f"buffer_events: expected an integer >= 1, got {self.buffer_events}")
@@ -119,23 +107,9 @@ class AgentSourceConfig:
 
 def _netns_ips(netns: str) -> list[str]:
     """Addresses of the interfaces of another network namespace (its 'host' IPs)."""
-    from agent.attach import enter_netns
+    from flowship.agent.attach import call_in_netns
 
-    box: dict[str, Any] = {}
-
-    def body() -> None:
-        try:
-            enter_netns(netns)
-            box["ips"] = detect_local_ips()
-        except BaseException as exc:  # noqa: BLE001 - reported by the caller
-            box["error"] = exc
-
-    t = threading.Thread(target=body, name="netns-ips")
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["ips"]
+    return call_in_netns(netns, detect_local_ips)
 
 
 class AgentSource(Source):
@@ -173,12 +147,12 @@ class AgentSource(Source):
         return Enricher(cfg, self.ctx.node_name, self.ctx.metrics, self.ctx.log)
 
     def start_capture(self) -> KernelCapture:
-        from agent import kernel_features
+        from flowship.agent import kernel_features
 
         problems = kernel_features.check().problems()
         if problems:
             raise AgentStartupError("the eBPF capture cannot start on this machine:\n  - " + "\n  - ".join(problems))
-        cap = KernelCapture()
+        cap = KernelCapture(log=self.ctx.log)
         cap.start(self.config.interfaces, self.config.capture_config())
         kernel_features.publish(self.ctx.metrics, self.ctx.name, cap.feature_states)
         for name, st in cap.feature_states.items():
@@ -232,7 +206,7 @@ class AgentSource(Source):
         if not ocfg.enabled:
             return []
         try:
-            from agent.observer import ObserverSink
+            from flowship.agent.observer import ObserverSink
         except ImportError:
             self.ctx.log.warning("observer.enabled is set but this installation has no Observer server "
                                  "(agent/observer.py): flows are exported without the Hubble API")
@@ -240,8 +214,8 @@ class AgentSource(Source):
         name = f"{self.ctx.name}.observer"
         ctx = Context(name=name, metrics=self.ctx.metrics, node_name=self.ctx.node_name,
                       data_dir=self.ctx.data_dir, log=self.ctx.log.bind(component=name),
-                      config_file=self.ctx.config_file)
-        sink = ObserverSink(ocfg, ctx, config_key=f"{config_key}.observer")
+                      config_file=self.ctx.config_file, config_key=f"{config_key}.observer")
+        sink = ObserverSink(ocfg, ctx)
         self.observer = sink.server
         return [(name, sink)]
 

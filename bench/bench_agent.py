@@ -39,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from netload import SRV_IP, Agent, build_netload, percentile, veth_pair  # noqa: E402
 
-from agent import events as ev  # noqa: E402
-from agent.assemble import AssembleConfig, Assembler  # noqa: E402
-from agent.capture import LOSS_STATS, CaptureBatch, CaptureConfig, KernelCapture  # noqa: E402
-from agent.enrich import EnrichConfig, Enricher  # noqa: E402
+from flowship.agent import events as ev  # noqa: E402
+from flowship.agent.assemble import AssembleConfig, Assembler  # noqa: E402
+from flowship.agent.capture import LOSS_STATS, CaptureBatch, CaptureConfig, KernelCapture  # noqa: E402
+from flowship.agent.enrich import EnrichConfig, Enricher  # noqa: E402
 
 CC_PORT = 7200
 # Parquet goes to memory when possible: the benchmark measures the agent, not this machine's disk (fsync).
@@ -207,7 +207,7 @@ def kernel_generator(prog_fd: int, rate: int, seconds: float) -> int:
     import ctypes
     import struct
 
-    from agent import loader
+    from flowship.agent import loader
 
     def packet(sport: int) -> bytes:
         tcp = struct.pack("!HHIIBBHHH", sport, 443, 1, 1, 5 << 4, 0x10, 65535, 0, 0)

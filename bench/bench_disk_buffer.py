@@ -37,10 +37,10 @@ sys.path.insert(0, str(HERE.parent))
 import structlog  # noqa: E402
 from flowgen import generate_batch  # noqa: E402
 
-from exporter.config import ByteSize, Duration  # noqa: E402
-from exporter.metrics import Metrics  # noqa: E402
-from exporter.pipeline import disk_buffer as new_impl  # noqa: E402
-from exporter.pipeline.envelope import Envelope, Receipt  # noqa: E402
+from flowship.config import ByteSize, Duration  # noqa: E402
+from flowship.metrics import Metrics  # noqa: E402
+from flowship.pipeline import disk_buffer as new_impl  # noqa: E402
+from flowship.pipeline.envelope import Envelope, Receipt  # noqa: E402
 
 OLD_REV = "2fd4ae9"
 

@@ -80,16 +80,16 @@ def _batches(n: int) -> list:
 
 
 def _stages(yaml_text: str):  # noqa: ANN202
-    from exporter.config import load_text
-    from exporter.metrics import Metrics
-    from exporter.pipeline.runtime import _build_stages
+    from flowship.config import load_text
+    from flowship.metrics import Metrics
+    from flowship.pipeline.runtime import _build_stages
 
     cfg = load_text(f"sources: [{{type: stdin}}]\nstages:{yaml_text}\nsinks: [{{type: stdout}}]\n", "<bench>")
     return _build_stages(cfg.stages, Metrics(), cfg, "")
 
 
 def case_decode(n: int) -> dict:
-    from exporter.model.hubble_json import decode_lines
+    from flowship.model.hubble_decode import decode_lines
 
     data = _jsonl(n).read_bytes()
     chunks, start = [], 0
@@ -107,11 +107,11 @@ def case_decode(n: int) -> dict:
 
 
 def case_stages_parquet(n: int, aggregate: bool = False) -> dict:
-    from exporter.components import Context
-    from exporter.metrics import Metrics
-    from exporter.pipeline.envelope import Envelope, Receipt
-    from exporter.pipeline.runtime import _close_stages, _run_stages
-    from exporter.sinks.parquet import ParquetSink, ParquetSinkConfig
+    from flowship.components import Context
+    from flowship.metrics import Metrics
+    from flowship.pipeline.envelope import Envelope, Receipt
+    from flowship.pipeline.runtime import _close_stages, _run_stages
+    from flowship.sinks.parquet import ParquetSink, ParquetSinkConfig
 
     batches = _batches(n)
     stages = _stages("\n  - type: aggregate\n    window: 10s\n" if aggregate else STAGES_YAML)
@@ -134,9 +134,9 @@ def case_stages_parquet(n: int, aggregate: bool = False) -> dict:
 
 
 def case_end_to_end(n: int) -> dict:
-    from exporter.config import load_text
-    from exporter.metrics import Metrics
-    from exporter.pipeline.runtime import Pipeline
+    from flowship.config import load_text
+    from flowship.metrics import Metrics
+    from flowship.pipeline.runtime import Pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         path = _jsonl(n)
@@ -155,7 +155,7 @@ sinks: [{{type: parquet, path: {tmp}/out, fsync: false}}]
 
 
 def case_encode(n: int) -> dict:
-    from exporter.model.hubble_json import encode_lines_slow, encode_ndjson
+    from flowship.model.hubble_encode import encode_lines_slow, encode_ndjson
 
     batches = _batches(n)
     out = {}
@@ -165,14 +165,12 @@ def case_encode(n: int) -> dict:
         size = sum(len(fn(b)) for b in batches)
         out[f"{label} flows/s"] = round(n / (time.perf_counter() - t))
     out["hubble bytes/flow"] = round(size / n)
-    try:
-        from exporter.model import ecs
-    except ImportError:
-        return out
+    from flowship.model import ecs_encode
+
     t = time.perf_counter()
     size = 0
     for b in batches:
-        encoded = ecs.encode_ndjson(b)
+        encoded = ecs_encode.encode_ndjson(b)
         size += len(encoded) if isinstance(encoded, bytes) else sum(map(len, encoded))
     out["ecs flows/s"] = round(n / (time.perf_counter() - t))
     out["ecs bytes/flow"] = round(size / n)

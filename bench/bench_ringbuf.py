@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent import events as ev  # noqa: E402
-from agent.capture import CaptureConfig, KernelCapture  # noqa: E402
-from agent.ringbuf import LibbpfRing, MmapRing  # noqa: E402
+from flowship.agent import events as ev  # noqa: E402
+from flowship.agent.capture import CaptureConfig, KernelCapture  # noqa: E402
+from flowship.agent.ringbuf import LibbpfRing, MmapRing  # noqa: E402
 
 
 def tcp_packet(payload: bytes = b"x" * 64) -> bytes:

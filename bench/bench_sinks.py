@@ -38,11 +38,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.flowgen import generate_batch  # noqa: E402
-from exporter.components import Context  # noqa: E402
-from exporter.config import parse  # noqa: E402
-from exporter.metrics import Metrics  # noqa: E402
-from exporter.model import ecs  # noqa: E402
-from exporter.pipeline.envelope import Envelope, Receipt  # noqa: E402
+from flowship.components import Context  # noqa: E402
+from flowship.config import parse  # noqa: E402
+from flowship.metrics import Metrics  # noqa: E402
+from flowship.model import ecs_encode, ecs_fields  # noqa: E402
+from flowship.pipeline.envelope import Envelope, Receipt  # noqa: E402
 
 KAFKA = os.environ.get("FLOWSHIP_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
 OPENSEARCH = os.environ.get("FLOWSHIP_OPENSEARCH_URL", "http://127.0.0.1:9200")
@@ -86,7 +86,7 @@ def run_sink(name: str, sink_cls, config_cls, config: dict, data: list[pa.Record
 # ---------------------------------------------------------------------------------------------
 
 def bench_kafka(data: list[pa.RecordBatch], encoding: str, run: str) -> dict:
-    from exporter.sinks.kafka import KafkaSink, KafkaSinkConfig
+    from flowship.sinks.kafka import KafkaSink, KafkaSinkConfig
 
     topic = f"bench-{run}-{encoding}"
     return run_sink("kafka", KafkaSink, KafkaSinkConfig, {
@@ -95,7 +95,7 @@ def bench_kafka(data: list[pa.RecordBatch], encoding: str, run: str) -> dict:
 
 
 def bench_opensearch(data: list[pa.RecordBatch], run: str) -> dict:
-    from exporter.sinks.elasticsearch import ElasticsearchSink, ElasticsearchSinkConfig
+    from flowship.sinks.elasticsearch import ElasticsearchSink, ElasticsearchSinkConfig
 
     ds = f"logs-bench{run}.flows-default"
     try:
@@ -107,7 +107,7 @@ def bench_opensearch(data: list[pa.RecordBatch], run: str) -> dict:
 
 
 def bench_loki(data: list[pa.RecordBatch], line_format: str, run: str) -> dict:
-    from exporter.sinks.loki import LokiSink, LokiSinkConfig
+    from flowship.sinks.loki import LokiSink, LokiSinkConfig
 
     return run_sink("loki", LokiSink, LokiSinkConfig, {
         "url": f"{VICTORIALOGS}/insert/loki/api/v1/push", "line_format": line_format,
@@ -130,7 +130,7 @@ def _http(method: str, url: str, body: bytes | None = None) -> int:
 
 
 def kafka_server_limit(data: list[pa.RecordBatch], run: str, records: int) -> tuple[float, str]:
-    from exporter.sinks.kafka import encode_values
+    from flowship.sinks.kafka import encode_values
 
     libs = CACHE / "kafka-4.4.0" / "libs"
     tools = CACHE / "kafka-tools-4.4.0"
@@ -162,16 +162,30 @@ def kafka_server_limit(data: list[pa.RecordBatch], run: str, records: int) -> tu
         return float("nan"), last
 
 
+def post_with_two_curls(files: list[Path], content_type: str, url: str) -> float:
+    """POST every file to ``url`` with curl, split between two concurrent clients (like the sinks' default
+    concurrency); returns the wall time in seconds."""
+    t0 = time.perf_counter()
+    procs = []
+    for half in (files[0::2], files[1::2]):
+        script = " && ".join(f"curl -s -o /dev/null -H 'Content-Type: {content_type}' -XPOST "
+                             f"{url} --data-binary @{p}" for p in half)
+        procs.append(subprocess.Popen(["bash", "-c", script or "true"]))
+    for p in procs:
+        p.wait()
+    return time.perf_counter() - t0
+
+
 def opensearch_server_limit(data: list[pa.RecordBatch], run: str) -> tuple[float, str]:
     if not shutil.which("curl"):
         return float("nan"), "curl missing"
     index = f"bench-{run}-curl"
     _http("PUT", f"{OPENSEARCH}/{index}", b'{"settings":{"number_of_shards":1,"refresh_interval":"30s"},'
-          b'"mappings":{"properties":' + __import__("orjson").dumps(ecs.es_properties()) + b"}}")
+          b'"mappings":{"properties":' + __import__("orjson").dumps(ecs_fields.es_properties()) + b"}}")
     tmp = Path(tempfile.mkdtemp())
     files = []
     for i, b in enumerate(data):
-        docs = ecs.encode_documents(b)
+        docs = ecs_encode.encode_documents(b)
         ids = b.column("uuid").to_pylist()
         body = b"".join(b'{"create":{"_index":"%s","_id":"%s"}}\n%s\n' % (index.encode(), u.encode(), d)
                         for u, d in zip(ids, docs, strict=True))
@@ -179,15 +193,7 @@ def opensearch_server_limit(data: list[pa.RecordBatch], run: str) -> tuple[float
         path.write_bytes(body)
         files.append(path)
     flows = sum(b.num_rows for b in data)
-    t0 = time.perf_counter()
-    procs = []
-    for half in (files[0::2], files[1::2]):  # two concurrent clients, like the sink's default
-        script = " && ".join(f"curl -s -o /dev/null -H 'Content-Type: application/x-ndjson' -XPOST "
-                             f"{OPENSEARCH}/_bulk --data-binary @{p}" for p in half)
-        procs.append(subprocess.Popen(["bash", "-c", script or "true"]))
-    for p in procs:
-        p.wait()
-    wall = time.perf_counter() - t0
+    wall = post_with_two_curls(files, "application/x-ndjson", f"{OPENSEARCH}/_bulk")
     _http("POST", f"{OPENSEARCH}/{index}/_refresh")
     with urllib.request.urlopen(f"{OPENSEARCH}/{index}/_count", timeout=60) as resp:
         count = __import__("json").loads(resp.read())["count"]
@@ -199,15 +205,15 @@ def opensearch_server_limit(data: list[pa.RecordBatch], run: str) -> tuple[float
 def victorialogs_server_limit(data: list[pa.RecordBatch], run: str) -> tuple[float, str]:
     import cramjam
 
-    from exporter.model import hubble_json
-    from exporter.sinks.loki import entry_fields, label_selectors, push_request
+    from flowship.model import hubble_encode
+    from flowship.sinks.loki import entry_fields, label_selectors, push_request
 
     if not shutil.which("curl"):
         return float("nan"), "curl missing"
     tmp = Path(tempfile.mkdtemp())
     files = []
     for i, b in enumerate(data):
-        lines = pa.array([x[:-1] for x in hubble_json.encode_lines(b)], pa.binary())
+        lines = pa.array([x[:-1] for x in hubble_encode.encode_lines(b)], pa.binary())
         sel = label_selectors(b, {"node": "node_name", "namespace": "src_namespace", "verdict": "verdict"},
                               {"job": f"bench-{run}-curl"}).to_pylist()
         times = b.column("time").cast(pa.int64()).to_numpy()
@@ -217,15 +223,7 @@ def victorialogs_server_limit(data: list[pa.RecordBatch], run: str) -> tuple[flo
         path.write_bytes(body)
         files.append(path)
     flows = sum(b.num_rows for b in data)
-    t0 = time.perf_counter()
-    procs = []
-    for half in (files[0::2], files[1::2]):
-        script = " && ".join(f"curl -s -o /dev/null -H 'Content-Type: application/x-protobuf' -XPOST "
-                             f"{VICTORIALOGS}/insert/loki/api/v1/push --data-binary @{p}" for p in half)
-        procs.append(subprocess.Popen(["bash", "-c", script or "true"]))
-    for p in procs:
-        p.wait()
-    wall = time.perf_counter() - t0
+    wall = post_with_two_curls(files, "application/x-protobuf", f"{VICTORIALOGS}/insert/loki/api/v1/push")
     shutil.rmtree(tmp, ignore_errors=True)
     return flows / wall, f"{flows} lines in {wall:.1f}s (2 curl clients, snappy protobuf, {BATCH} per push)"
 

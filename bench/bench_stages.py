@@ -32,11 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flowgen import generate_batch  # noqa: E402
 
-from exporter.components import Context  # noqa: E402
-from exporter.config import parse  # noqa: E402
-from exporter.metrics import Metrics  # noqa: E402
-from exporter.pipeline.envelope import Envelope, Receipt  # noqa: E402
-from exporter.registry import component_class, config_class  # noqa: E402
+from flowship.components import Context  # noqa: E402
+from flowship.config import parse  # noqa: E402
+from flowship.metrics import Metrics  # noqa: E402
+from flowship.pipeline.envelope import Envelope, Receipt  # noqa: E402
+from flowship.registry import component_class, config_class  # noqa: E402
 
 T0 = 1_700_000_000_000_000_000
 

@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from exporter.model.schema import FLOW_SCHEMA  # noqa: E402
+from flowship.model.schema import FLOW_SCHEMA  # noqa: E402
 
 DEFAULT_START_NS = 1_767_225_600_000_000_000  # 2026-01-01T00:00:00Z
 NAMESPACES = ["production", "staging", "kube-system", "monitoring", "payments", "default"]
@@ -332,7 +332,7 @@ def generate_batch(n: int, seed: int = 0, start_ns: int = DEFAULT_START_NS, pods
 def _community_ids(c: dict[str, np.ndarray], ips: list[str]) -> pa.Array:
     """Community ID v1 of every connection (both directions share it), the tuples packed with numpy.
 
-    The same result as :func:`exporter.model.ids.community_ids` on the connection's flows; only the
+    The same result as :func:`flowship.model.ids.community_ids` on the connection's flows; only the
     SHA-1 runs per connection.
     """
     addr = np.array([int(ipaddress.IPv4Address(ip)) for ip in ips], dtype=np.int64)
@@ -355,7 +355,7 @@ def _community_ids(c: dict[str, np.ndarray], ips: list[str]) -> pa.Array:
 
 def write_jsonl(path: Path, n: int, chunk: int = 100_000, seed: int = 0) -> None:
     """Hubble JSON lines (gzip when the name ends in .gz), generated ``chunk`` flows at a time."""
-    from exporter.model.hubble_json import encode_lines
+    from flowship.model.hubble_encode import encode_lines
 
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "wb") as fh:

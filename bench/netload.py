@@ -107,7 +107,7 @@ sinks:
         return cfg
 
     def start(self) -> Agent:
-        self.proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", "--log-format", "json", "agent",
+        self.proc = subprocess.Popen([sys.executable, "-m", "flowship.cli", "--log-format", "json", "agent",
                                       "--config", str(self.config()), "--no-progress"], cwd=REPO,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         assert self.proc.stderr is not None
@@ -122,19 +122,19 @@ sinks:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def rss_bytes(self) -> int:
+    def _status_bytes(self, key: str) -> int:
+        """A memory figure of the agent's /proc/PID/status (``VmRSS``, ``VmHWM``), in bytes."""
         assert self.proc is not None
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) * 1024
         return 0
 
+    def rss_bytes(self) -> int:
+        return self._status_bytes("VmRSS")
+
     def hwm_bytes(self) -> int:
-        assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-        return 0
+        return self._status_bytes("VmHWM")
 
     def metric(self, name: str) -> float:
         """Sum of a series from the agent's /metrics endpoint."""

@@ -1,150 +1,98 @@
-"""The ``flowship`` command: export, agent, validate, demo."""
+"""The ``flowship`` command: export, agent, validate, report, demo.
+
+It sits above the core and the agent: the only module that imports both.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
-from typing import TYPE_CHECKING, TextIO
+from datetime import UTC, datetime, timedelta
 
 import structlog
 
-from exporter import logs
-from exporter.config import ConfigError, PipelineConfig, load_file, load_text, secret_problems
-from exporter.defaults import AGENT_DEFAULT, EXPORT_DEFAULT
+from flowship import logs
+from flowship.config import ConfigError, PipelineConfig, load_file, load_text, secret_problems
+from flowship.defaults import AGENT_DEFAULT, EXPORT_DEFAULT
+from flowship.metrics import parse_listen_address
+from flowship.pipeline.launch import EXIT_CODES, EXIT_CONFIG, EXIT_FAILED, run_pipeline
+from flowship.units import Duration
 
-if TYPE_CHECKING:
-    from exporter.pipeline.runtime import RunSummary
-
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
-
-EXIT_CODES = """\
-Exit codes (the most serious outcome wins):
-  0  ok: every flow read was delivered to every sink, or dropped on purpose and counted
-     (a stage, a full disk buffer with when_full: drop_newest); after SIGTERM/SIGINT, what
-     was not delivered yet is kept in the sinks' disk buffers for the next start
-  1  a component failed (could not start, a sink or source error)
-  2  invalid configuration or command line
-  3  finished, but some input lines were rejected (each logged with file:line)
-  4  undelivered: flows read are neither delivered nor dead-lettered (still in a disk buffer
-     at the end of the input, a sink flush timed out, a sink busy at the shutdown deadline)
-  5  dead-lettered: every flow was settled, but some went to a sink's dead-letter file
-"""
+EXIT_OK = 0
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell shows for a program killed by SIGPIPE (`yes | head -1`)
+REPORT_QUESTIONS = ("latency", "drops", "all")
 
 DESCRIPTION = """\
 flowship exports network flows into long-term storage, SIEMs and analytics.
 
   flowship agent   capture this node's flows with eBPF and export them (root)
   flowship export  read flows from Hubble, Hubble files, Kafka or stdin and export them
-  flowship validate --config FILE   check a config without running it
-  flowship report latency|drops     answer the two questions from the Parquet output
+  flowship validate [--config] FILE  check a config without running it
+  flowship report latency|drops|all  answer the two questions from the Parquet output
   flowship demo    build a small namespace topology, capture it, answer the two questions
 
 """ + EXIT_CODES
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flowship")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
+def listen_address(text: str) -> str:
+    """``--metrics``: HOST:PORT or [IPv6]:PORT, checked before anything starts."""
+    try:
+        parse_listen_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def positive_duration(text: str) -> float:
+    """``--duration``: seconds, or text with a unit as in configs (``20s``, ``5m``, ``1h``)."""
+    try:
+        value = Duration.parse(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {Duration.expected} (or a number of seconds), got {text!r}") \
+            from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a duration > 0, got {text!r}")
+    return float(value)
+
+
+def point_in_time(text: str) -> datetime:
+    """``--since``/``--until``: an RFC 3339 time (UTC unless it says otherwise) or a duration ago (``1h``)."""
+    try:
+        return datetime.now(UTC) - timedelta(seconds=Duration.parse(text))
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a time like 2026-12-02T10:00:00Z or a duration ago like 1h, "
+                                         f"got {text!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
 def _load(args: argparse.Namespace, default: str, what: str) -> PipelineConfig:
     log = structlog.get_logger()
     if args.config:
-        return load_file(args.config)
+        return load_file(args.config, sources_optional=what == "agent")
     log.info(f"no --config given: running the embedded default {what} config", config=default.splitlines()[0])
     return load_text(default, "<embedded default>")
-
-
-def _headline(summary: RunSummary) -> str:
-    code = summary.exit_code
-    how = "stopped" if summary.stopped else "finished"
-    what = {0: "every flow delivered", 1: "failed", 3: "some input lines were rejected",
-            4: "some flows were not delivered", 5: "some flows were dead-lettered"}.get(code, "")
-    return f"flowship: {how} in {summary.seconds:.1f}s: {what} (exit {code})"
-
-
-def _print_summary(summary: RunSummary, stream: TextIO = sys.stderr) -> None:
-    """The run summary: per source what was read, per sink what became of its rows."""
-    lines = [_headline(summary)]
-    for name, info in summary.sources.items():
-        detail = ", ".join(f"{k} {v}" for k, v in info.items() if not isinstance(v, dict))
-        lines.append(f"  source {name}: {detail}")
-        for reason, count in (info.get("rejected_by_reason") or {}).items():
-            lines.append(f"    rejected ({reason}): {count}")
-    for name, count in summary.sinks.items():
-        lines.append(f"  sink {name}: {count} rows delivered")
-        outcome = summary.outcomes.get(name)
-        if outcome is None:
-            continue
-        if outcome.dead_lettered:
-            lines.append(f"    dead-lettered: {outcome.dead_lettered} rows (see the sink's dead-letter file)")
-        if outcome.dropped:
-            lines.append(f"    dropped by the full disk buffer (when_full: drop_newest): {outcome.dropped} rows")
-        if outcome.buffered_batches:
-            lines.append(f"    left in the disk buffer: {outcome.buffered_batches} batches"
-                         + (f" ({outcome.undelivered} rows)" if outcome.undelivered else "")
-                         + ", delivered at the next start")
-        elif outcome.undelivered:
-            lines.append(f"    not delivered: {outcome.undelivered} rows (unacknowledged: a checkpointing "
-                         "source reads them again at the next start)")
-        if outcome.unfinished:
-            lines.append("    the sink was still busy at the shutdown deadline (shutdown_timeout)")
-    for name, count in summary.dropped.items():
-        lines.append(f"  dropped by {name}: {count:.0f}")
-    for error in summary.errors:
-        lines.append(f"  error: {error}")
-    stream.write("\n".join(lines) + "\n")
-
-
-def run_pipeline(config: PipelineConfig, metrics_address: str | None, progress: bool,
-                 extra_sources=None, metrics=None) -> int:  # noqa: ANN001
-    from exporter.metrics import Metrics
-    from exporter.pipeline.runtime import Pipeline
-    from exporter.progress import Progress
-
-    metrics = metrics or Metrics()
-    problems = secret_problems(config)
-    if problems:
-        raise ConfigError(problems)
-    try:
-        pipeline = Pipeline(config, metrics, sources=extra_sources)
-    except (OSError, ValueError, RuntimeError) as exc:
-        structlog.get_logger().error("cannot start", error=str(exc))
-        sys.stderr.write(f"flowship: cannot start: {exc}\n")
-        return EXIT_FAILED
-    address = metrics_address or config.metrics_address
-    try:
-        server = metrics.serve(address) if address else None
-    except OSError as exc:
-        sys.stderr.write(f"flowship: cannot start: {exc.strerror or exc}\n")
-        return EXIT_FAILED
-
-    def on_signal(signum: int, _frame: object) -> None:
-        structlog.get_logger().info("stopping: flushing sinks", signal=signal.Signals(signum).name,
-                                    deadline_s=config.shutdown_timeout)
-        pipeline.stop()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends at once
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    display = Progress(metrics, [b.name for b in pipeline.branches], pending=pipeline.pending) if progress else None
-    if display:
-        display.start()
-    try:
-        summary = pipeline.run()
-    except (OSError, ValueError, RuntimeError) as exc:
-        # A sink or source could not start (unreachable server, unusable path...): say what, exit 1.
-        structlog.get_logger().error("cannot start", error=str(exc))
-        sys.stderr.write(f"flowship: cannot start: {exc}\n")
-        return EXIT_FAILED
-    finally:
-        if display:
-            display.stop()
-        if server:
-            server.shutdown()
-    _print_summary(summary)
-    structlog.get_logger().info("run summary", sources=summary.sources, sinks=summary.sinks,
-                                outcomes={k: vars(v) for k, v in summary.outcomes.items()},
-                                dropped=summary.dropped, errors=summary.errors, seconds=round(summary.seconds, 3),
-                                stopped=summary.stopped, exit_code=summary.exit_code)
-    return summary.exit_code
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -164,6 +112,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         "stages": [f"{s.name} ({s.type})" for s in config.stages],
         "sinks": [f"{s.name} ({s.type})" + (f" + stages {[t.type for t in s.stages]}" if s.stages else "")
                   for s in config.sinks],
+        "hubble_metrics": "enabled (hubble_* series of the flows entering the pipeline, before the stages)"
+        if config.hubble_metrics.enabled else "disabled",
     }
     print(f"{args.config}: valid")
     print(json.dumps(report, indent=2))
@@ -171,29 +121,33 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from agent.cli import run_agent
+    from flowship.agent.cli import run_agent
 
     config = _load(args, AGENT_DEFAULT, "agent")
     return run_agent(config, args)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from exporter import report
+    from flowship import report
 
-    flows = report.load_flows(args.parquet)
+    try:
+        flows = report.load_flows(args.parquet, since=args.since, until=args.until, namespace=args.namespace)
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"flowship report: {getattr(exc, 'strerror', None) or exc}\n")
+        return EXIT_FAILED
     if args.question in ("latency", "all"):
         print("Where the latency goes, per hop (client -> server:port):")
-        print(report.format_latency(report.latency_by_hop(flows)))
+        print(report.format_latency(report.latency_by_hop(flows), args.limit))
     if args.question in ("drops", "all"):
         if args.question == "all":
             print()
         print("Dropped / denied calls:")
-        print(report.format_drops(report.dropped_calls(flows)))
+        print(report.format_drops(report.dropped_calls(flows), args.limit))
     return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from agent.demo import run_demo
+    from flowship.agent.demo import run_demo
 
     return run_demo(args)
 
@@ -201,6 +155,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowship", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"flowship {_version()}")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -215,29 +170,44 @@ def build_parser() -> argparse.ArgumentParser:
                                    "SIGTERM/SIGINT (or a failure).",
                        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     common(p)
-    p.add_argument("--metrics", help="serve /metrics, /healthz, /readyz on HOST:PORT")
+    p.add_argument("--metrics", type=listen_address,
+                   help="serve /metrics, /healthz, /readyz on HOST:PORT ([IPv6]:PORT, :PORT for every interface)")
     p.add_argument("--no-progress", action="store_true", help="no live progress line on a terminal")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("agent", help="capture this node's flows with eBPF (root) and export them",
                        description="Run the node agent. Without --config: capture every non-loopback "
-                                   "interface that is up and write Parquet under ./flows.")
+                                   "interface that is up and write Parquet under ./flows. A config "
+                                   "without sources: gets the capture source added.",
+                       epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     common(p)
-    p.add_argument("--metrics", help="serve /metrics, /healthz, /readyz on HOST:PORT")
+    p.add_argument("--metrics", type=listen_address,
+                   help="serve /metrics, /healthz, /readyz on HOST:PORT ([IPv6]:PORT, :PORT for every interface)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--duration", type=positive_duration, default=None,
+                   help="stop after this long: seconds, or with a unit (20s, 5m, 1h)")
     p.set_defaults(func=cmd_agent)
 
-    p = sub.add_parser("validate", help="check a config file without running it")
-    common(p, needs_config=True)
+    p = sub.add_parser("validate", help="check a config file without running it",
+                       description="Check a config without running it: every problem is named with the file, "
+                                   "the key path and what was expected (exit 6); a valid config exits 0.")
+    common(p)
+    p.add_argument("file", nargs="?", metavar="FILE", help="the config file (the same as --config FILE)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("report", help="answer 'where does the latency go' and 'what was denied' from Parquet",
                        description="Read the Parquet a parquet sink wrote and print, per hop, the TCP handshake "
                                    "time and the server time; and every dropped call by source, destination, "
-                                   "port and reason.")
-    p.add_argument("question", choices=["latency", "drops", "all"])
+                                   "port and reason. Each table shows its top rows (--limit) and says how many "
+                                   "more there are.")
+    p.add_argument("question", choices=REPORT_QUESTIONS, help="latency, drops, or all (both)")
     p.add_argument("--parquet", default="./flows", help="the parquet sink's path (default ./flows)")
+    p.add_argument("--since", type=point_in_time, help="only flows at or after this time "
+                   "(RFC 3339, e.g. 2026-12-02T10:00:00Z, or a duration ago: 1h, 30m)")
+    p.add_argument("--until", type=point_in_time, help="only flows before this time (same forms as --since)")
+    p.add_argument("--namespace", help="only flows with this Kubernetes namespace on either side")
+    p.add_argument("--limit", type=non_negative_int, default=20,
+                   help="rows per table, the largest first (default 20; 0 = all)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="namespace topology + traffic + capture; prints latency and drops (root)")
@@ -248,14 +218,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; argparse ends a wrong command line with exit 2 and its usage message."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "validate":
+        if args.config and args.file and args.config != args.file:
+            parser.error("validate: give the config once, as FILE or as --config FILE")
+        args.config = args.config or args.file
+        if not args.config:
+            parser.error("validate: the config file is required (flowship validate FILE)")
     logs.configure(args.log_level, None if args.log_format == "auto" else args.log_format == "json")
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, so that a reader gone away (`| head -1`) is handled below
+        return code
     except ConfigError as exc:
         sys.stderr.write(f"invalid configuration:\n{exc}\n")
         return EXIT_CONFIG
+    except BrokenPipeError:
+        # The reader of stdout went away: stop quietly, as `cat`, `grep` or `yes` do. Point stdout at
+        # /dev/null so that the interpreter's own flush at exit does not complain a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         return EXIT_FAILED
 

@@ -16,8 +16,8 @@ from typing import Any
 import pyarrow as pa
 import structlog
 
-from exporter.metrics import Metrics
-from exporter.pipeline.envelope import Envelope, Receipt
+from flowship.metrics import Metrics
+from flowship.pipeline.envelope import Envelope, Receipt
 
 
 @dataclass
@@ -30,6 +30,7 @@ class Context:
     data_dir: Path
     log: Any = field(default=None)
     config_file: str = "<embedded>"
+    config_key: str = ""  # where the component's options sit in the config file (``sinks[1]``), for messages
 
     def __post_init__(self) -> None:
         if self.log is None:
@@ -59,6 +60,11 @@ class Source:
     def summary(self) -> dict[str, Any]:
         """Counts printed at the end of a finite run (lines read, rejected...)."""
         return {}
+
+    def companion_sinks(self, config_key: str) -> list[tuple[str, Sink]]:
+        """Sinks this source brings along (the agent's Observer), by name; the pipeline feeds them after the
+        shared stages like the configured sinks. ``config_key`` is where the source sits in the config."""
+        return []
 
     def close(self) -> None:
         """Called once after every sink's final flush: a last checkpoint or commit can be exact now."""

@@ -6,7 +6,8 @@ error naming the file, the key path and what was expected, e.g.::
 
     flowship.yaml: sinks[1].batch.max_bytes: expected a byte size like "4MiB", got "lots"
 
-Supported field types: str, int, float, bool, Duration, ByteSize, Literal[...],
+Supported field types: str, int, float, bool, Duration, ByteSize, Secret (a
+credential: written like a string, redacted when printed), Literal[...],
 list[T], dict[str, T], T | None, nested dataclasses and ``Any`` (passed through).
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import socket
 import types
 import typing
@@ -23,6 +23,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from flowship.hubble_metrics import HubbleMetricsConfig
+from flowship.secrets import Secret, resolve
+from flowship.units import ByteSize, Duration
+
+__all__ = ["ByteSize", "ConfigError", "Duration", "PipelineConfig", "Secret", "load_file", "load_text", "parse"]
 
 
 class ConfigError(Exception):
@@ -33,61 +39,28 @@ class ConfigError(Exception):
         super().__init__("\n".join(problems))
 
 
-class Duration(float):
-    """Seconds, written as a number or with a unit: 500ms, 10s, 5m, 1h, 7d."""
-
-    _UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-    @classmethod
-    def parse(cls, value: object) -> Duration:
-        if isinstance(value, bool):
-            raise ValueError
-        if isinstance(value, (int, float)):
-            return cls(float(value))
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ns|us|ms|s|m|h|d)?\s*", str(value))
-        if not match:
-            raise ValueError
-        return cls(float(match.group(1)) * cls._UNITS[match.group(2) or "s"])
-
-    expected = 'a duration like "10s", "500ms" or "5m"'
-
-
-class ByteSize(int):
-    """Bytes, written as a number or with a unit: 512KiB, 64MiB, 1GB."""
-
-    _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
-              "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "tib": 1024**4}
-
-    @classmethod
-    def parse(cls, value: object) -> ByteSize:
-        if isinstance(value, bool):
-            raise ValueError
-        if isinstance(value, int):
-            return cls(value)
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-        if not match or match.group(2).lower() not in cls._UNITS:
-            raise ValueError
-        return cls(int(float(match.group(1)) * cls._UNITS[match.group(2).lower()]))
-
-    expected = 'a byte size like "4MiB" or 1048576'
-
-
-def secret_value(value: str | None) -> str | None:
-    """Resolve ``env:NAME`` and ``file:/path`` references for credentials.
+def secret_value(value: str | Secret | None) -> str | None:
+    """Resolve ``env:NAME`` and ``file:/path`` references for credentials (see :mod:`flowship.secrets`).
 
     Secrets stay out of config files that get committed; the resolved value is
     never logged (components log the reference, not the value).
     """
     if value is None:
         return None
-    if value.startswith("env:"):
-        name = value[4:]
-        if name not in os.environ:
-            raise ValueError(f"environment variable {name} is not set")
-        return os.environ[name]
-    if value.startswith("file:"):
-        return Path(value[5:]).read_text().strip()
-    return value
+    return value.reveal() if isinstance(value, Secret) else resolve(value)
+
+
+def positive_ints(obj: Any, *names: str) -> list[str]:
+    """``<name>: expected an integer >= 1, got N`` for each named integer field below 1 (for ``validate``).
+
+    A value of the wrong type is left alone: the parser has reported it already.
+    """
+    out = []
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, int) and value < 1:
+            out.append(f"{name}: expected an integer >= 1, got {value}")
+    return out
 
 
 def secret_problems(config: PipelineConfig) -> list[str]:
@@ -95,7 +68,10 @@ def secret_problems(config: PipelineConfig) -> list[str]:
     problems: list[str] = []
 
     def walk(obj: Any, path: str) -> None:
-        if isinstance(obj, str):
+        if isinstance(obj, Secret):
+            if problem := obj.problem():
+                problems.append(f"{config.filename}: {path}: {problem}")
+        elif isinstance(obj, str):
             if obj.startswith("env:") and obj[4:] not in os.environ:
                 problems.append(f"{config.filename}: {path}: environment variable {obj[4:]} is not set")
             elif obj.startswith("file:") and not os.access(obj[5:], os.R_OK):
@@ -132,7 +108,7 @@ def _describe(tp: Any) -> str:
         return "a mapping"
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None))
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(tp, str(tp))
+    return {str: "a string", Secret: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(tp, str(tp))
 
 
 def _fmt_path(path: str) -> str:
@@ -203,12 +179,13 @@ class _Parser:
                 self.fail(path, f"expected a number, got {value!r}")
                 return value
             return float(value)
-        if tp is str:
+        if tp is str or tp is Secret:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return str(value)  # a port or a number-like name written without quotes
-            if not isinstance(value, str):
+                value = str(value)  # a port or a number-like name written without quotes
+            elif not isinstance(value, str):
                 self.fail(path, f"expected a string, got {type(value).__name__} {value!r}")
-            return value
+                return value
+            return Secret(value) if tp is Secret else value
         raise TypeError(f"config type {tp!r} is not supported")
 
     def dataclass(self, cls: type, value: Any, path: str) -> Any:
@@ -275,7 +252,7 @@ class ComponentSpec:
     name: str
     config: Any
     stages: list[ComponentSpec] = field(default_factory=list)
-    buffer: Any = None  # sinks: exporter.pipeline.disk_buffer.BufferConfig
+    buffer: Any = None  # sinks: flowship.pipeline.disk_buffer.BufferConfig
 
 
 @dataclass
@@ -289,6 +266,7 @@ class PipelineConfig:
     shutdown_timeout: float
     queue_batches: int
     filename: str
+    hubble_metrics: HubbleMetricsConfig = field(default_factory=HubbleMetricsConfig)
 
 
 @dataclass
@@ -301,11 +279,12 @@ class _TopLevel:
     data_dir: str = "./.flowship"  # checkpoints and other state
     shutdown_timeout: Duration = Duration(30.0)
     queue_batches: int = 8  # bounded queue length between pipeline steps
+    hubble_metrics: HubbleMetricsConfig = field(default_factory=HubbleMetricsConfig)
 
 
 def _component(kind: str, raw: Any, path: str, filename: str, parser: _Parser,
                allow_stages: bool) -> ComponentSpec | None:
-    from exporter import registry
+    from flowship import registry
 
     if not isinstance(raw, dict):
         parser.fail(path, f"expected a mapping with a 'type' key, got {raw!r}")
@@ -340,7 +319,7 @@ def _component(kind: str, raw: Any, path: str, filename: str, parser: _Parser,
         if not allow_stages:
             parser.fail(f"{path}.buffer", "only sinks have a buffer")
         else:
-            from exporter.pipeline.disk_buffer import BufferConfig
+            from flowship.pipeline.disk_buffer import BufferConfig
 
             sub = _Parser(filename)
             buffer = sub.dataclass(BufferConfig, raw["buffer"], f"{path}.buffer")
@@ -387,8 +366,11 @@ def _check_buffer_paths(sinks: list[ComponentSpec], data_dir: Path, parser: _Par
         owners.append((path, i, spec.name))
 
 
-def load_text(text: str, filename: str) -> PipelineConfig:
-    """Parse and validate a whole config document."""
+def load_text(text: str, filename: str, *, sources_optional: bool = False) -> PipelineConfig:
+    """Parse and validate a whole config document.
+
+    ``sources_optional``: the config may leave out ``sources:`` (``flowship agent`` adds its own).
+    """
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -407,10 +389,14 @@ def load_text(text: str, filename: str) -> PipelineConfig:
               if (s := _component("stages", raw, f"stages[{i}]", filename, parser, False))]
     sinks = [s for i, raw in enumerate(top.sinks)
              if (s := _component("sinks", raw, f"sinks[{i}]", filename, parser, True))]
-    if not top.sources and "sources" in (data or {}):
-        parser.fail("sources", "at least one source is needed")
-    if not top.sinks and "sinks" in (data or {}):
-        parser.fail("sinks", "at least one sink is needed")
+    # Without a sink every flow would be read and thrown away, with exit 0. Without a source nothing
+    # runs, except under ``flowship agent``, which adds its capture source (``sources_optional``).
+    if not top.sources and not ("sources" not in data and sources_optional):
+        parser.fail("sources", "at least one source is needed" if "sources" in data
+                    else "required key is missing: a config needs at least one source")
+    if not top.sinks:
+        parser.fail("sinks", "at least one sink is needed" if "sinks" in data
+                    else "required key is missing: a config needs at least one sink")
     if top.queue_batches is not None and isinstance(top.queue_batches, int) and top.queue_batches < 1:
         parser.fail("queue_batches", f"expected an integer >= 1, got {top.queue_batches}")
     for kind, specs in (("sources", sources), ("sinks", sinks)):
@@ -433,13 +419,14 @@ def load_text(text: str, filename: str) -> PipelineConfig:
         shutdown_timeout=float(top.shutdown_timeout),
         queue_batches=top.queue_batches,
         filename=filename,
+        hubble_metrics=top.hubble_metrics,
     )
 
 
-def load_file(path: str | Path) -> PipelineConfig:
+def load_file(path: str | Path, *, sources_optional: bool = False) -> PipelineConfig:
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read config: {exc.strerror}"]) from None
-    return load_text(text, str(path))
+    return load_text(text, str(path), sources_optional=sources_optional)

@@ -9,17 +9,19 @@ drop_total{reason,protocol}, tcp_flags_total{flag,family},
 dns_queries_total / dns_responses_total{rcode,qtypes,ips_returned},
 http_requests_total{method,protocol,status,reporter},
 http_request_duration_seconds{method,reporter}; lost_events_total{source} is
-kept by :meth:`exporter.metrics.Metrics.record_lost`.
+kept by :meth:`flowship.metrics.Metrics.record_lost`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from exporter.metrics import Metrics
-from exporter.model.schema import TCP_FLAG_BITS
+from flowship.metrics import Metrics
+from flowship.model.schema import TCP_FLAG_BITS
 
 _DNS_RCODES = {0: "No Error", 1: "Format Error", 2: "Server Failure", 3: "Non-Existent Domain",
                4: "Not Implemented", 5: "Query Refused"}
@@ -42,6 +44,13 @@ def _grouped(table: pa.Table, keys: list[str]) -> list[tuple[tuple, float]]:
     cols = [out.column(k).to_pylist() for k in keys]
     weights = out.column("weight_sum").to_pylist()
     return [(tuple(c[i] for c in cols), weights[i]) for i in range(out.num_rows)]
+
+
+@dataclass
+class HubbleMetricsConfig:
+    """``hubble_metrics:`` at the top level of a config."""
+
+    enabled: bool = True  # hubble_* series of the flows entering the pipeline, before the shared stages
 
 
 class HubbleMetrics:

@@ -119,8 +119,8 @@ class Metrics:
 
     def serve(self, address: str, **limits: float) -> MetricsServer:
         """Serve /metrics, /healthz and /readyz on ``host:port`` (see :class:`MetricsServer`)."""
-        host, _, port = address.rpartition(":")
-        server = MetricsServer(self, host.strip("[]") or "0.0.0.0", int(port), **limits)
+        host, port = parse_listen_address(address)
+        server = MetricsServer(self, host, port, **limits)
         server.start()
         return server
 
@@ -134,6 +134,34 @@ class Metrics:
             ok = self.ready()
             return (200, "text/plain", b"ready\n") if ok else (503, "text/plain", b"not ready\n")
         return 404, "text/plain", b"not found\n"
+
+
+def parse_listen_address(address: str) -> tuple[str, int]:
+    """(host, port) of ``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` (every interface); ValueError says why.
+
+    An IPv6 address needs its brackets, as in a URL: ``::1:9966`` could be read two ways.
+    """
+    text = str(address).strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"expected [IPv6]:PORT, got {address!r}")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"expected HOST:PORT (for example 127.0.0.1:9966), got {address!r}: no port")
+        if ":" in host:
+            raise ValueError(f"expected HOST:PORT, got {address!r}: write an IPv6 address in brackets, "
+                             f"as in [{host}]:{port_text}")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"expected HOST:PORT with a port number 0-65535, got {address!r}")
+    return host or "0.0.0.0", int(port_text)
+
+
+def format_address(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
@@ -191,7 +219,8 @@ class MetricsServer:
             exc = self._error
             reason = ("the address is already in use by another process" if exc.errno == errno.EADDRINUSE
                       else exc.strerror or str(exc))
-            raise OSError(exc.errno, f"metrics: cannot listen on {self.host}:{self.port}: {reason}") from exc
+            raise OSError(exc.errno, f"metrics: cannot listen on {format_address(self.host, self.port)}: {reason}") \
+                from exc
 
     def _run(self) -> None:
         loop = self._loop = asyncio.new_event_loop()

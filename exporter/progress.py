@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from exporter.metrics import Metrics
+from flowship.metrics import Metrics
 
 
 def _fmt(n: float) -> str:

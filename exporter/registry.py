@@ -14,26 +14,27 @@ from typing import Any
 # kind -> type name -> "module:ConfigClass:ComponentClass"
 _ENTRIES: dict[str, dict[str, str]] = {
     "sources": {
-        "file": "exporter.sources.file:FileSourceConfig:FileSource",
-        "stdin": "exporter.sources.stdin:StdinSourceConfig:StdinSource",
-        "hubble": "exporter.sources.hubble:HubbleSourceConfig:HubbleSource",
-        "kafka": "exporter.sources.kafka:KafkaSourceConfig:KafkaSource",
-        "agent": "agent.source:AgentSourceConfig:AgentSource",
+        "file": "flowship.sources.file:FileSourceConfig:FileSource",
+        "stdin": "flowship.sources.stdin:StdinSourceConfig:StdinSource",
+        "hubble": "flowship.sources.hubble:HubbleSourceConfig:HubbleSource",
+        "kafka": "flowship.sources.kafka:KafkaSourceConfig:KafkaSource",
+        "agent": "flowship.agent.source:AgentSourceConfig:AgentSource",
     },
     "stages": {
-        "filter": "exporter.stages.filter:FilterConfig:FilterStage",
-        "healthcheck": "exporter.stages.healthcheck:HealthcheckConfig:HealthcheckStage",
-        "sample": "exporter.stages.sample:SampleConfig:SampleStage",
-        "aggregate": "exporter.stages.aggregate:AggregateConfig:AggregateStage",
-        "redact": "exporter.stages.redact:RedactConfig:RedactStage",
+        "filter": "flowship.stages.filter:FilterConfig:FilterStage",
+        "healthcheck": "flowship.stages.healthcheck:HealthcheckConfig:HealthcheckStage",
+        "sample": "flowship.stages.sample:SampleConfig:SampleStage",
+        "aggregate": "flowship.stages.aggregate:AggregateConfig:AggregateStage",
+        "redact": "flowship.stages.redact:RedactConfig:RedactStage",
     },
     "sinks": {
-        "parquet": "exporter.sinks.parquet:ParquetSinkConfig:ParquetSink",
-        "file": "exporter.sinks.jsonl:FileSinkConfig:FileSink",
-        "stdout": "exporter.sinks.jsonl:StdoutSinkConfig:StdoutSink",
-        "loki": "exporter.sinks.loki:LokiSinkConfig:LokiSink",
-        "elasticsearch": "exporter.sinks.elasticsearch:ElasticsearchSinkConfig:ElasticsearchSink",
-        "kafka": "exporter.sinks.kafka:KafkaSinkConfig:KafkaSink",
+        "parquet": "flowship.sinks.parquet:ParquetSinkConfig:ParquetSink",
+        "file": "flowship.sinks.jsonl:FileSinkConfig:FileSink",
+        "stdout": "flowship.sinks.jsonl:StdoutSinkConfig:StdoutSink",
+        "loki": "flowship.sinks.loki:LokiSinkConfig:LokiSink",
+        "elasticsearch": "flowship.sinks.elasticsearch:ElasticsearchSinkConfig:ElasticsearchSink",
+        "kafka": "flowship.sinks.kafka:KafkaSinkConfig:KafkaSink",
+        "http": "flowship.sinks.http:HttpSinkConfig:HttpSink",
     },
 }
 

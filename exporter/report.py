@@ -13,13 +13,15 @@
    as calls (distinct connections: a SYN and its retransmissions are one call)
    with the dropped packets beside them.
 
-``flowship report latency|drops --parquet PATH`` prints them; ``flowship demo``
-prints both for the traffic it generates.
+``flowship report latency|drops|all --parquet PATH`` prints them (``--since``,
+``--until`` and ``--namespace`` choose the flows, ``--limit`` the rows shown);
+``flowship demo`` prints both for the traffic it generates.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -27,20 +29,36 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from exporter.model.schema import TCP_FLAG_BITS
+from flowship.model.schema import TCP_FLAG_BITS
 
 SYN, ACK = TCP_FLAG_BITS["SYN"], TCP_FLAG_BITS["ACK"]
 
 
-def load_flows(path: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """All flows under a parquet sink's ``path`` (the ``flows/`` dataset)."""
+def load_flows(path: str | Path, columns: list[str] | None = None, *, since: datetime | None = None,
+               until: datetime | None = None, namespace: str | None = None) -> pa.Table:
+    """The flows under a parquet sink's ``path`` (the ``flows/`` dataset), optionally only some of them.
+
+    ``since`` (inclusive) and ``until`` (exclusive) bound the flows' time; ``namespace`` keeps flows with
+    it on either side. The filter is pushed down to the Parquet scan, so a narrow window reads little.
+    """
     root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"{path}: no such directory (give the parquet sink's path with --parquet)")
     if (root / "flows").is_dir():
         root = root / "flows"
     files = [str(p) for p in root.rglob("*.parquet") if not p.name.startswith(".")]
     if not files:
         raise FileNotFoundError(f"no Parquet flow files under {path}")
-    return ds.dataset(files, format="parquet").to_table(columns=columns)
+    where = None
+    time_type = pa.timestamp("ns", tz="UTC")
+    for bound, keep in ((since, lambda f, v: f >= v), (until, lambda f, v: f < v)):
+        if bound is not None:
+            expr = keep(ds.field("time"), pa.scalar(bound, type=time_type))
+            where = expr if where is None else where & expr
+    if namespace:
+        expr = (ds.field("src_namespace") == namespace) | (ds.field("dst_namespace") == namespace)
+        where = expr if where is None else where & expr
+    return ds.dataset(files, format="parquet").to_table(columns=columns, filter=where)
 
 
 def _endpoint_name(table: pa.Table, side: str) -> pa.Array:
@@ -210,7 +228,7 @@ def dropped_calls(flows: pa.Table) -> list[DroppedCalls]:
     })
     grouped = table.group_by(["source", "destination", "port", "protocol", "reason"], use_threads=False).aggregate(
         [("connection", "count_distinct"), ("packets", "sum"), ("time", "min"), ("time", "max")])
-    from exporter.model.hubble_json import format_time
+    from flowship.model.times import format_time
 
     out = [DroppedCalls(r["source"], r["destination"], r["port"], r["protocol"], r["reason"],
                         r["connection_count_distinct"], r["packets_sum"], format_time(r["time_min"]),
@@ -226,23 +244,36 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line, "  ".join("-" * w for w in widths), *body])
 
 
+def _top(rows: list[list[str]], limit: int) -> tuple[list[list[str]], str]:
+    """The first ``limit`` rows (all when 0) and a line saying how many were left out."""
+    if not limit or len(rows) <= limit:
+        return rows, ""
+    more = len(rows) - limit
+    return rows[:limit], f"\n... {more:,} more row{'s' if more > 1 else ''} (--limit 0 shows all)"
+
+
 def _f(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
-def format_latency(hops: list[HopLatency]) -> str:
+def format_latency(hops: list[HopLatency], limit: int = 0) -> str:
+    """The latency table, slowest hops first; ``limit`` rows at most (0: all)."""
     if not hops:
         return "no connections with handshake or HTTP timing found"
     rows = [[h.client, f"{h.server}:{h.port}", str(h.connections), _f(h.handshake_p50_ms), _f(h.handshake_p95_ms),
              str(h.requests), _f(h.server_p50_ms), _f(h.server_p95_ms), _f(h.server_max_ms), str(h.errors_5xx)]
             for h in hops]
+    rows, more = _top(rows, limit)
     return _table(["client", "server", "conns", "handshake p50 ms", "p95", "requests", "server time p50 ms", "p95",
-                   "max", "5xx"], rows)
+                   "max", "5xx"], rows) + more
 
 
-def format_drops(drops: list[DroppedCalls]) -> str:
+def format_drops(drops: list[DroppedCalls], limit: int = 0) -> str:
+    """The dropped-calls table, most calls first; ``limit`` rows at most (0: all)."""
     if not drops:
         return "no dropped flows"
     rows = [[d.source, d.destination, str(d.port if d.port is not None else "-"), d.protocol or "-", d.reason,
              str(d.calls), str(d.packets), d.first, d.last] for d in drops]
-    return _table(["source", "destination", "port", "proto", "reason", "calls", "packets", "first", "last"], rows)
+    rows, more = _top(rows, limit)
+    return _table(["source", "destination", "port", "proto", "reason", "calls", "packets", "first", "last"],
+                  rows) + more

@@ -33,4 +33,4 @@ def fixture_lines(fixture_files: list[Path]) -> list[bytes]:
 @pytest.fixture()
 def flowship_cmd() -> list[str]:
     """How to run the CLI from tests: the installed entry point's module."""
-    return [sys.executable, "-m", "exporter.cli"]
+    return [sys.executable, "-m", "flowship.cli"]

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from exporter.model.schema import FLOW_SCHEMA, TIMESTAMP
+from flowship.model.schema import FLOW_SCHEMA, TIMESTAMP
 
 DEFAULT_GROUP_BY: tuple[str, ...] = (
     "src_namespace", "src_workload", "dst_namespace", "dst_workload", "server_port", "l4_protocol",

@@ -11,8 +11,8 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
-from exporter.model.ecs_fields import FLOW_FIELDS
-from exporter.model.schema import FLOW_SCHEMA
+from flowship.model.ecs_fields import FLOW_FIELDS
+from flowship.model.schema import FLOW_SCHEMA
 
 # ---------------------------------------------------------------------------------------------
 # Back from ECS to flow columns
@@ -64,7 +64,7 @@ def documents_to_flows(docs: Sequence[dict]) -> pa.RecordBatch:
 
 def _rows_to_batch(rows: list[dict]) -> pa.RecordBatch:
     """Flat rows (times as ns integers) → a complete FLOW_SCHEMA batch."""
-    from exporter.model.ids import complete
+    from flowship.model.ids import complete
 
     arrays = []
     for field in FLOW_SCHEMA:

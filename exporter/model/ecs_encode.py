@@ -20,8 +20,8 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from exporter.model.ecs_fields import AGGREGATES_DATASET, ECS_VERSION, FLOW_FIELDS, Cols, Field, when
-from exporter.model.times import nanos_times
+from flowship.model.ecs_fields import AGGREGATES_DATASET, ECS_VERSION, FLOW_FIELDS, Cols, Field, when
+from flowship.model.times import datetime_text, nanos_times
 
 # ---------------------------------------------------------------------------------------------
 # Rendering
@@ -308,7 +308,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, datetime):
-        return value.isoformat().replace("+00:00", "Z")
+        return datetime_text(value)
     if isinstance(value, bytes):
         return value.hex()
     if isinstance(value, dict):
@@ -344,7 +344,7 @@ def aggregate_documents(batch: pa.RecordBatch) -> list[dict]:
     ends = nanos_times(batch.column(end_col)).to_pylist() if end_col else [None] * n
     extra = [(name, nanos_times(batch.column(name)).to_pylist() if pa.types.is_timestamp(batch.schema.field(name).type)
               else batch.column(name).to_pylist()) for name in names if name not in used]
-    now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    now = datetime_text(datetime.now(UTC))
     out = []
     for i, doc in enumerate(docs):
         head: dict[str, Any] = {"@timestamp": starts[i] or ends[i] or now, "ecs": {"version": ECS_VERSION}}

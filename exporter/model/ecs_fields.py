@@ -1,7 +1,7 @@
 """The ECS mapping table: which ECS field comes from which flow columns, and how.
 
-:data:`FLOW_FIELDS` is read by :mod:`exporter.model.ecs_encode` (documents out),
-:mod:`exporter.model.ecs_decode` (documents back to flow columns), the
+:data:`FLOW_FIELDS` is read by :mod:`flowship.model.ecs_encode` (documents out),
+:mod:`flowship.model.ecs_decode` (documents back to flow columns), the
 Elasticsearch index template (:func:`es_properties`) and docs/ecs.md
 (:func:`field_table`).
 """
@@ -18,10 +18,10 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from exporter.model.columns import nonempty, nonzero
-from exporter.model.ids import IANA_PROTO
-from exporter.model.schema import TCP_FLAG_BITS
-from exporter.model.times import nanos_times
+from flowship.model.columns import nonempty, nonzero
+from flowship.model.ids import IANA_PROTO
+from flowship.model.schema import TCP_FLAG_BITS
+from flowship.model.times import nanos_times
 
 ECS_VERSION = "8.11.0"
 FLOWS_DATASET = "flowship.flows"
@@ -399,6 +399,19 @@ def _endpoint_fields(side: str, prefix: str) -> list[Field]:
     ]
 
 
+def _address_fields(side: str, prefix: str, bytes_column: str, packets_column: str) -> list[Field]:
+    """ECS ``source.*`` / ``destination.*``: address, port, MAC, first name and what that side sent."""
+    names = f"{prefix}_names"
+    return [
+        _col_field(f"{side}.ip", f"ip_{prefix}", es_type="ip"),
+        _col_field(f"{side}.port", f"{prefix}_port", "int"),
+        _col_field(f"{side}.mac", f"eth_{prefix}", transform=_mac, decode=lambda v: v.lower().replace("-", ":")),
+        Field(f"{side}.domain", "str", (names,), lambda c: _first(c(names)), f"first of `{names}`"),
+        _col_field(f"{side}.bytes", bytes_column, "int"),
+        _col_field(f"{side}.packets", packets_column, "int"),
+    ]
+
+
 def _const(path: str, value: object, kind: Kind = "str", flow_only: bool = True) -> Field:
     tp = pa.list_(pa.string()) if kind == "list" else pa.string()
     return Field(path, kind, (), lambda c: c.const(value, tp), f"constant `{orjson.dumps(value).decode()}`",
@@ -451,21 +464,9 @@ def _build_flow_fields() -> tuple[Field, ...]:
           "`time`, when `start_time` is set (the flow covers start..end)", "date_nanos"),
         F("event.duration", "int", ("time", "start_time"), _duration, "`time − start_time` in ns", "long"),
         # source / destination
-        _col_field("source.ip", "ip_src", es_type="ip"),
-        _col_field("source.port", "src_port", "int"),
-        _col_field("source.mac", "eth_src", transform=_mac,
-                   decode=lambda v: v.lower().replace("-", ":")),
-        F("source.domain", "str", ("src_names",), lambda c: _first(c("src_names")), "first of `src_names`"),
-        _col_field("source.bytes", "bytes", "int"),
-        _col_field("source.packets", "packets", "int"),
+        *_address_fields("source", "src", "bytes", "packets"),
         _col_field("source.nat.ip", "ip_src_xlated", es_type="ip"),
-        _col_field("destination.ip", "ip_dst", es_type="ip"),
-        _col_field("destination.port", "dst_port", "int"),
-        _col_field("destination.mac", "eth_dst", transform=_mac,
-                   decode=lambda v: v.lower().replace("-", ":")),
-        F("destination.domain", "str", ("dst_names",), lambda c: _first(c("dst_names")), "first of `dst_names`"),
-        _col_field("destination.bytes", "reply_bytes", "int"),
-        _col_field("destination.packets", "reply_packets", "int"),
+        *_address_fields("destination", "dst", "reply_bytes", "reply_packets"),
         # network
         F("network.transport", "str", ("l4_protocol",), lambda c: _map_values(c("l4_protocol"), TRANSPORT_NAMES),
           "`l4_protocol` as the lowercase IANA keyword (tcp, udp, icmp, ipv6-icmp, sctp, vrrp, igmp)",

@@ -3,7 +3,7 @@
 Arrow parses a chunk of lines against the nested Hubble schema below (unknown
 fields ignored) without creating a Python object per flow; flattening into
 FLOW_SCHEMA is then a handful of column operations. It gives exactly the
-batch the line-by-line decoder in :mod:`exporter.model.hubble_json` gives, and
+batch the line-by-line decoder in :mod:`flowship.model.hubble_decode` gives, and
 declines (returns None) whenever the chunk needs that decoder instead: a
 malformed line, enums written as numbers, camelCase keys, bare flows,
 ``lost_events`` records. The line-by-line decoder then reports precisely.
@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
-from exporter.model.columns import nonempty, nonzero
-from exporter.model.ids import complete, digest_uuid
-from exporter.model.schema import FLOW_SCHEMA, TCP_FLAG_BITS, TIMESTAMP
+from flowship.model.columns import nonempty, nonzero
+from flowship.model.ids import complete, digest_uuid
+from flowship.model.schema import FLOW_SCHEMA, TCP_FLAG_BITS, TIMESTAMP
 
 _S, _U32, _B, _L = pa.string(), pa.uint32(), pa.bool_(), pa.list_(pa.string())
 _PAIR = pa.struct([("name", _S), ("namespace", _S)])
@@ -76,8 +76,9 @@ def _field(struct: pa.Array, *path: str) -> pa.Array:
     return struct
 
 
-def _nonempty_list(arr: pa.Array) -> pa.Array:
-    return pc.if_else(pc.equal(pc.list_value_length(arr), 0), pa.scalar(None, arr.type), arr)
+def _children(struct: pa.Array, columns: dict[str, str]) -> dict[str, pa.Array]:
+    """Flow columns taken as they are from children of one struct: column → child name."""
+    return {column: _field(struct, child) for column, child in columns.items()}
 
 
 def _u64(arr: pa.Array) -> pa.Array:
@@ -163,12 +164,9 @@ def _decode_fast(data: bytes) -> pa.RecordBatch | None:
     columns["verdict"] = _field(flow, "verdict")
     columns["drop_reason_code"] = nonzero(_field(flow, "drop_reason"))
     columns["drop_reason"] = _field(flow, "drop_reason_desc")
-    eth = _field(flow, "ethernet")
-    columns["eth_src"] = _field(eth, "source")
-    columns["eth_dst"] = _field(eth, "destination")
+    columns.update(_children(_field(flow, "ethernet"), {"eth_src": "source", "eth_dst": "destination"}))
     ip = _field(flow, "IP")
-    columns["ip_src"] = _field(ip, "source")
-    columns["ip_dst"] = _field(ip, "destination")
+    columns.update(_children(ip, {"ip_src": "source", "ip_dst": "destination"}))
     columns["ip_src_xlated"] = nonempty(_field(ip, "source_xlated"))
     version = _field(ip, "ipVersion")
     columns["ip_version"] = pc.if_else(pc.equal(version, "IPv4"), 4, pc.if_else(pc.equal(version, "IPv6"), 6, None)).cast(pa.uint8())
@@ -205,18 +203,17 @@ def _decode_fast(data: bytes) -> pa.RecordBatch | None:
         columns[f"{prefix}_cluster"] = nonempty(_field(ep, "cluster_name"))
         columns[f"{prefix}_namespace"] = nonempty(_field(ep, "namespace"))
         columns[f"{prefix}_pod"] = nonempty(_field(ep, "pod_name"))
-        columns[f"{prefix}_labels"] = _nonempty_list(_field(ep, "labels"))
+        columns[f"{prefix}_labels"] = nonempty(_field(ep, "labels"))
         workloads = _field(ep, "workloads")
         columns[f"{prefix}_workload"] = _first_workload(workloads, "name")
         columns[f"{prefix}_workload_kind"] = _first_workload(workloads, "kind")
-        svc = _field(flow, f"{side}_service")
-        columns[f"{prefix}_service"] = _field(svc, "name")
-        columns[f"{prefix}_service_namespace"] = _field(svc, "namespace")
-        columns[f"{prefix}_names"] = _nonempty_list(_field(flow, f"{side}_names"))
+        columns.update(_children(_field(flow, f"{side}_service"),
+                                 {f"{prefix}_service": "name", f"{prefix}_service_namespace": "namespace"}))
+        columns[f"{prefix}_names"] = nonempty(_field(flow, f"{side}_names"))
 
     columns["flow_type"] = _field(flow, "Type")
     columns["node_name"] = pc.coalesce(nonempty(_field(flow, "node_name")), nonempty(table.column("node_name").chunk(0)))
-    columns["node_labels"] = _nonempty_list(_field(flow, "node_labels"))
+    columns["node_labels"] = nonempty(_field(flow, "node_labels"))
     l7 = _field(flow, "l7")
     columns["l7_type"] = _field(l7, "type")
     columns["l7_latency_ns"] = _u64(_field(l7, "latency_ns"))
@@ -224,7 +221,7 @@ def _decode_fast(data: bytes) -> pa.RecordBatch | None:
     columns["http_code"] = _field(http, "code").cast(pa.uint16())
     for key in ("method", "url", "protocol"):
         columns[f"http_{key}"] = _field(http, key)
-    headers = _nonempty_list(_field(http, "headers"))
+    headers = nonempty(_field(http, "headers"))
     columns["http_headers"] = headers
     columns["http_user_agent"] = _user_agent(headers)
     dns = _field(l7, "dns")
@@ -240,17 +237,14 @@ def _decode_fast(data: bytes) -> pa.RecordBatch | None:
     columns["trace_point"] = _field(flow, "trace_observation_point")
     columns["trace_reason"] = _field(flow, "trace_reason")
     columns["is_reply"] = _field(flow, "is_reply")
-    iface = _field(flow, "interface")
-    columns["interface_index"] = _field(iface, "index")
-    columns["interface_name"] = _field(iface, "name")
+    columns.update(_children(_field(flow, "interface"), {"interface_index": "index", "interface_name": "name"}))
     columns["proxy_port"] = nonzero(_field(flow, "proxy_port"))
     columns["socket_cookie"] = _u64(_field(flow, "socket_cookie"))
     columns["cgroup_id"] = _u64(_field(flow, "cgroup_id"))
     columns["summary"] = nonempty(_field(flow, "Summary"))
-    agg = _field(flow, "aggregate")
-    columns["aggregate_ingress_count"] = _field(agg, "ingress_flow_count")
-    columns["aggregate_egress_count"] = _field(agg, "egress_flow_count")
-    columns["aggregate_unknown_count"] = _field(agg, "unknown_direction_flow_count")
+    columns.update(_children(_field(flow, "aggregate"), {"aggregate_ingress_count": "ingress_flow_count",
+                                                         "aggregate_egress_count": "egress_flow_count",
+                                                         "aggregate_unknown_count": "unknown_direction_flow_count"}))
 
     ext = table.column("flowship").chunk(0)
     if ext.null_count < n:

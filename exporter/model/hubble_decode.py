@@ -5,7 +5,7 @@ ExportEvent-shaped objects, bare Flow objects (older CLIs), camelCase keys
 (protojson's other spelling), a JSON array of either, ``lost_events`` lines,
 and fields this version does not know (ignored, never an error). Each line is
 decoded on its own, so a malformed line is reported with its number and
-reason and nothing else is lost. :mod:`exporter.model.hubble_arrow` is the
+reason and nothing else is lost. :mod:`flowship.model.hubble_arrow` is the
 columnar fast path it tries first.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
-from exporter.model.hubble_fields import (
+from flowship.model.hubble_fields import (
     EXT_INT,
     EXT_TIME,
     EXTENSION_COLUMNS,
@@ -27,9 +27,9 @@ from exporter.model.hubble_fields import (
     L4_PORTED,
     enum_name,
 )
-from exporter.model.ids import complete, digest_uuid
-from exporter.model.schema import FLOW_SCHEMA, TCP_FLAG_BITS
-from exporter.model.times import parse_time
+from flowship.model.ids import complete, digest_uuid
+from flowship.model.schema import FLOW_SCHEMA, TCP_FLAG_BITS
+from flowship.model.times import parse_time
 
 _CAMEL = re.compile(r"(?<=[a-z0-9])([A-Z])")
 # Keys whose proto name itself contains capitals: never rewrite these.
@@ -69,6 +69,16 @@ def _u64(value: Any) -> int | None:
     return int(value)
 
 
+_DNS_COLUMNS = {f"dns_{key}": key for key in ("query", "ips", "ttl", "cnames", "observation_source", "rcode",
+                                                "qtypes", "rrtypes")}
+
+
+def _copy(obj: dict, row: dict, columns: dict[str, str]) -> None:
+    """``row[column] = obj.get(key)`` for each column → key of ``columns`` (absent keys become None)."""
+    for column, key in columns.items():
+        row[column] = obj.get(key)
+
+
 def _endpoint(prefix: str, ep: dict, row: dict) -> None:
     if not ep:
         return
@@ -102,11 +112,9 @@ def flatten_flow(f: dict, row: dict) -> None:
     if (v := f.get("drop_reason_desc")) is not None:
         row["drop_reason"] = enum_name("drop_reason_desc", v)
     if v := f.get("ethernet"):
-        row["eth_src"] = v.get("source")
-        row["eth_dst"] = v.get("destination")
+        _copy(v, row, {"eth_src": "source", "eth_dst": "destination"})
     if ip := f.get("IP"):
-        row["ip_src"] = ip.get("source")
-        row["ip_dst"] = ip.get("destination")
+        _copy(ip, row, {"ip_src": "source", "ip_dst": "destination"})
         if v := ip.get("source_xlated"):
             row["ip_src_xlated"] = v
         row["ip_version"] = IP_VERSION_IN.get(ip.get("ipVersion"))
@@ -149,10 +157,8 @@ def flatten_flow(f: dict, row: dict) -> None:
         if v := l7.get("latency_ns"):
             row["l7_latency_ns"] = _u64(v)
         if (http := l7.get("http")) is not None:
-            row["http_code"] = http.get("code")
-            row["http_method"] = http.get("method")
-            row["http_url"] = http.get("url")
-            row["http_protocol"] = http.get("protocol")
+            _copy(http, row, {"http_code": "code", "http_method": "method", "http_url": "url",
+                              "http_protocol": "protocol"})
             if headers := http.get("headers"):
                 row["http_headers"] = headers
                 for h in headers:
@@ -160,14 +166,7 @@ def flatten_flow(f: dict, row: dict) -> None:
                         row["http_user_agent"] = h.get("value")
                         break
         if (dns := l7.get("dns")) is not None:
-            row["dns_query"] = dns.get("query")
-            row["dns_ips"] = dns.get("ips")
-            row["dns_ttl"] = dns.get("ttl")
-            row["dns_cnames"] = dns.get("cnames")
-            row["dns_observation_source"] = dns.get("observation_source")
-            row["dns_rcode"] = dns.get("rcode")
-            row["dns_qtypes"] = dns.get("qtypes")
-            row["dns_rrtypes"] = dns.get("rrtypes")
+            _copy(dns, row, _DNS_COLUMNS)
     if f.get("reply"):
         row["reply"] = True
     if et := f.get("event_type"):
@@ -175,11 +174,9 @@ def flatten_flow(f: dict, row: dict) -> None:
         if v := et.get("sub_type"):
             row["event_subtype"] = v
     if s := f.get("source_service"):
-        row["src_service"] = s.get("name")
-        row["src_service_namespace"] = s.get("namespace")
+        _copy(s, row, {"src_service": "name", "src_service_namespace": "namespace"})
     if s := f.get("destination_service"):
-        row["dst_service"] = s.get("name")
-        row["dst_service_namespace"] = s.get("namespace")
+        _copy(s, row, {"dst_service": "name", "dst_service_namespace": "namespace"})
     if (v := f.get("traffic_direction")) is not None:
         row["traffic_direction"] = enum_name("traffic_direction", v)
     if v := f.get("policy_match_type"):
@@ -191,8 +188,7 @@ def flatten_flow(f: dict, row: dict) -> None:
     if (v := f.get("is_reply")) is not None:
         row["is_reply"] = v["value"] if isinstance(v, dict) else bool(v)
     if iface := f.get("interface"):
-        row["interface_index"] = iface.get("index")
-        row["interface_name"] = iface.get("name")
+        _copy(iface, row, {"interface_index": "index", "interface_name": "name"})
     if v := f.get("proxy_port"):
         row["proxy_port"] = v
     if v := f.get("socket_cookie"):
@@ -202,9 +198,8 @@ def flatten_flow(f: dict, row: dict) -> None:
     if v := f.get("Summary"):
         row["summary"] = v
     if agg := f.get("aggregate"):
-        row["aggregate_ingress_count"] = agg.get("ingress_flow_count")
-        row["aggregate_egress_count"] = agg.get("egress_flow_count")
-        row["aggregate_unknown_count"] = agg.get("unknown_direction_flow_count")
+        _copy(agg, row, {"aggregate_ingress_count": "ingress_flow_count", "aggregate_egress_count": "egress_flow_count",
+                         "aggregate_unknown_count": "unknown_direction_flow_count"})
 
 
 def read_extension(ext: dict, row: dict) -> None:
@@ -280,13 +275,13 @@ def decode_lines(data: bytes, first_line: int = 1, fast: bool = True) -> DecodeR
 
     ``first_line`` is the 1-based number of the chunk's first line in its
     file, so errors point at the right place. Ordinary chunks take the
-    columnar fast path (:mod:`exporter.model.hubble_arrow`); anything it
+    columnar fast path (:mod:`flowship.model.hubble_arrow`); anything it
     declines is decoded line by line here, with the same result.
     """
     camel = _CAMEL_HINTS.search(data) is not None
     stripped = data.lstrip()
     if fast and not camel and not stripped.startswith(b"["):
-        from exporter.model.hubble_arrow import decode_fast
+        from flowship.model.hubble_arrow import decode_fast
 
         batch = decode_fast(data)
         if batch is not None:

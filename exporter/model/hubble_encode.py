@@ -5,7 +5,7 @@ trimmed like protojson (0, 3, 6 or 9 fractional digits), 64-bit integers as
 strings, zero values omitted, ``is_reply`` printed even when false. Values a
 Hubble Flow has no field for (the agent's byte counters, a sample rate other
 than 1...) travel in a top-level ``"flowship"`` object that Hubble tooling
-ignores and :mod:`exporter.model.hubble_decode` reads back.
+ignores and :mod:`flowship.model.hubble_decode` reads back.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
-from exporter.model.hubble_fields import (
+from flowship.model.hubble_fields import (
     EXT_INT,
     EXT_TIME,
     EXTENSION_COLUMNS,
     IP_VERSION_OUT,
     L4_PORTED,
 )
-from exporter.model.schema import TCP_FLAG_BITS
-from exporter.model.times import format_time, protojson_times
+from flowship.model.schema import TCP_FLAG_BITS
+from flowship.model.times import format_time, protojson_times
 
 _ENDPOINT_KEYS = (("ID", "_id"), ("identity", "_identity"), ("cluster_name", "_cluster"),
                   ("namespace", "_namespace"), ("labels", "_labels"), ("pod_name", "_pod"))
@@ -217,24 +217,24 @@ def encode_text_column(batch: pa.RecordBatch, extensions: bool = True) -> pa.Arr
     """
     import pyarrow.compute as pc
 
-    from exporter.model import json_columns as jc
+    from flowship.model import json_columns as jc
 
     n = batch.num_rows
     c = batch.column
 
     def s(name: str) -> pa.Array:
-        return jc.string(jc.nonzero(c(name)))
+        return jc.string(jc.omit_default(c(name)))
 
     def enum(name: str) -> pa.Array:
         col = c(name)
         zero = pc.is_in(col, pa.array(sorted(_ZEROENUMS)))
-        return jc.string(pc.if_else(pc.fill_null(zero, False), pa.scalar(None, pa.string()), jc.nonzero(col)))
+        return jc.string(pc.if_else(pc.fill_null(zero, False), pa.scalar(None, pa.string()), jc.omit_default(col)))
 
     def num(name: str) -> pa.Array:
-        return jc.number(jc.nonzero(c(name)))
+        return jc.number(jc.omit_default(c(name)))
 
     def q64(name: str) -> pa.Array:
-        return jc.quoted_number(jc.nonzero(c(name)))
+        return jc.quoted_number(jc.omit_default(c(name)))
 
     def lst(name: str) -> pa.Array:
         return jc.string_list(c(name))
@@ -243,8 +243,8 @@ def encode_text_column(batch: pa.RecordBatch, extensions: bool = True) -> pa.Arr
     ip_version = pc.if_else(pc.equal(c("ip_version"), 4), "IPv4",
                             pc.if_else(pc.equal(c("ip_version"), 6), "IPv6", pa.scalar(None, pa.string())))
     ip = jc.obj([m("source", s("ip_src")), m("source_xlated", s("ip_src_xlated")), m("destination", s("ip_dst")),
-                 m("ipVersion", jc.string(ip_version)), m("encrypted", jc.boolean(jc.nonzero(c("ip_encrypted"))))], n)
-    ip = pc.if_else(pc.or_(pc.is_valid(jc.nonzero(c("ip_src"))), pc.is_valid(jc.nonzero(c("ip_dst")))), ip,
+                 m("ipVersion", jc.string(ip_version)), m("encrypted", jc.boolean(jc.omit_default(c("ip_encrypted"))))], n)
+    ip = pc.if_else(pc.or_(pc.is_valid(jc.omit_default(c("ip_src"))), pc.is_valid(jc.omit_default(c("ip_dst")))), ip,
                     pa.scalar(None, pa.string()))
     eth = jc.obj([m("source", s("eth_src")), m("destination", s("eth_dst"))], n)
 
@@ -273,16 +273,16 @@ def encode_text_column(batch: pa.RecordBatch, extensions: bool = True) -> pa.Arr
         return jc.obj([m("ID", num(f"{prefix}_id")), m("identity", num(f"{prefix}_identity")),
                        m("cluster_name", s(f"{prefix}_cluster")), m("namespace", s(f"{prefix}_namespace")),
                        m("labels", lst(f"{prefix}_labels")), m("pod_name", s(f"{prefix}_pod")),
-                       m("workloads", pc.if_else(pc.is_valid(jc.nonzero(c(f"{prefix}_workload"))), workloads,
+                       m("workloads", pc.if_else(pc.is_valid(jc.omit_default(c(f"{prefix}_workload"))), workloads,
                                                  pa.scalar(None, pa.string())))], n, keep_empty=True)
 
     def service(prefix: str) -> pa.Array:
         svc = jc.obj([m("name", s(f"{prefix}_service")), m("namespace", s(f"{prefix}_service_namespace"))], n)
-        return pc.if_else(pc.is_valid(jc.nonzero(c(f"{prefix}_service"))), svc, pa.scalar(None, pa.string()))
+        return pc.if_else(pc.is_valid(jc.omit_default(c(f"{prefix}_service"))), svc, pa.scalar(None, pa.string()))
 
     headers = jc.object_list(c("http_headers"), lambda st: jc.obj(
-        [m("key", jc.string(jc.nonzero(pc.struct_field(st, "key")))),
-         m("value", jc.string(jc.nonzero(pc.struct_field(st, "value"))))], len(st), keep_empty=True))
+        [m("key", jc.string(jc.omit_default(pc.struct_field(st, "key")))),
+         m("value", jc.string(jc.omit_default(pc.struct_field(st, "value"))))], len(st), keep_empty=True))
     http = jc.obj([m("code", num("http_code")), m("method", s("http_method")), m("url", s("http_url")),
                    m("protocol", s("http_protocol")), m("headers", headers)], n, keep_empty=True)
     dns = jc.obj([m("query", s("dns_query")), m("ips", lst("dns_ips")), m("ttl", num("dns_ttl")),
@@ -290,15 +290,15 @@ def encode_text_column(batch: pa.RecordBatch, extensions: bool = True) -> pa.Arr
                   m("rcode", num("dns_rcode")), m("qtypes", lst("dns_qtypes")), m("rrtypes", lst("dns_rrtypes"))],
                  n, keep_empty=True)
     has_dns = pc.or_(pc.is_valid(c("dns_query")), pc.is_valid(c("dns_rcode")))
-    has_http = pc.or_(pc.or_(pc.is_valid(jc.nonzero(c("http_method"))), pc.is_valid(jc.nonzero(c("http_code")))),
-                      pc.is_valid(jc.nonzero(c("http_url"))))
+    has_http = pc.or_(pc.or_(pc.is_valid(jc.omit_default(c("http_method"))), pc.is_valid(jc.omit_default(c("http_code")))),
+                      pc.is_valid(jc.omit_default(c("http_url"))))
     record = pc.if_else(has_dns, m("dns", dns), pc.if_else(has_http, m("http", http), pa.scalar(None, pa.string())))
     l7 = jc.obj([m("type", enum("l7_type")), m("latency_ns", q64("l7_latency_ns")), record], n)
 
     event = jc.obj([m("type", jc.number(c("event_type"))), m("sub_type", num("event_subtype"))], n, keep_empty=True)
     event = pc.if_else(pc.is_valid(c("event_type")), event, pa.scalar(None, pa.string()))
     iface = jc.obj([m("index", num("interface_index")), m("name", s("interface_name"))], n, keep_empty=True)
-    iface = pc.if_else(pc.or_(pc.is_valid(c("interface_index")), pc.is_valid(jc.nonzero(c("interface_name")))),
+    iface = pc.if_else(pc.or_(pc.is_valid(c("interface_index")), pc.is_valid(jc.omit_default(c("interface_name")))),
                        iface, pa.scalar(None, pa.string()))
     agg = jc.obj([m("ingress_flow_count", num("aggregate_ingress_count")),
                   m("egress_flow_count", num("aggregate_egress_count")),
@@ -307,11 +307,11 @@ def encode_text_column(batch: pa.RecordBatch, extensions: bool = True) -> pa.Arr
     flow = jc.obj([
         m("time", time_text), m("uuid", s("uuid")), m("verdict", enum("verdict")),
         m("drop_reason", num("drop_reason_code")), m("ethernet", eth), m("IP", ip),
-        m("l4", pc.if_else(pc.is_valid(jc.nonzero(proto)), l4, pa.scalar(None, pa.string()))),
+        m("l4", pc.if_else(pc.is_valid(jc.omit_default(proto)), l4, pa.scalar(None, pa.string()))),
         m("source", endpoint("src")), m("destination", endpoint("dst")), m("Type", enum("flow_type")),
         m("node_name", s("node_name")), m("node_labels", lst("node_labels")),
         m("source_names", lst("src_names")), m("destination_names", lst("dst_names")), m("l7", l7),
-        m("reply", jc.boolean(jc.nonzero(c("reply")))), m("event_type", event),
+        m("reply", jc.boolean(jc.omit_default(c("reply")))), m("event_type", event),
         m("source_service", service("src")), m("destination_service", service("dst")),
         m("traffic_direction", enum("traffic_direction")), m("policy_match_type", num("policy_match_type")),
         m("trace_observation_point", enum("trace_point")), m("trace_reason", enum("trace_reason")),

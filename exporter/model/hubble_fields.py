@@ -23,7 +23,7 @@ ENUMS: dict[str, dict[int, str]] = {}
 
 def enum_tables() -> dict[str, dict[int, str]]:
     if not ENUMS:
-        from exporter.proto.flow import flow_pb2
+        from flowship.proto.flow import flow_pb2
 
         for key, enum in (("verdict", flow_pb2.Verdict), ("Type", flow_pb2.FlowType),
                           ("drop_reason_desc", flow_pb2.DropReason),

@@ -19,6 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from flowship.model.columns import nonempty, nonzero
+
 STR = pa.string()
 _CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f]"
 
@@ -71,16 +73,7 @@ def boolean(values: pa.Array) -> pa.Array:
 
 def string_list(values: pa.Array) -> pa.Array:
     """list<string> → JSON arrays of strings (null and empty lists → null)."""
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
-    if values.null_count == len(values):
-        return pa.nulls(len(values), STR)
-    items = string(values.values)
-    rebuilt = pa.ListArray.from_arrays(values.offsets, items)  # null rows become null through if_else below
-    joined = pc.binary_join(rebuilt, ",")
-    empty = pc.equal(pc.list_value_length(values), 0)
-    text = pc.binary_join_element_wise("[", joined, "]", "")
-    return pc.if_else(empty, pa.scalar(None, STR), text)
+    return object_list(values, string)
 
 
 def object_list(values: pa.Array, build) -> pa.Array:  # noqa: ANN001 - build: struct array → object text
@@ -122,10 +115,10 @@ def finish(text: pa.Array) -> pa.Array:
     return pc.replace_substring(pc.replace_substring(text, _OPEN + ",", ""), _OPEN, "")
 
 
-def nonzero(values: pa.Array) -> pa.Array:
-    """Null where the value is zero or empty: protojson omits default values."""
+def omit_default(values: pa.Array) -> pa.Array:
+    """Null where the value is zero, empty or false: protojson omits default values."""
     if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
-        return pc.if_else(pc.equal(values, ""), pa.scalar(None, values.type), values)
+        return nonempty(values)
     if pa.types.is_boolean(values.type):
         return pc.if_else(values, True, pa.scalar(None, pa.bool_()))
-    return pc.if_else(pc.equal(values, 0), pa.scalar(None, values.type), values)
+    return nonzero(values)

@@ -1,6 +1,6 @@
 """Flow batches ↔ ``flow.Flow`` protobuf messages (gRPC and Kafka ``protobuf`` encoding).
 
-The mapping is the one :mod:`exporter.model.hubble_json` implements for JSON
+The mapping is the one :mod:`flowship.model.hubble_decode` implements for JSON
 (columns ↔ Hubble fields, zero values omitted), written here against the
 message classes directly: setting and reading fields of the C-backed
 messages is an order of magnitude faster than going through dicts with
@@ -18,9 +18,9 @@ from typing import Any
 import pyarrow as pa
 import structlog
 
-from exporter.model.hubble_decode import read_extension, rows_to_batch
-from exporter.model.schema import TCP_FLAG_BITS
-from exporter.proto.flow import flow_pb2
+from flowship.model.hubble_decode import read_extension, rows_to_batch
+from flowship.model.schema import TCP_FLAG_BITS
+from flowship.proto.flow import flow_pb2
 
 _VERDICT = flow_pb2.Verdict.Value
 _ENUM_TABLES = {
@@ -44,6 +44,14 @@ _SCALAR_COLUMNS = (
     "interface_name", "proxy_port", "socket_cookie", "cgroup_id", "summary", "aggregate_ingress_count",
     "aggregate_egress_count", "aggregate_unknown_count",
 )
+# Flow fields set straight from one column when it is set: (column, field, enum name → number or None)
+_TOP_LEVEL = tuple((column, name, _NAME_TO_NUMBER.get(column)) for column, name in (
+    ("uuid", "uuid"), ("verdict", "verdict"), ("drop_reason_code", "drop_reason"), ("drop_reason", "drop_reason_desc"),
+    ("flow_type", "Type"), ("node_name", "node_name"), ("traffic_direction", "traffic_direction"),
+    ("policy_match_type", "policy_match_type"), ("trace_point", "trace_observation_point"),
+    ("trace_reason", "trace_reason"), ("proxy_port", "proxy_port"), ("socket_cookie", "socket_cookie"),
+    ("cgroup_id", "cgroup_id"), ("summary", "Summary"),
+))
 _ENDPOINT_SUFFIXES = ("_id", "_identity", "_cluster", "_namespace", "_pod", "_labels", "_workload",
                       "_workload_kind")
 
@@ -87,14 +95,9 @@ def to_flow_messages(batch: pa.RecordBatch) -> list[flow_pb2.Flow]:
         f = flow_pb2.Flow()
         t = c["time"][i]
         f.time.seconds, f.time.nanos = divmod(t, 1_000_000_000)
-        if v := c["uuid"][i]:
-            f.uuid = v
-        if v := c["verdict"][i]:
-            f.verdict = _enum("verdict", v)
-        if v := c["drop_reason_code"][i]:
-            f.drop_reason = v
-        if v := c["drop_reason"][i]:
-            f.drop_reason_desc = _enum("drop_reason", v)
+        for column, name, numbers in _TOP_LEVEL:
+            if v := c[column][i]:
+                setattr(f, name, numbers.get(v, 0) if numbers is not None else v)
         if c["eth_src"][i] or c["eth_dst"][i]:
             f.ethernet.source = c["eth_src"][i] or ""
             f.ethernet.destination = c["eth_dst"][i] or ""
@@ -126,10 +129,6 @@ def to_flow_messages(batch: pa.RecordBatch) -> list[flow_pb2.Flow]:
         f.destination.SetInParent()
         _fill_endpoint(f.source, c, "src", i)
         _fill_endpoint(f.destination, c, "dst", i)
-        if v := c["flow_type"][i]:
-            f.Type = _enum("flow_type", v)
-        if v := c["node_name"][i]:
-            f.node_name = v
         if v := c["node_labels"][i]:
             f.node_labels.extend(v)
         if v := c["src_names"][i]:
@@ -176,28 +175,12 @@ def to_flow_messages(batch: pa.RecordBatch) -> list[flow_pb2.Flow]:
         if v := c["dst_service"][i]:
             f.destination_service.name = v
             f.destination_service.namespace = c["dst_service_namespace"][i] or ""
-        if v := c["traffic_direction"][i]:
-            f.traffic_direction = _enum("traffic_direction", v)
-        if v := c["policy_match_type"][i]:
-            f.policy_match_type = v
-        if v := c["trace_point"][i]:
-            f.trace_observation_point = _enum("trace_point", v)
-        if v := c["trace_reason"][i]:
-            f.trace_reason = _enum("trace_reason", v)
         if (v := c["is_reply"][i]) is not None:
             f.is_reply.value = v
         if c["interface_index"][i] is not None or c["interface_name"][i]:
             f.interface.index = c["interface_index"][i] or 0
             f.interface.name = c["interface_name"][i] or ""
             f.interface.SetInParent()
-        if v := c["proxy_port"][i]:
-            f.proxy_port = v
-        if v := c["socket_cookie"][i]:
-            f.socket_cookie = v
-        if v := c["cgroup_id"][i]:
-            f.cgroup_id = v
-        if v := c["summary"][i]:
-            f.Summary = v
         if c["aggregate_ingress_count"][i] or c["aggregate_egress_count"][i] or c["aggregate_unknown_count"][i]:
             f.aggregate.ingress_flow_count = c["aggregate_ingress_count"][i] or 0
             f.aggregate.egress_flow_count = c["aggregate_egress_count"][i] or 0
@@ -229,11 +212,21 @@ def _endpoint_row(ep: flow_pb2.Endpoint, prefix: str, row: dict[str, Any]) -> No
         row[prefix + "_workload_kind"] = ep.workloads[0].kind
 
 
+def timestamp_ns(ts: Any) -> int:
+    """A google.protobuf.Timestamp as nanoseconds since the epoch, without protobuf's range check.
+
+    ``Timestamp.ToNanoseconds`` raises ValueError for nanos outside [0, 1e9) or seconds outside years
+    1-9999; a sender can put either on the wire, and one such message must not stop a stream. The value
+    is taken as it is; the batch decoder rejects what does not fit a timestamp column, row by row.
+    """
+    return ts.seconds * 1_000_000_000 + ts.nanos
+
+
 def flow_row(f: flow_pb2.Flow) -> dict[str, Any]:
     """One Flow message → flat columns (the protobuf twin of hubble_decode.flatten_flow)."""
     row: dict[str, Any] = {}
     if f.HasField("time"):
-        row["time"] = f.time.seconds * 1_000_000_000 + f.time.nanos
+        row["time"] = timestamp_ns(f.time)
     if f.uuid:
         row["uuid"] = f.uuid
     names = _NUMBER_TO_NAME

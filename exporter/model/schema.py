@@ -160,9 +160,9 @@ def flows_from_rows(rows: list[dict]) -> pa.RecordBatch:
     """Build a flow batch from row dicts; missing columns become null.
 
     Convenient for tests and slow paths. Empty ``uuid``, ``community_id`` and
-    ``sample_rate`` are filled in by :func:`exporter.model.ids.complete`.
+    ``sample_rate`` are filled in by :func:`flowship.model.ids.complete`.
     """
-    from exporter.model.ids import complete  # ids depends on this module
+    from flowship.model.ids import complete  # ids depends on this module
 
     arrays = []
     for field in FLOW_SCHEMA:

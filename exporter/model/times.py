@@ -1,10 +1,11 @@
-"""Time as text: RFC 3339 in the two spellings flowship writes, and back.
+"""Time as text: RFC 3339 in the spellings flowship writes, and back.
 
 * protojson (Hubble JSON, aggregate rows as JSON): 0, 3, 6 or 9 fraction
   digits, as ``protojson`` prints a ``google.protobuf.Timestamp`` —
   :func:`format_time` for one value, :func:`protojson_times` for a column;
 * ECS (``date_nanos``, Loki labels and logfmt): always nine digits —
-  :func:`nanos_times`.
+  :func:`nanos_times`;
+* a Python ``datetime`` (aggregate values, "now"): :func:`datetime_text`.
 
 :func:`parse_time` reads either (and any RFC 3339 offset) back to ns.
 """
@@ -20,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from exporter.model.schema import TIMESTAMP
+from flowship.model.schema import TIMESTAMP
 
 _TIME_RE = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(Z|z|[+-]\d\d:\d\d)$")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -65,6 +66,11 @@ def format_time(ns: int) -> str:
     if nanos % 1_000 == 0:
         return f"{base}.{nanos // 1_000:06d}Z"
     return f"{base}.{nanos:09d}Z"
+
+
+def datetime_text(value: datetime) -> str:
+    """A timezone-aware datetime as RFC 3339 (``isoformat`` with ``Z`` for UTC, microseconds when set)."""
+    return value.isoformat().replace("+00:00", "Z")
 
 
 def protojson_times(ns: pa.Array) -> pa.Array:

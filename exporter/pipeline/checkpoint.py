@@ -16,16 +16,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from exporter.pipeline.envelope import Receipt
+from flowship.pipeline.envelope import Receipt
 
 
 class OrderedAcks:
-    """Issue receipts in order; call ``on_advance(position)`` as the done prefix grows."""
+    """Issue receipts in order; call ``on_advance(position)`` as the done prefix grows.
+
+    Receipts complete in the sinks' threads. ``on_advance`` runs outside the lock that
+    ``issue`` takes (it may write a file), under a lock of its own, and only with a position
+    newer than the last one it was given: a thread that found an older prefix done never
+    reports it after a newer one, so the last position persisted is the newest.
+    """
 
     def __init__(self, on_advance: Callable[[Any], None]) -> None:
         self._pending: deque[Receipt] = deque()
         self._lock = threading.Lock()
+        self._report_lock = threading.Lock()
         self._on_advance = on_advance
+        self._popped = 0  # receipts taken off the done prefix so far
+        self._reported = 0  # ``_popped`` when ``on_advance`` was last called
         self.committed: Any = None
 
     def issue(self, position: Any, rows: int = 0) -> Receipt:
@@ -39,9 +48,15 @@ class OrderedAcks:
         with self._lock:
             while self._pending and self._pending[0].done:
                 advanced = self._pending.popleft().position
-            if advanced is not None:
-                self.committed = advanced
-        if advanced is not None:
+                self._popped += 1
+            if advanced is None:
+                return
+            self.committed = advanced
+            sequence = self._popped
+        with self._report_lock:
+            if sequence <= self._reported:
+                return  # a newer position was reported meanwhile
+            self._reported = sequence
             self._on_advance(advanced)
 
     @property
@@ -60,11 +75,14 @@ class CheckpointStore:
 
     def load(self) -> dict:
         try:
-            return json.loads(self.path.read_text())
+            state = json.loads(self.path.read_text())
+            if not isinstance(state, dict):
+                raise ValueError(f"expected a JSON object, got {type(state).__name__}")
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
             raise RuntimeError(f"checkpoint {self.path} is unreadable ({exc}); move it away to start over") from None
+        return state
 
     def save(self, state: dict) -> None:
         with self._lock:

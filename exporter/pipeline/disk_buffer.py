@@ -62,9 +62,9 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
-from exporter.config import ByteSize, Duration
-from exporter.metrics import Metrics
-from exporter.pipeline.envelope import Envelope, Receipt
+from flowship.metrics import Metrics
+from flowship.pipeline.envelope import Envelope, Receipt
+from flowship.units import ByteSize, Duration
 
 FORMAT_VERSION = 2
 SEGMENT_MAGIC = b"FSBUFSEG"

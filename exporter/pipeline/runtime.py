@@ -35,13 +35,13 @@ from typing import Any
 import pyarrow as pa
 import structlog
 
-from exporter import registry
-from exporter.components import Context, Sink, Source, Stage
-from exporter.config import ComponentSpec, PipelineConfig
-from exporter.hubble_metrics import HubbleMetrics
-from exporter.metrics import Metrics
-from exporter.pipeline.disk_buffer import DiskBuffer
-from exporter.pipeline.envelope import Envelope, Receipt
+from flowship import registry
+from flowship.components import Context, Sink, Source, Stage
+from flowship.config import ComponentSpec, PipelineConfig
+from flowship.hubble_metrics import HubbleMetrics
+from flowship.metrics import Metrics
+from flowship.pipeline.disk_buffer import DiskBuffer
+from flowship.pipeline.envelope import Envelope, Receipt
 
 _STOP = object()
 TICK_SECONDS = 1.0
@@ -75,9 +75,26 @@ class BoundedQueue:
         self._q.put(item)
 
     def get(self, timeout: float) -> Any:
-        item = self._q.get(timeout=timeout)
+        """The next item, or None when nothing came within ``timeout`` seconds."""
+        try:
+            item = self._q.get(timeout=timeout)
+        except queue.Empty:
+            return None
         self._depth.set(self._q.qsize())
         return item
+
+
+class _Ticker:
+    """Says when a loop's once-a-second tick is due."""
+
+    def __init__(self) -> None:
+        self._next = time.monotonic() + TICK_SECONDS
+
+    def due(self) -> bool:
+        if time.monotonic() < self._next:
+            return False
+        self._next = time.monotonic() + TICK_SECONDS
+        return True
 
 
 @dataclass
@@ -112,10 +129,11 @@ class SinkOutcome:
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # a component failed (start-up or during the run)
-EXIT_CONFIG = 2  # invalid configuration or command line
+EXIT_USAGE = 2  # the command line is wrong (argparse's code; LSB: invalid or excess arguments)
 EXIT_REJECTED = 3  # finished, but some input lines were rejected
 EXIT_UNDELIVERED = 4  # flows read were not delivered to every sink (left in a buffer, unacknowledged)
 EXIT_DEAD_LETTERED = 5  # every flow was settled, but some went to a dead-letter file
+EXIT_CONFIG = 6  # the configuration is invalid (LSB: program is not configured)
 
 
 @dataclass
@@ -155,12 +173,17 @@ class RunSummary:
         return EXIT_REJECTED if self.rejected else EXIT_OK
 
 
-def _build_stages(specs: list[ComponentSpec], metrics: Metrics, pc: PipelineConfig, prefix: str) -> list[Stage]:
+def _context(pc: PipelineConfig, metrics: Metrics, name: str, config_key: str) -> Context:
+    return Context(name=name, metrics=metrics, node_name=pc.node_name, data_dir=pc.data_dir,
+                   config_file=pc.filename, config_key=config_key)
+
+
+def _build_stages(specs: list[ComponentSpec], metrics: Metrics, pc: PipelineConfig, prefix: str,
+                  key_prefix: str = "") -> list[Stage]:
     stages = []
     for i, spec in enumerate(specs):
         name = spec.name if spec.name != spec.type else f"{prefix}{spec.type}[{i}]"
-        ctx = Context(name=name, metrics=metrics, node_name=pc.node_name, data_dir=pc.data_dir,
-                      config_file=pc.filename)
+        ctx = _context(pc, metrics, name, f"{key_prefix}stages[{i}]")
         stages.append(registry.build("stages", spec.type, spec.config, ctx))
     return stages
 
@@ -210,35 +233,37 @@ class Pipeline:
         Path(config.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
 
         self.sources: list[Source] = list(sources or [])
-        for spec in config.sources:
-            ctx = Context(name=spec.name, metrics=self.metrics, node_name=config.node_name,
-                          data_dir=config.data_dir, config_file=config.filename)
+        for i, spec in enumerate(config.sources):
+            ctx = _context(config, self.metrics, spec.name, f"sources[{i}]")
             self.sources.append(registry.build("sources", spec.type, spec.config, ctx))
-        self.stages = _build_stages(config.stages, self.metrics, config, "")
+        self.stages = _build_stages(config.stages, self.metrics, config, "", "")
         self.branches: list[Branch] = []
-        for spec in config.sinks:
-            ctx = Context(name=spec.name, metrics=self.metrics, node_name=config.node_name,
-                          data_dir=config.data_dir, config_file=config.filename)
+        for i, spec in enumerate(config.sinks):
+            ctx = _context(config, self.metrics, spec.name, f"sinks[{i}]")
             sink = registry.build("sinks", spec.type, spec.config, ctx)
-            stages = _build_stages(spec.stages, self.metrics, config, f"{spec.name}.")
-            branch = Branch(spec.name, sink, stages,
-                            BoundedQueue(f"sink:{spec.name}", config.queue_batches, self.metrics))
+            branch = self._branch(spec.name, sink, _build_stages(spec.stages, self.metrics, config,
+                                                                 f"{spec.name}.", f"sinks[{i}]."))
             if spec.buffer is not None and spec.buffer.type == "disk":
                 directory = Path(spec.buffer.path) if spec.buffer.path else Path(config.data_dir) / "buffers" / spec.name
                 branch.buffer = DiskBuffer(directory, spec.buffer, self.metrics, spec.name, ctx.log)
-            self.branches.append(branch)
-        # Sinks a source brings along (the agent's Observer) are fed after the shared stages too.
+        # Sinks a source brings along (the agent's Observer) get a branch of their own like the configured
+        # sinks: fed after the shared stages.
         extra = len(sources or [])
         for i, source in enumerate(self.sources):
             key = f"sources[{i - extra}]" if i >= extra else source.ctx.name
-            for name, sink in getattr(source, "companion_sinks", lambda _key: [])(key):
-                self.branches.append(Branch(name, sink, [], BoundedQueue(f"sink:{name}", config.queue_batches,
-                                                                         self.metrics)))
+            for name, sink in source.companion_sinks(key):
+                self._branch(name, sink, [])
         self.input = BoundedQueue("input", config.queue_batches, self.metrics)
         self._source_threads: list[threading.Thread] = []
         self._flows_in = {s.ctx.name: self.metrics.flows_in(s.ctx.name) for s in self.sources}
         self.metrics.ready = lambda: not self._failed.is_set()
-        self.hubble_metrics = HubbleMetrics(self.metrics)
+        # hubble_* series of what enters the pipeline, before the shared stages (``hubble_metrics:``)
+        self.hubble_metrics = HubbleMetrics(self.metrics) if config.hubble_metrics.enabled else None
+
+    def _branch(self, name: str, sink: Sink, stages: list[Stage]) -> Branch:
+        branch = Branch(name, sink, stages, BoundedQueue(f"sink:{name}", self.config.queue_batches, self.metrics))
+        self.branches.append(branch)
+        return branch
 
     # -- sources ------------------------------------------------------------------------------
     def _emit_for(self, source: Source) -> Callable[[pa.RecordBatch, Receipt], None]:
@@ -274,21 +299,17 @@ class Pipeline:
                 branch.queue.put(Envelope(env.batch, list(env.receipts), env.kind), self._failed.is_set)
 
     def _router(self, sources_done: threading.Event) -> None:
-        next_tick = time.monotonic() + TICK_SECONDS
+        ticker = _Ticker()
         while True:
-            try:
-                item = self.input.get(timeout=0.2)
-            except queue.Empty:
-                item = None
+            item = self.input.get(timeout=0.2)
             if item is _STOP:
                 break
             try:
                 if item is not None:
-                    if item.kind == "flows":
+                    if item.kind == "flows" and self.hubble_metrics is not None:
                         self.hubble_metrics.observe(item.batch)
                     self._fan_out(_run_stages(self.stages, [item]))
-                if time.monotonic() >= next_tick:
-                    next_tick = time.monotonic() + TICK_SECONDS
+                if ticker.due():
                     self._fan_out(_tick_stages(self.stages, time.time_ns()))
             except Exception as exc:  # noqa: BLE001
                 self._fail(f"stage: {exc}", exc)
@@ -306,7 +327,7 @@ class Pipeline:
         sink = branch.sink
         counter = self.metrics.flows_out(branch.name)
         buffer = branch.buffer
-        next_tick = time.monotonic() + TICK_SECONDS
+        ticker = _Ticker()
 
         def deliver(envs: list[Envelope]) -> None:
             for env in envs:
@@ -322,18 +343,14 @@ class Pipeline:
 
         try:
             while True:
-                try:
-                    item = branch.queue.get(timeout=0.2)
-                except queue.Empty:
-                    item = None
+                item = branch.queue.get(timeout=0.2)
                 if item is _STOP:
                     break
                 if item is not None:
                     deliver(_run_stages(branch.stages, [item]))
                 if buffer is not None:
                     buffer.maybe_sync()
-                if time.monotonic() >= next_tick:
-                    next_tick = time.monotonic() + TICK_SECONDS
+                if ticker.due():
                     now = time.time_ns()
                     deliver(_tick_stages(branch.stages, now))
                     if buffer is None:
@@ -356,7 +373,7 @@ class Pipeline:
         sink, buffer = branch.sink, branch.buffer
         assert buffer is not None
         counter = self.metrics.flows_out(branch.name)
-        next_tick = time.monotonic() + TICK_SECONDS
+        ticker = _Ticker()
         try:
             while True:
                 env = buffer.read(timeout=0.2)
@@ -368,8 +385,7 @@ class Pipeline:
                     sink.write(env)
                 elif branch.intake_done.is_set() and buffer.empty:
                     break
-                if time.monotonic() >= next_tick:
-                    next_tick = time.monotonic() + TICK_SECONDS
+                if ticker.due():
                     sink.tick(time.time_ns())
             sink.flush()
         except Exception as exc:  # noqa: BLE001

@@ -34,14 +34,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import orjson
+import pyarrow as pa
 
-from exporter.components import Context
-from exporter.config import ByteSize, Duration
-from exporter.pipeline.envelope import Envelope
+from flowship.components import Context, Sink
+from flowship.config import ByteSize, Duration, positive_ints
+from flowship.model.times import datetime_text
+from flowship.pipeline.envelope import Envelope
 
 # ---------------------------------------------------------------------------------------------
 # Configuration shared by every network sink (``batch:`` and ``retry:`` sections)
@@ -57,9 +59,7 @@ class BatchConfig:
     timeout: Duration = Duration(1.0)
 
     def validate(self) -> list[str]:
-        out = []
-        if isinstance(self.max_events, int) and self.max_events < 1:
-            out.append(f"max_events: expected an integer >= 1, got {self.max_events}")
+        out = positive_ints(self, "max_events")
         if isinstance(self.max_bytes, int) and self.max_bytes < 1024:
             out.append(f"max_bytes: expected at least 1KiB, got {self.max_bytes}")
         if isinstance(self.timeout, float) and self.timeout <= 0:
@@ -79,15 +79,22 @@ class RetryConfig:
     concurrency: int = 2  # requests in flight
 
     def validate(self) -> list[str]:
-        out = []
-        if isinstance(self.concurrency, int) and self.concurrency < 1:
-            out.append(f"concurrency: expected an integer >= 1, got {self.concurrency}")
+        out = positive_ints(self, "concurrency")
         if isinstance(self.max_attempts, int) and self.max_attempts < 0:
             out.append(f"max_attempts: expected 0 (unlimited) or more, got {self.max_attempts}")
         if (isinstance(self.initial_backoff, float) and isinstance(self.max_backoff, float)
                 and self.initial_backoff > self.max_backoff):
             out.append("initial_backoff: must not exceed max_backoff")
         return out
+
+
+@dataclass
+class DeliveryConfig:
+    """The sections every sink on :class:`Delivery` has; a sink may narrow ``batch`` to its own defaults."""
+
+    dead_letter_path: str | None = None  # default: <data_dir>/dead-letter/<sink name>.jsonl
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
 
 
 def default_dead_letter_path(ctx: Context, kind: str = "sink") -> Path:
@@ -192,7 +199,7 @@ class DeadLetterWriter:
         """Write ``(reason, detail, record)`` entries and count them per reason."""
         if not entries:
             return
-        now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        now = datetime_text(datetime.now(UTC))
         lines = [orjson.dumps({"time": now, self.kind: self.sink, "reason": reason, "detail": detail,
                                "record": record}, default=_jsonable) + b"\n"
                  for reason, detail, record in entries]
@@ -291,6 +298,49 @@ def settle_records(owners: Sequence[PendingEnvelope], indexes: Sequence[int] | N
         owner.settle(failed=n) if failed else owner.settle(delivered=n)
 
 
+class Outstanding:
+    """Envelopes a sink took and has not settled yet, and the error that stopped it (thread-safe).
+
+    ``add`` when an envelope is taken, ``settled`` (a :class:`PendingEnvelope` callback) when it
+    is done; ``fail`` records an error no retry can mend, which ``raise_fatal`` then raises on
+    the sink's thread and which ends ``wait``.
+    """
+
+    def __init__(self, message: Callable[[BaseException], str]) -> None:
+        self._message = message
+        self._idle = threading.Condition()
+        self.count = 0
+        self.fatal: BaseException | None = None
+
+    def add(self) -> None:
+        with self._idle:
+            self.count += 1
+
+    def settled(self, _owner: PendingEnvelope | None = None) -> None:
+        with self._idle:
+            self.count -= 1
+            self._idle.notify_all()
+
+    def fail(self, exc: BaseException) -> None:
+        with self._idle:
+            self.fatal = exc
+            self._idle.notify_all()
+
+    def raise_fatal(self) -> None:
+        if self.fatal is not None:
+            raise RuntimeError(self._message(self.fatal)) from self.fatal
+
+    def wait(self, deadline: float | None) -> bool:
+        """Until nothing is outstanding (True), a fatal error (True) or ``deadline`` (monotonic; False)."""
+        with self._idle:
+            while self.count and self.fatal is None:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._idle.wait(timeout=0.5 if remaining is None else min(0.5, remaining))
+        return True
+
+
 # ---------------------------------------------------------------------------------------------
 # The delivery engine
 # ---------------------------------------------------------------------------------------------
@@ -325,9 +375,7 @@ class Delivery:
         self._slots = threading.Semaphore(retry.concurrency)
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._stop = threading.Event()
-        self._idle = threading.Condition()
-        self._outstanding = 0  # envelopes submitted and not yet settled
-        self._fatal: BaseException | None = None
+        self._pending = Outstanding(lambda exc: f"sink {ctx.name}: delivery failed: {exc}")
         name = ctx.name
         m = ctx.metrics
         self._ok = m.sink_batches(name, "ok")
@@ -355,10 +403,9 @@ class Delivery:
         sink will not send (oversize, invalid): they are dead-lettered now and
         count towards the envelope's acknowledgement.
         """
-        self._raise_fatal()
-        with self._idle:
-            self._outstanding += 1
-        owner = PendingEnvelope(env, len(records) + len(refused), self._settled)
+        self._pending.raise_fatal()
+        self._pending.add()
+        owner = PendingEnvelope(env, len(records) + len(refused), self._pending.settled)
         if refused:
             self.dead_letters.write(refused)
             owner.settle(failed=len(refused))
@@ -389,7 +436,7 @@ class Delivery:
 
     def tick(self) -> None:
         """Send the partial request once its oldest record is ``batch.timeout`` old."""
-        self._raise_fatal()
+        self._pending.raise_fatal()
         if self._records and self._oldest is not None and time.monotonic() - self._oldest >= self.batch.timeout:
             self._dispatch()
 
@@ -397,14 +444,9 @@ class Delivery:
         """Send what is buffered and wait until every envelope is settled."""
         if self._records:
             self._dispatch()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._idle:
-            while self._outstanding and self._fatal is None:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._idle.wait(timeout=0.5 if remaining is None else min(0.5, remaining))
-        self._raise_fatal()
+        if not self._pending.wait(None if timeout is None else time.monotonic() + timeout):
+            return False
+        self._pending.raise_fatal()
         return True
 
     def close(self) -> None:
@@ -418,7 +460,7 @@ class Delivery:
 
     @property
     def outstanding(self) -> int:
-        return self._outstanding
+        return self._pending.count
 
     def _dispatch(self) -> None:
         if not self._records:
@@ -426,20 +468,11 @@ class Delivery:
         request = _Request(self._records, self._owners, self._size)
         self._records, self._owners, self._size, self._oldest = [], [], 0, None
         while not self._slots.acquire(timeout=0.5):
-            self._raise_fatal()
+            self._pending.raise_fatal()
             if self._stop.is_set():
                 return
         self._inflight.inc()
         self._queue.put(request)
-
-    def _settled(self, _owner: PendingEnvelope) -> None:
-        with self._idle:
-            self._outstanding -= 1
-            self._idle.notify_all()
-
-    def _raise_fatal(self) -> None:
-        if self._fatal is not None:
-            raise RuntimeError(f"sink {self.ctx.name}: delivery failed: {self._fatal}") from self._fatal
 
     # -- worker side ------------------------------------------------------------------------
     def _worker(self) -> None:
@@ -451,9 +484,7 @@ class Delivery:
                 self._deliver(request)
             except BaseException as exc:  # noqa: BLE001 - a bug in send: stop the sink loudly
                 self.ctx.log.error("sink delivery crashed", error=str(exc), exc_type=type(exc).__name__)
-                self._fatal = exc
-                with self._idle:
-                    self._idle.notify_all()
+                self._pending.fail(exc)
             finally:
                 self._inflight.dec()
                 self._slots.release()
@@ -552,3 +583,81 @@ class Delivery:
             if not self._sleep(delay):
                 return
             stack.append(again)
+
+
+# ---------------------------------------------------------------------------------------------
+# The shape of a network sink
+# ---------------------------------------------------------------------------------------------
+
+
+class DeliverySink(Sink):
+    """A sink on :class:`Delivery`: it writes only what is its own, the rest is here.
+
+    A subclass (config: a :class:`DeliveryConfig`) supplies
+
+    * ``connect()`` — open clients, install what the server needs; returns the fields of the
+      "<name> sink ready" log line; ``disconnect()`` closes them;
+    * ``encode_flows(batch)`` and ``encode_aggregates(batch)`` — records, their sizes and the rows
+      refused before sending (``(reason, detail, record)``, dead-lettered at once);
+    * ``send(records) -> SendResult`` — one request, its answer classified (see the module doc);
+    * ``describe(record)`` — a record as its dead-letter entry shows it.
+
+    Batching, retries, acknowledgements, dead letters and the choice by ``env.kind`` happen here.
+    """
+
+    log_name: ClassVar[str] = "network"
+
+    def __init__(self, config: Any, ctx: Context) -> None:
+        super().__init__(config, ctx)
+        self.delivery: Delivery | None = None
+
+    def connect(self) -> dict[str, Any]:
+        return {}
+
+    def disconnect(self) -> None:
+        """Close what ``connect`` opened."""
+
+    def encode_flows(self, batch: pa.RecordBatch) -> tuple[list, np.ndarray, list]:
+        raise NotImplementedError
+
+    def encode_aggregates(self, batch: pa.RecordBatch) -> tuple[list, np.ndarray, list]:
+        raise NotImplementedError
+
+    def send(self, records: list) -> SendResult:
+        raise NotImplementedError
+
+    def describe(self, record: Any) -> Any:
+        return record
+
+    def encode(self, batch: pa.RecordBatch, kind: str = "flows") -> tuple[list, np.ndarray, list]:
+        """Records, sizes and refused rows of a batch of ``kind`` (flows or aggregate rows)."""
+        if batch.num_rows == 0:
+            return [], np.zeros(0, dtype=np.int64), []
+        return self.encode_flows(batch) if kind == "flows" else self.encode_aggregates(batch)
+
+    def start(self) -> None:
+        c = self.config
+        facts = self.connect()
+        path = c.dead_letter_path or default_dead_letter_path(self.ctx)
+        self.delivery = Delivery(self.ctx, c.batch, c.retry, self.send,
+                                 DeadLetterWriter(path, self.ctx.name, self.ctx), self.describe)
+        self.ctx.log.info(f"{self.log_name} sink ready", **facts, dead_letter_path=str(path))
+
+    def write(self, env: Envelope) -> None:
+        records, sizes, refused = self.encode(env.batch, env.kind)
+        self.delivery.submit(env, records, sizes, refused)
+
+    def tick(self, now_ns: int) -> None:
+        self.delivery.tick()
+
+    def flush(self) -> None:
+        self.delivery.flush()
+
+    def close(self) -> None:
+        if self.delivery is not None:
+            self.delivery.close()
+        self.disconnect()
+
+    @property
+    def outstanding(self) -> int:
+        return self.delivery.outstanding if self.delivery is not None else 0

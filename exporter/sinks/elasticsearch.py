@@ -1,6 +1,6 @@
 """``elasticsearch`` sink: ECS documents into Elasticsearch 8/9 or OpenSearch 2.x.
 
-Documents are the ECS mapping of :mod:`exporter.model.ecs_encode`, written with
+Documents are the ECS mapping of :mod:`flowship.model.ecs_encode`, written with
 ``_bulk`` ``create`` actions whose ``_id`` is the flow uuid: a retried request
 cannot duplicate a flow, and a 409 answer means "already delivered". By
 default flows go to the data stream ``logs-flowship.flows-default`` (aggregate
@@ -15,7 +15,7 @@ Client: elastic-transport (the HTTP layer under elasticsearch-py) rather than
 the elasticsearch-py client, which refuses to talk to anything that does not
 answer ``X-Elastic-Product: Elasticsearch`` (so not to OpenSearch). The
 transport gives node pools, keep-alive and TLS without that check; its own
-retries are turned off because :mod:`exporter.sinks.delivery` retries per
+retries are turned off because :mod:`flowship.sinks.delivery` retries per
 item, dead-letters refused documents with the server's reason and splits
 requests answered with 413. Only the failed items of a bulk are sent again
 (their ``_id`` makes that idempotent); an item is retried, with exponential
@@ -43,24 +43,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from elastic_transport import NodeConfig, Serializer, Transport, TransportError
 
-from exporter.components import Context, Sink
-from exporter.config import ByteSize, Duration
-from exporter.model import ecs_encode, ecs_fields
-from exporter.model.schema import TIMESTAMP
-from exporter.pipeline.envelope import Envelope
-from exporter.sinks import http
-from exporter.sinks.delivery import (
-    BatchConfig,
-    DeadLetterWriter,
-    Delivery,
-    RejectedError,
-    RequestTooLargeError,
-    RetryableError,
-    RetryConfig,
-    SendResult,
-    default_dead_letter_path,
-    parse_retry_after,
-)
+from flowship.components import Context
+from flowship.config import ByteSize, Duration
+from flowship.model import ecs_encode, ecs_fields
+from flowship.model.schema import TIMESTAMP
+from flowship.secrets import Secret
+from flowship.sinks import http_client, row_times
+from flowship.sinks.delivery import BatchConfig, DeliveryConfig, DeliverySink, RetryableError, SendResult
 
 _ID_NAMESPACE = uuidlib.UUID("0b6e3c5e-2f59-4c1a-9d1e-4f3b8a6c7d21")
 _INDEX_NAME = re.compile(r'^[a-z0-9][^A-Z\\/*?"<>| ,#:]*$')
@@ -75,8 +64,8 @@ class ElasticsearchBatchConfig(BatchConfig):
 
 
 @dataclass
-class ElasticsearchSinkConfig:
-    """``type: elasticsearch`` — see docs/sinks.md."""
+class ElasticsearchSinkConfig(http_client.HttpClientConfig, DeliveryConfig):
+    """``type: elasticsearch`` — see docs/sinks.md. Auth and TLS keys: :class:`flowship.sinks.http_client.HttpClientConfig`."""
 
     url: str | list[str] = "http://127.0.0.1:9200"
     flavor: Literal["auto", "elasticsearch", "opensearch"] = "auto"
@@ -95,16 +84,12 @@ class ElasticsearchSinkConfig:
     rollover_max_primary_shard_size: str = "50gb"
     policy_name: str = "flowship-flows"
     pipeline: str | None = None  # ingest pipeline
-    username: str | None = None  # secrets as env:NAME or file:PATH
-    password: str | None = field(default=None, repr=False)
-    api_key: str | None = field(default=None, repr=False)  # Elasticsearch "ApiKey" credentials (base64 id:key)
-    headers: dict[str, str] = field(default_factory=dict, repr=False)  # values may be env:NAME / file:PATH
-    tls_ca_file: str | None = None
-    tls_verify: bool = True
+    api_key: Secret | None = None  # Elasticsearch "ApiKey" credentials (base64 id:key)
     compression: bool = False  # gzip request bodies
-    dead_letter_path: str | None = None  # default: <data_dir>/dead-letter/<sink name>.jsonl
     batch: ElasticsearchBatchConfig = field(default_factory=ElasticsearchBatchConfig)
-    retry: RetryConfig = field(default_factory=RetryConfig)
+
+    token_key = "api_key"
+    token_scheme = "ApiKey"
 
     def urls(self) -> list[str]:
         return [self.url] if isinstance(self.url, str) else list(self.url or [])
@@ -115,10 +100,8 @@ class ElasticsearchSinkConfig:
         if not urls:
             problems.append("url: at least one URL is needed")
         for u in urls:
-            if credentials := http.url_credentials_problem("url", u):
-                problems.append(credentials)
-            elif not isinstance(u, str) or not re.match(r"^https?://[^/]+", u):
-                problems.append(f"url: expected http(s)://host:port, got {u!r}")
+            if problem := http_client.url_problem("url", u, "http(s)://host:port"):
+                problems.append(problem)
         names = (("data_stream", self.data_stream), ("aggregates_data_stream", self.aggregates_data_stream)) \
             if self.mode == "data_stream" else (("index", self.index), ("aggregates_index", self.aggregates_index))
         for key, name in names:
@@ -129,11 +112,7 @@ class ElasticsearchSinkConfig:
             problems.append("aggregates_data_stream: must differ from data_stream")
         if self.retention is not None and float(self.retention) <= 0:
             problems.append("retention: expected a positive duration")
-        if self.username and not self.password:
-            problems.append("password: required with username")
-        if self.api_key and self.username:
-            problems.append("api_key: use either username/password or api_key")
-        return problems
+        return problems + self.http_problems()
 
 
 # Bulk item errors a later attempt can succeed on: the cluster or the index is in a state that
@@ -226,8 +205,16 @@ def index_names(times: pa.Array, pattern: str) -> pa.Array:
     return names.take(pa.array(inverse.reshape(-1), pa.int64()))
 
 
-class ElasticsearchSink(Sink):
+def _bulk_records(targets: pa.Array, ids: pa.Array, docs: pa.Array) -> tuple[list[bytes], np.ndarray, list]:
+    lines = pc.binary_join_element_wise('{"create":{"_index":"', targets, '","_id":"', ids, '"}}\n', docs, "\n", "")
+    sizes = pc.binary_length(lines).to_numpy(zero_copy_only=False).astype(np.int64)
+    return lines.cast(pa.binary()).to_pylist(), sizes, []
+
+
+class ElasticsearchSink(DeliverySink):
     """Bulk-indexes ECS documents; see the module doc."""
+
+    log_name = "elasticsearch"
 
     def __init__(self, config: ElasticsearchSinkConfig, ctx: Context) -> None:
         super().__init__(config, ctx)
@@ -235,31 +222,22 @@ class ElasticsearchSink(Sink):
         self.flavor: str = config.flavor
         self.server_version: str = ""
         self.policy_installed: bool | None = None  # None: no retention configured
-        self._delivery: Delivery | None = None
         self._bulk_path = "/_bulk?filter_path=" + _FILTER_PATH
         if config.pipeline:
             self._bulk_path += f"&pipeline={config.pipeline}"
         self._headers = {"content-type": "application/x-ndjson", "accept": "application/json"}
 
-    # -- lifecycle ------------------------------------------------------------------------
-    def start(self) -> None:
+    def connect(self) -> dict[str, Any]:
         c = self.config
         nodes = []
-        auth = http.auth_headers(c.username, c.password, api_key=c.api_key)
-        headers = {"user-agent": "flowship", **auth, **http.resolve_headers(c.headers)}
+        headers = {"user-agent": "flowship", **c.request_headers()}
         for u in c.urls():
             parts = urlsplit(u)
             port = parts.port or (443 if parts.scheme == "https" else 9200)
-            kw: dict[str, Any] = {}
-            if parts.scheme == "https":
-                kw["verify_certs"] = c.tls_verify
-                if c.tls_ca_file:
-                    kw["ca_certs"] = c.tls_ca_file
-                if not c.tls_verify:
-                    kw["ssl_show_warn"] = False
+            tls = http_client.tls_options(c) if parts.scheme == "https" else {}
             nodes.append(NodeConfig(parts.scheme, parts.hostname, port, path_prefix=parts.path.rstrip("/"),
                                     headers=headers, request_timeout=float(c.retry.request_timeout),
-                                    connections_per_node=max(2, c.retry.concurrency), **kw))
+                                    connections_per_node=max(2, c.retry.concurrency), **tls))
         raw = _RawBytes()
         self.transport = Transport(nodes, serializers={"application/json": raw, "application/x-ndjson": raw,
                                                        "text/*": raw, "application/*": raw},
@@ -267,25 +245,9 @@ class ElasticsearchSink(Sink):
         self._probe()
         if c.template != "skip":
             self._install_templates()
-        path = c.dead_letter_path or default_dead_letter_path(self.ctx)
-        self._delivery = Delivery(self.ctx, c.batch, c.retry, self._send,
-                                  DeadLetterWriter(path, self.ctx.name, self.ctx), self._describe)
-        self.ctx.log.info("elasticsearch sink ready", urls=c.urls(), flavor=self.flavor,
-                          version=self.server_version, mode=c.mode, dead_letter_path=str(path))
+        return {"urls": c.urls(), "flavor": self.flavor, "version": self.server_version, "mode": c.mode}
 
-    def write(self, env: Envelope) -> None:
-        records, sizes = self.encode(env.batch, env.kind)
-        self._delivery.submit(env, records, sizes)
-
-    def tick(self, now_ns: int) -> None:
-        self._delivery.tick()
-
-    def flush(self) -> None:
-        self._delivery.flush()
-
-    def close(self) -> None:
-        if self._delivery is not None:
-            self._delivery.close()
+    def disconnect(self) -> None:
         if self.transport is not None:
             self.transport.close()
 
@@ -406,37 +368,30 @@ class ElasticsearchSink(Sink):
             self.ctx.log.info("retention policy installed", policy=c.policy_name, retention=retention)
 
     # -- encoding -------------------------------------------------------------------------
-    def encode(self, batch: pa.RecordBatch, kind: str = "flows") -> tuple[list[bytes], np.ndarray]:
-        """Bulk records (action line + document line) and their sizes."""
+    def encode_flows(self, batch: pa.RecordBatch) -> tuple[list[bytes], np.ndarray, list]:
+        """Bulk records (action line + document line), their sizes, nothing refused."""
         c = self.config
-        n = batch.num_rows
-        if n == 0:
-            return [], np.zeros(0, dtype=np.int64)
-        if kind == "flows":
-            docs = ecs_encode.ndjson_array(batch)
-            ids = batch.column("uuid")
-            if c.mode == "data_stream":
-                targets = pa.array([c.data_stream] * n, pa.string())
-            else:
-                targets = index_names(batch.column("time"), c.index)
+        if c.mode == "data_stream":
+            targets = pa.array([c.data_stream] * batch.num_rows, pa.string())
         else:
-            doc_bytes = [orjson.dumps(d) for d in ecs_encode.aggregate_documents(batch)]
-            docs = pa.array(doc_bytes, pa.binary()).cast(pa.string())
-            ids = pa.array([str(uuidlib.uuid5(_ID_NAMESPACE, d.hex())) for d in doc_bytes], pa.string())
-            if c.mode == "data_stream":
-                targets = pa.array([c.aggregates_data_stream] * n, pa.string())
-            else:
-                tcol = next((t for t in ("window_start", "time") if t in batch.schema.names), None)
-                times = batch.column(tcol) if tcol else pa.array([0] * n, pa.int64()).cast(TIMESTAMP)
-                targets = index_names(times, c.aggregates_index)
-        lines = pc.binary_join_element_wise('{"create":{"_index":"', targets, '","_id":"', ids, '"}}\n', docs, "\n",
-                                            "")
-        records = lines.cast(pa.binary()).to_pylist()
-        sizes = pc.binary_length(lines).to_numpy(zero_copy_only=False).astype(np.int64)
-        return records, sizes
+            targets = index_names(batch.column("time"), c.index)
+        return _bulk_records(targets, batch.column("uuid"), ecs_encode.ndjson_array(batch))
+
+    def encode_aggregates(self, batch: pa.RecordBatch) -> tuple[list[bytes], np.ndarray, list]:
+        """As :meth:`encode_flows`; the ``_id`` of an aggregate row is a digest of its document."""
+        c = self.config
+        doc_bytes = [orjson.dumps(d) for d in ecs_encode.aggregate_documents(batch)]
+        docs = pa.array(doc_bytes, pa.binary()).cast(pa.string())
+        ids = pa.array([str(uuidlib.uuid5(_ID_NAMESPACE, d.hex())) for d in doc_bytes], pa.string())
+        if c.mode == "data_stream":
+            targets = pa.array([c.aggregates_data_stream] * batch.num_rows, pa.string())
+        else:
+            times = pa.array(row_times(batch, "aggregates"), pa.int64()).cast(TIMESTAMP)
+            targets = index_names(times, c.aggregates_index)
+        return _bulk_records(targets, ids, docs)
 
     # -- sending --------------------------------------------------------------------------
-    def _send(self, records: list[bytes]) -> SendResult:
+    def send(self, records: list[bytes]) -> SendResult:
         body = b"".join(records)
         headers = dict(self._headers)
         if self.config.compression:
@@ -446,16 +401,8 @@ class ElasticsearchSink(Sink):
             resp = self.transport.perform_request("POST", self._bulk_path, body=body, headers=headers)
         except TransportError as exc:
             raise RetryableError("transport", f"{type(exc).__name__}: {exc}") from None
-        status = resp.meta.status
         data = resp.body or b""
-        if status == 413:
-            raise RequestTooLargeError(f"HTTP 413: {data[:300]!r}")
-        if status >= 300:
-            text = data[:2000].decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
-            if status >= 500 or status in http.RETRY_4XX:
-                raise RetryableError(f"http_{status}", f"HTTP {status}: {text}",
-                                     parse_retry_after(resp.meta.headers.get("retry-after")))
-            raise RejectedError(f"http_{status}", f"HTTP {status}: {text}", status)
+        http_client.raise_for_status(resp.meta.status, data, resp.meta.headers.get("retry-after"))
         result = SendResult(sent_bytes=len(body))
         try:
             answer = orjson.loads(data) if data else {}
@@ -491,7 +438,7 @@ class ElasticsearchSink(Sink):
             result.retry_kind = sorted(kinds)[0]
         return result
 
-    def _describe(self, record: bytes) -> dict:
+    def describe(self, record: bytes) -> dict:
         action, _, doc = record.partition(b"\n")
         meta = orjson.loads(action).get("create", {})
         try:

@@ -1,85 +1,109 @@
-"""HTTP plumbing shared by the Loki and Elasticsearch sinks: auth, TLS, status classes.
+"""``http`` sink: batches of JSON records POSTed to any HTTP endpoint.
 
-urllib3's PoolManager is thread-safe, so the delivery workers share one pool
-of keep-alive connections per sink.
+For receivers without a sink of their own: a webhook, a log store's JSON
+ingestion API (VictoriaLogs ``/insert/jsonline``, Fluent Bit's or Vector's
+``http`` source, an HTTP collector in front of a SIEM). Each flow is one
+JSON record — Hubble JSON (``format: hubble``, the line Hubble's exporter
+writes) or an ECS document (``format: ecs``) — and a request carries a
+batch of them as JSON lines (``framing: ndjson``) or as one JSON array
+(``framing: json_array``), optionally gzip-compressed.
+
+Batching, retries (429, 5xx and transport errors, honouring Retry-After),
+halving on 413 and dead letters (other 4xx) come from
+:mod:`flowship.sinks.delivery`; auth and TLS from
+:mod:`flowship.sinks.http_client`. A batch is acknowledged once the
+endpoint answered 2xx for every request that holds its rows. A retried
+request is sent again whole, so a receiver that accepted part of it sees
+those records twice: every record carries the flow's ``uuid`` to dedupe on.
 """
 
 from __future__ import annotations
 
-import base64
-from urllib.parse import urlsplit
+import gzip
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-import urllib3
+import numpy as np
+import orjson
+import pyarrow as pa
 
-from exporter.config import secret_value
-from exporter.sinks.delivery import RejectedError, RequestTooLargeError, RetryableError, parse_retry_after
+from flowship.components import Context
+from flowship.secrets import Secret
+from flowship.sinks import http_client, jsonl
+from flowship.sinks.delivery import BatchConfig, DeliveryConfig, DeliverySink, SendResult
 
-# 4xx answers that come from a wrong URL, credentials or a proxy rather than from the data:
-# retrying (loudly) keeps the flows until the operator fixes it, instead of dead-lettering everything.
-RETRY_4XX = frozenset({401, 403, 404, 407, 408, 409, 425, 429})
-
-
-def auth_headers(username: str | None, password: str | None, bearer_token: str | None = None,
-                 api_key: str | None = None) -> dict[str, str]:
-    """Authorization header from secret references (``env:NAME`` / ``file:PATH``)."""
-    if api_key:
-        key = secret_value(api_key) or ""
-        return {"Authorization": f"ApiKey {key}"}
-    if bearer_token:
-        return {"Authorization": f"Bearer {secret_value(bearer_token)}"}
-    if username:
-        user = secret_value(username) or ""
-        pw = secret_value(password) or ""
-        token = base64.b64encode(f"{user}:{pw}".encode()).decode()
-        return {"Authorization": f"Basic {token}"}
-    return {}
+_CONTENT_TYPES = {"ndjson": "application/x-ndjson", "json_array": "application/json"}
 
 
-def url_credentials_problem(key: str, url: object) -> str | None:
-    """Credentials written into a URL are not sent and would be logged with it: ask for the auth keys instead."""
-    if isinstance(url, str) and "@" in urlsplit(url).netloc:
-        return (f"{key}: remove the user name and password from the URL (the URL is logged); set username and "
-                "password (or bearer_token / api_key) as env:NAME or file:PATH references")
-    return None
+@dataclass
+class HttpSinkConfig(http_client.HttpClientConfig, DeliveryConfig):
+    """``type: http`` — see docs/sinks.md. Auth and TLS keys: :class:`flowship.sinks.http_client.HttpClientConfig`."""
+
+    url: str = ""
+    format: jsonl.Format = "hubble"
+    framing: Literal["ndjson", "json_array"] = "ndjson"
+    compression: Literal["none", "gzip"] = "none"
+    content_type: str | None = None  # default: application/x-ndjson or application/json by framing
+    bearer_token: Secret | None = None
+    batch: BatchConfig = field(default_factory=BatchConfig)  # a 413 answer halves a request anyway
+
+    token_key = "bearer_token"
+    token_scheme = "Bearer"
+
+    def validate(self) -> list[str]:
+        problem = http_client.url_problem("url", self.url, "the endpoint as http(s)://host[:port]/path")
+        return ([problem] if problem else []) + self.http_problems()
 
 
-def resolve_headers(headers: dict[str, str] | None) -> dict[str, str]:
-    """Extra request headers, with ``env:NAME`` / ``file:PATH`` values resolved (tokens for proxies)."""
-    return {name: secret_value(value) or "" for name, value in (headers or {}).items()}
+def request_body(records: list[bytes], framing: str, compression: str) -> bytes:
+    """One request body from newline-terminated JSON records."""
+    if framing == "ndjson":
+        body = b"".join(records)
+    else:
+        body = b"[" + b",".join(r[:-1] for r in records) + b"]"
+    return gzip.compress(body, compresslevel=1) if compression == "gzip" else body
 
 
-def pool(tls_ca_file: str | None, tls_verify: bool, maxsize: int) -> urllib3.PoolManager:
-    kw: dict = {"maxsize": maxsize, "block": False, "retries": False}
-    if tls_ca_file:
-        kw["ca_certs"] = tls_ca_file
-    if not tls_verify:
-        kw["cert_reqs"] = "CERT_NONE"
-        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-    return urllib3.PoolManager(**kw)
+class HttpSink(DeliverySink):
+    """Sends flows (and aggregate rows) as JSON records to one HTTP endpoint."""
 
+    log_name = "http"
 
-def post(http: urllib3.PoolManager, url: str, body: bytes, headers: dict[str, str],
-         timeout: float) -> urllib3.BaseHTTPResponse:
-    """POST and map transport failures to RetryableError."""
-    try:
-        return http.request("POST", url, body=body, headers=headers, retries=False, redirect=False,
-                            timeout=urllib3.Timeout(connect=min(timeout, 10.0), read=timeout))
-    except urllib3.exceptions.HTTPError as exc:
-        raise RetryableError("transport", f"{type(exc).__name__}: {exc}") from None
-    except OSError as exc:
-        raise RetryableError("transport", f"{type(exc).__name__}: {exc}") from None
+    def __init__(self, config: HttpSinkConfig, ctx: Context) -> None:
+        super().__init__(config, ctx)
+        self._headers: dict[str, str] = {}
+        self._http = None
 
+    def connect(self) -> dict[str, Any]:
+        c = self.config
+        headers = {"User-Agent": "flowship", "Content-Type": c.content_type or _CONTENT_TYPES[c.framing]}
+        if c.compression == "gzip":
+            headers["Content-Encoding"] = "gzip"
+        headers.update(c.request_headers())
+        self._headers = headers
+        self._http = http_client.pool(c, c.retry.concurrency)
+        return {"url": c.url, "format": c.format, "framing": c.framing}
 
-def raise_for_status(resp: urllib3.BaseHTTPResponse, classify=None) -> None:  # noqa: ANN001
-    """Turn a non-2xx answer into the delivery exception it stands for."""
-    status = resp.status
-    if 200 <= status < 300:
-        return
-    text = resp.data[:2000].decode("utf-8", "replace").strip()
-    if status == 413:
-        raise RequestTooLargeError(f"HTTP 413: {text}")
-    if status >= 500 or status in RETRY_4XX:
-        raise RetryableError(f"http_{status}", f"HTTP {status}: {text}",
-                             parse_retry_after(resp.headers.get("Retry-After")))
-    reason = classify(text) if classify else None
-    raise RejectedError(reason or f"http_{status}", f"HTTP {status}: {text}", status)
+    def disconnect(self) -> None:
+        if self._http is not None:
+            self._http.clear()
+
+    def encode_flows(self, batch: pa.RecordBatch) -> tuple[list, np.ndarray, list]:
+        return self._records(jsonl.encode(batch, "flows", self.config.format))
+
+    def encode_aggregates(self, batch: pa.RecordBatch) -> tuple[list, np.ndarray, list]:
+        return self._records(jsonl.encode(batch, "aggregates", self.config.format))
+
+    @staticmethod
+    def _records(lines: list[bytes]) -> tuple[list, np.ndarray, list]:
+        return lines, np.fromiter(map(len, lines), dtype=np.int64, count=len(lines)), []
+
+    def send(self, records: list) -> SendResult:
+        c = self.config
+        body = request_body(records, c.framing, c.compression)
+        resp = http_client.post(self._http, c.url, body, self._headers, float(c.retry.request_timeout))
+        http_client.raise_for_status(resp.status, resp.data, resp.headers.get("Retry-After"))
+        return SendResult(sent_bytes=len(body))
+
+    def describe(self, record: bytes) -> Any:
+        return orjson.loads(record)

@@ -19,39 +19,28 @@ from typing import BinaryIO, Literal
 
 import pyarrow as pa
 
-from exporter.components import Context, Sink
-from exporter.config import ByteSize
-from exporter.model.hubble_encode import encode_lines
-from exporter.pipeline.envelope import Envelope
+from flowship.components import Context, Sink
+from flowship.config import ByteSize
+from flowship.model.hubble_encode import encode_lines
+from flowship.pipeline.envelope import Envelope
+from flowship.sinks import aggregate_json
 
 Format = Literal["hubble", "ecs"]
 
 
 def encode(batch: pa.RecordBatch, kind: str, fmt: Format) -> list[bytes]:
-    """Lines (newline-terminated) for a batch in the chosen format."""
+    """Lines (newline-terminated) for a batch in the chosen format.
+
+    Aggregate rows have no Hubble form: ``format: hubble`` writes them as
+    :func:`flowship.sinks.aggregate_json` objects.
+    """
     if fmt == "ecs":
-        from exporter.model import ecs_encode
+        from flowship.model import ecs_encode
 
         return ecs_encode.encode_ndjson(batch, kind=kind)
     if kind != "flows":
-        import orjson
-
-        return [orjson.dumps(row, option=orjson.OPT_NAIVE_UTC) + b"\n" for row in _aggregate_rows(batch)]
+        return [line + b"\n" for line in aggregate_json(batch)]
     return encode_lines(batch)
-
-
-def _aggregate_rows(batch: pa.RecordBatch) -> list[dict]:
-    """Aggregate rows as plain dicts with RFC 3339 times (they have no Hubble form)."""
-    from exporter.model.times import format_time
-
-    columns = {}
-    for f in batch.schema:
-        col = batch.column(f.name)
-        if pa.types.is_timestamp(f.type):
-            columns[f.name] = [None if v is None else format_time(v) for v in col.cast(pa.int64()).to_pylist()]
-        else:
-            columns[f.name] = col.to_pylist()
-    return [{k: v[i] for k, v in columns.items()} for i in range(batch.num_rows)]
 
 
 @dataclass

@@ -3,7 +3,7 @@
 The producer is idempotent (``enable.idempotence=true``, which implies
 ``acks=all``, unlimited internal retries and ordering per partition), batches
 with ``linger.ms`` 50 and compresses with zstd. librdkafka does the batching
-and retrying, so this sink does not use :mod:`exporter.sinks.delivery`'s
+and retrying, so this sink does not use :mod:`flowship.sinks.delivery`'s
 request loop; it shares its dead-letter writer and acknowledgement tracking:
 every message carries its envelope in its delivery-report callback, and the
 envelope is acknowledged once every one of its messages is delivered (or
@@ -12,7 +12,7 @@ that time out in librdkafka's queue (broker unreachable for longer than
 ``message_timeout``) are produced again, never dropped.
 
 The key is the direction-independent connection hash
-(:func:`exporter.model.ids.connection_hashes`, 8 bytes big-endian) so both
+(:func:`flowship.model.ids.connection_hashes`, 8 bytes big-endian) so both
 directions of a connection, and its L7 flows, land in one partition in
 order. Values are Hubble ExportEvent JSON (``hubble-json``), serialized
 ``flow.Flow`` (``protobuf``) or ECS JSON (``ecs-json``); the
@@ -32,7 +32,6 @@ reports and tries again, blocking the pipeline instead of losing flows.
 from __future__ import annotations
 
 import base64
-import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,13 +43,14 @@ import pyarrow as pa
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from exporter.components import Context, Sink
-from exporter.config import ByteSize, Duration, secret_value
-from exporter.model import ecs_encode
-from exporter.model.ids import connection_hashes
-from exporter.pipeline.envelope import Envelope
-from exporter.sinks import rows_as_json
-from exporter.sinks.delivery import DeadLetterWriter, PendingEnvelope, default_dead_letter_path
+from flowship.components import Context, Sink
+from flowship.config import ByteSize, Duration
+from flowship.kafka import KafkaConnectionConfig, Throttle, admin_config, client_logger
+from flowship.model import ecs_encode
+from flowship.model.ids import connection_hashes
+from flowship.pipeline.envelope import Envelope
+from flowship.sinks import aggregate_json
+from flowship.sinks.delivery import DeadLetterWriter, Outstanding, PendingEnvelope, default_dead_letter_path
 
 Encoding = Literal["hubble-json", "protobuf", "ecs-json", "arrow"]
 CONTENT_TYPES: dict[str, bytes] = {
@@ -79,10 +79,9 @@ class CreateTopicConfig:
 
 
 @dataclass
-class KafkaSinkConfig:
-    """``type: kafka`` — see docs/sinks.md."""
+class KafkaSinkConfig(KafkaConnectionConfig):
+    """``type: kafka`` — see docs/sinks.md. Connection and security keys: :class:`flowship.kafka.KafkaConnectionConfig`."""
 
-    brokers: str | list[str] = "127.0.0.1:9092"
     topic: str = "flowship.flows"
     aggregates_topic: str | None = None  # default: "<topic>.aggregates"
     encoding: Encoding = "hubble-json"
@@ -98,21 +97,9 @@ class KafkaSinkConfig:
     queue_max_bytes: ByteSize = ByteSize(256 * 1024 * 1024)
     message_timeout: Duration = Duration(300.0)  # then the message is produced again
     flush_timeout: Duration = Duration(60.0)
-    client_id: str = "flowship"
-    security_protocol: Literal["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"] = "plaintext"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
-    sasl_username: str | None = None  # secrets as env:NAME or file:PATH
-    sasl_password: str | None = field(default=None, repr=False)
-    ssl_ca_location: str | None = None
-    ssl_certificate_location: str | None = None
-    ssl_key_location: str | None = None
-    ssl_key_password: str | None = field(default=None, repr=False)  # passphrase of the key, env:NAME or file:PATH
     create_topic: CreateTopicConfig | None = None
     librdkafka: dict[str, str] = field(default_factory=dict)  # extra producer properties
     dead_letter_path: str | None = None
-
-    def broker_list(self) -> str:
-        return self.brokers if isinstance(self.brokers, str) else ",".join(self.brokers)
 
     def validate(self) -> list[str]:
         problems = []
@@ -123,8 +110,7 @@ class KafkaSinkConfig:
             problems.append(f"topic: {self.topic!r} is not a valid topic name ([a-zA-Z0-9._-], 1-249 chars)")
         if isinstance(self.linger_ms, int) and not 0 <= self.linger_ms <= 900000:
             problems.append(f"linger_ms: expected 0..900000, got {self.linger_ms}")
-        if self.security_protocol.startswith("sasl") and not self.sasl_username:
-            problems.append("sasl_username: required with a sasl_* security_protocol")
+        problems += self.connection_problems()
         if self.create_topic is not None and isinstance(self.create_topic.partitions, int) \
                 and self.create_topic.partitions < 1:
             problems.append("create_topic.partitions: expected an integer >= 1")
@@ -133,8 +119,7 @@ class KafkaSinkConfig:
 
 def producer_config(c: KafkaSinkConfig) -> dict[str, Any]:
     conf: dict[str, Any] = {
-        "bootstrap.servers": c.broker_list(),
-        "client.id": c.client_id,
+        **c.client_settings(),
         "enable.idempotence": True,
         "acks": "all",
         "compression.type": c.compression,
@@ -144,80 +129,11 @@ def producer_config(c: KafkaSinkConfig) -> dict[str, Any]:
         "queue.buffering.max.messages": c.queue_max_messages,
         "queue.buffering.max.kbytes": max(1, int(c.queue_max_bytes) // 1024),
         "message.timeout.ms": int(float(c.message_timeout) * 1000),
-        "security.protocol": c.security_protocol,
     }
-    conf.update(security_settings(c))
     if c.encoding == "arrow":
         conf["compression.type"] = "none"  # the Arrow IPC buffers are compressed already
     conf.update(c.librdkafka or {})
     return conf
-
-
-def security_settings(c: Any) -> dict[str, Any]:
-    """librdkafka's SASL and TLS properties from a sink's or source's config (same key names in both)."""
-    conf: dict[str, Any] = {}
-    if c.security_protocol.startswith("sasl"):
-        conf["sasl.mechanism"] = c.sasl_mechanism
-        conf["sasl.username"] = secret_value(c.sasl_username)
-        conf["sasl.password"] = secret_value(c.sasl_password)
-    for key, prop in (("ssl_ca_location", "ssl.ca.location"), ("ssl_certificate_location", "ssl.certificate.location"),
-                      ("ssl_key_location", "ssl.key.location")):
-        if getattr(c, key):
-            conf[prop] = getattr(c, key)
-    if c.ssl_key_password:
-        conf["ssl.key.password"] = secret_value(c.ssl_key_password)
-    return conf
-
-
-class Throttle:
-    """At most one log line per key per ``interval`` seconds; says how many were held back."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self.interval = interval
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def allow(self, key: str) -> int | None:
-        """None: stay quiet; otherwise the number of lines held back since the last one."""
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last.get(key, -1e18) < self.interval:
-                self._held[key] = self._held.get(key, 0) + 1
-                return None
-            self._last[key] = now
-            return self._held.pop(key, 0)
-
-
-class _LibrdkafkaLog(logging.Handler):
-    """librdkafka's own log lines, as structured log events (not raw text on stderr), throttled."""
-
-    def __init__(self, log) -> None:  # noqa: ANN001 - a structlog logger
-        super().__init__()
-        self.log = log
-        self.throttle = Throttle()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        held = self.throttle.allow(message[:80])
-        if held is None:
-            return
-        level = "warning" if record.levelno >= logging.WARNING else "info"
-        getattr(self.log, level)("kafka client log", message=message, repeated=held or None)
-
-
-def client_logger(ctx: Context) -> logging.Logger:
-    """A logging.Logger for confluent-kafka's ``logger`` setting, forwarding to the component's log."""
-    logger = logging.getLogger(f"flowship.kafka.{ctx.name}")
-    logger.propagate = False
-    logger.handlers = [_LibrdkafkaLog(ctx.log)]
-    logger.setLevel(logging.INFO)
-    return logger
-
-
-def admin_config(conf: dict[str, Any]) -> dict[str, Any]:
-    keep = ("bootstrap.servers", "client.id", "security.protocol", "logger")
-    return {k: v for k, v in conf.items() if k in keep or k.startswith(("sasl.", "ssl."))}
 
 
 def encode_values(batch: pa.RecordBatch, encoding: str, kind: str = "flows") -> list[bytes]:
@@ -225,14 +141,14 @@ def encode_values(batch: pa.RecordBatch, encoding: str, kind: str = "flows") -> 
     if kind != "flows":
         if encoding == "ecs-json":
             return ecs_encode.encode_documents(batch, kind="aggregates")
-        return [orjson.dumps(row) for row in rows_as_json(batch)]
+        return aggregate_json(batch)
     if encoding == "ecs-json":
         return ecs_encode.encode_documents(batch)
     if encoding == "protobuf":
-        from exporter.model.proto import to_flow_bytes
+        from flowship.model.proto import to_flow_bytes
 
         return to_flow_bytes(batch)
-    from exporter.model.hubble_encode import encode_text_column
+    from flowship.model.hubble_encode import encode_text_column
 
     return encode_text_column(batch).cast(pa.binary()).to_pylist()
 
@@ -248,6 +164,13 @@ def encode_keys(batch: pa.RecordBatch, key: str, key_format: str = "binary") -> 
         return [format(int(h), "016x").encode() for h in hashes.astype(np.uint64).tolist()]
     raw = hashes.tobytes()
     return [raw[i:i + 8] for i in range(0, len(raw), 8)]
+
+
+@dataclass
+class _Route:
+    topic: str
+    headers: list[tuple[str, bytes]]
+    keyed: bool  # flows are keyed by connection (or uuid); aggregate rows are not
 
 
 class _Tracker:
@@ -270,11 +193,9 @@ class KafkaSink(Sink):
         self._lock = threading.Lock()
         self._retry: list[tuple[_Tracker, bytes | None, bytes, list, int | None, int]] = []
         self._partition_counts: dict[str, tuple[int, float]] = {}
-        self._outstanding = 0
-        self._idle = threading.Condition(self._lock)
+        self._pending = Outstanding(lambda exc: f"kafka producer failed: {exc.args[0].str()}")
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
-        self._fatal: KafkaError | None = None
         self._closing = False
         m = ctx.metrics
         self._bytes = m.sink_bytes(ctx.name)
@@ -287,6 +208,7 @@ class KafkaSink(Sink):
                                        ["sink"]).labels(ctx.name)
         self.stats: dict[str, Any] = {}
         self._error_throttle = Throttle()
+        self._routes = {kind: self._route(kind) for kind in ("flows", "aggregates")}
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -309,6 +231,16 @@ class KafkaSink(Sink):
     def _aggregates_topic(self) -> str:
         return self.config.aggregates_topic or f"{self.config.topic}.aggregates"
 
+    def _route(self, kind: str) -> _Route:
+        """Topic, headers and keying of one kind of rows: flows, or aggregate rows (own topic, no key)."""
+        c = self.config
+        flows = kind == "flows"
+        encoding = c.encoding.encode() if flows or c.encoding in ("ecs-json", "arrow") else b"json"
+        headers = [(ENCODING_HEADER, encoding), ("content-type", CONTENT_TYPES.get(c.encoding, b"application/json"))]
+        if not flows:
+            headers.append((KIND_HEADER, kind.encode()))
+        return _Route(c.topic if flows else self._aggregates_topic(), headers, keyed=flows)
+
     def _create_topics(self, conf: dict[str, Any]) -> None:
         spec = self.config.create_topic
         admin = AdminClient(admin_config(conf))
@@ -325,23 +257,18 @@ class KafkaSink(Sink):
                     raise RuntimeError(f"creating topic {topic} failed: {err.str()}") from None
 
     def write(self, env: Envelope) -> None:
-        self._raise_fatal()
+        self._pending.raise_fatal()
         c = self.config
-        kind = env.kind
-        topic = c.topic if kind == "flows" else self._aggregates_topic()
-        headers = [(ENCODING_HEADER, c.encoding.encode() if kind == "flows" or c.encoding in ("ecs-json", "arrow")
-                    else b"json"), ("content-type", CONTENT_TYPES.get(c.encoding, b"application/json"))]
-        if kind != "flows":
-            headers.append((KIND_HEADER, kind.encode()))
-        with self._lock:
-            self._outstanding += 1
-        tracker = _Tracker(PendingEnvelope(env, env.batch.num_rows, self._settled), topic)
+        route = self._routes[env.kind]
+        self._pending.add()
+        tracker = _Tracker(PendingEnvelope(env, env.batch.num_rows, self._settled), route.topic)
         if c.encoding == "arrow":
-            messages = self._arrow_messages(env.batch, topic, kind == "flows")
+            messages = self._arrow_messages(env.batch, route.topic, route.keyed)
         else:
-            values = encode_values(env.batch, c.encoding, kind)
-            keys = encode_keys(env.batch, c.key, c.key_format) if kind == "flows" else None
+            values = encode_values(env.batch, c.encoding, env.kind)
+            keys = encode_keys(env.batch, c.key, c.key_format) if route.keyed else None
             messages = ((keys[i] if keys is not None else None, value, None, 1) for i, value in enumerate(values))
+        headers = route.headers
         nbytes = 0
         for key, value, partition, rows in messages:
             nbytes += len(value) + (len(key) if key else 0)
@@ -363,7 +290,7 @@ class KafkaSink(Sink):
             except BufferError:
                 self._backpressure.inc()
                 self.producer.poll(0.05)
-                self._raise_fatal()
+                self._pending.raise_fatal()
 
     def _partitions(self, topic: str) -> int:
         now = time.monotonic()
@@ -399,7 +326,7 @@ class KafkaSink(Sink):
                 yield None, sink.getvalue().to_pybytes(), partition, chunk.num_rows
 
     def tick(self, now_ns: int) -> None:
-        self._raise_fatal()
+        self._pending.raise_fatal()
         self._produce_retries()
 
     def flush(self) -> None:
@@ -409,13 +336,13 @@ class KafkaSink(Sink):
             self._produce_retries()
             remaining = self.producer.flush(max(0.0, min(1.0, deadline - time.monotonic())))
             with self._lock:
-                done = self._outstanding == 0 and not self._retry
+                done = self._pending.count == 0 and not self._retry
             if done:
                 return
-            self._raise_fatal()
+            self._pending.raise_fatal()
             if time.monotonic() >= deadline:
                 self.ctx.log.error("kafka flush timed out; undelivered flows stay unacknowledged",
-                                   queued=remaining, envelopes=self._outstanding)
+                                   queued=remaining, envelopes=self._pending.count)
                 return
 
     def close(self) -> None:
@@ -451,8 +378,8 @@ class KafkaSink(Sink):
 
     def _on_failure(self, tracker: _Tracker, err: KafkaError, msg: Any, rows: int, partition: int | None) -> None:
         if err.fatal():
-            self._fatal = err
-        if err.code() in _PERMANENT or self._fatal is not None:
+            self._pending.fail(KafkaException(err))
+        if err.code() in _PERMANENT or self._pending.fatal is not None:
             value = msg.value() or b""
             record: dict[str, Any] = {"topic": tracker.topic, "key": (msg.key() or b"").hex() or None}
             if self.config.encoding == "arrow":
@@ -477,15 +404,13 @@ class KafkaSink(Sink):
             self._reproduced.inc()
             self._produce(tracker, key, value, headers, partition, rows)
 
-    def _settled(self, _pending: PendingEnvelope) -> None:
+    def _settled(self, pending: PendingEnvelope) -> None:
         self._ok.inc()
-        with self._lock:
-            self._outstanding -= 1
-            self._idle.notify_all()
+        self._pending.settled(pending)
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
-            self._fatal = err
+            self._pending.fail(KafkaException(err))
             self.ctx.log.error("kafka producer fatal error", error=err.str())
             return
         held = self._error_throttle.allow(err.name())
@@ -498,10 +423,6 @@ class KafkaSink(Sink):
         except orjson.JSONDecodeError:
             pass
 
-    def _raise_fatal(self) -> None:
-        if self._fatal is not None:
-            raise RuntimeError(f"kafka producer failed: {self._fatal.str()}")
-
     @property
     def outstanding(self) -> int:
-        return self._outstanding
+        return self._pending.count

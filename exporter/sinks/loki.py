@@ -12,7 +12,7 @@ Anything that accepts Loki pushes works: Grafana Loki at
 
 Batching, retries (429, 5xx, transport errors), splitting on 413 and dead
 letters (other 4xx, with the server's reason) come from
-:mod:`exporter.sinks.delivery`; an envelope is acknowledged when Loki has
+:mod:`flowship.sinks.delivery`; an envelope is acknowledged when Loki has
 accepted all of its entries.
 
 Aggregate rows (``kind="aggregates"``) are pushed as logfmt or JSON lines
@@ -33,23 +33,16 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from exporter.components import Context, Sink
-from exporter.config import ByteSize, Duration
-from exporter.model.columns import nonempty
-from exporter.model.hubble_encode import encode_text_column
-from exporter.model.schema import FLOW_SCHEMA
-from exporter.model.times import nanos_times
-from exporter.pipeline.envelope import Envelope
-from exporter.proto.logproto import push_pb2
-from exporter.sinks import http, rows_as_json
-from exporter.sinks.delivery import (
-    BatchConfig,
-    DeadLetterWriter,
-    Delivery,
-    RetryConfig,
-    SendResult,
-    default_dead_letter_path,
-)
+from flowship.components import Context
+from flowship.config import ByteSize, Duration
+from flowship.model.columns import nonempty
+from flowship.model.hubble_encode import encode_text_column
+from flowship.model.schema import FLOW_SCHEMA
+from flowship.model.times import nanos_times
+from flowship.proto.logproto import push_pb2
+from flowship.secrets import Secret
+from flowship.sinks import aggregate_json, http_client, row_times
+from flowship.sinks.delivery import BatchConfig, DeliveryConfig, DeliverySink, SendResult
 
 MAX_LABELS = 15  # Loki's default max_label_names_per_series
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -77,8 +70,8 @@ class LokiBatchConfig(BatchConfig):
 
 
 @dataclass
-class LokiSinkConfig:
-    """``type: loki`` — see docs/sinks.md."""
+class LokiSinkConfig(http_client.HttpClientConfig, DeliveryConfig):
+    """``type: loki`` — see docs/sinks.md. Auth and TLS keys: :class:`flowship.sinks.http_client.HttpClientConfig`."""
 
     url: str = "http://127.0.0.1:3100/loki/api/v1/push"
     encoding: Literal["protobuf", "json"] = "protobuf"
@@ -90,24 +83,18 @@ class LokiSinkConfig:
     line_format: Literal["hubble", "logfmt"] = "hubble"
     aggregate_line_format: Literal["logfmt", "json"] = "logfmt"
     tenant: str | None = None  # X-Scope-OrgID
-    username: str | None = None  # basic auth; secrets as env:NAME or file:PATH
-    password: str | None = field(default=None, repr=False)
-    bearer_token: str | None = field(default=None, repr=False)
-    headers: dict[str, str] = field(default_factory=dict, repr=False)  # values may be env:NAME / file:PATH
-    tls_ca_file: str | None = None
-    tls_verify: bool = True
+    bearer_token: Secret | None = None
     max_line_bytes: ByteSize = ByteSize(256 * 1024)
     on_oversize: Literal["truncate", "dead_letter"] = "truncate"
-    dead_letter_path: str | None = None  # default: <data_dir>/dead-letter/<sink name>.jsonl
     batch: LokiBatchConfig = field(default_factory=LokiBatchConfig)
-    retry: RetryConfig = field(default_factory=RetryConfig)
+
+    token_key = "bearer_token"
+    token_scheme = "Bearer"
 
     def validate(self) -> list[str]:
         problems: list[str] = []
-        if credentials := http.url_credentials_problem("url", self.url):
-            problems.append(credentials)
-        elif not isinstance(self.url, str) or not re.match(r"^https?://", self.url):
-            problems.append(f"url: expected an http:// or https:// push URL, got {self.url!r}")
+        if problem := http_client.url_problem("url", self.url, "an http:// or https:// push URL"):
+            problems.append(problem)
         problems += _check_labels("labels", self.labels or {}, self.static_labels or {}, flows=True)
         problems += _check_labels("aggregate_labels", self.aggregate_labels or {},
                                   {**(self.static_labels or {}), "kind": "aggregates"}, flows=False)
@@ -125,11 +112,7 @@ class LokiSinkConfig:
                 problems.append(f"structured_metadata[{i}]: {name!r} is a list; pick scalar columns")
         if isinstance(self.max_line_bytes, int) and self.max_line_bytes < 1024:
             problems.append(f"max_line_bytes: expected at least 1KiB, got {self.max_line_bytes}")
-        if self.username and not self.password:
-            problems.append("password: required with username")
-        if self.username and self.bearer_token:
-            problems.append("bearer_token: use either username/password or bearer_token")
-        return problems
+        return problems + self.http_problems()
 
 
 def _check_labels(key: str, labels: dict[str, str], fixed: dict[str, str], flows: bool) -> list[str]:
@@ -326,30 +309,28 @@ def entry_fields(times_ns: np.ndarray, lines: pa.Array, metadata: list[tuple[str
     return _field(b"\x12", body)
 
 
+def streams(records: list[tuple[str, int, bytes]]) -> dict[str, list[bytes]]:
+    """Payloads of (selector, time ns, payload) records grouped by stream, sorted by time in each."""
+    grouped: dict[str, list[tuple[int, bytes]]] = {}
+    for selector, ts, payload in records:
+        grouped.setdefault(selector, []).append((ts, payload))
+    return {selector: [p for _, p in sorted(entries, key=itemgetter(0))] for selector, entries in grouped.items()}
+
+
 def push_request(records: list[tuple[str, int, bytes]]) -> bytes:
     """A PushRequest from (selector, time ns, entry field bytes) records, sorted per stream."""
-    streams: dict[str, list[tuple[int, bytes]]] = {}
-    for selector, ts, entry in records:
-        streams.setdefault(selector, []).append((ts, entry))
     out = []
-    for selector, entries in streams.items():
-        entries.sort(key=itemgetter(0))
+    for selector, entries in streams(records).items():
         label = selector.encode()
-        body = b"".join([b"\x0a", varint(len(label)), label, *(e for _, e in entries)])
+        body = b"".join([b"\x0a", varint(len(label)), label, *entries])
         out.append(b"\x0a" + varint(len(body)) + body)
     return b"".join(out)
 
 
 def json_request(records: list[tuple[str, int, bytes]], label_json: dict[str, bytes]) -> bytes:
     """The JSON push body from (selector, time ns, value-array bytes) records."""
-    streams: dict[str, list[tuple[int, bytes]]] = {}
-    for selector, ts, value in records:
-        streams.setdefault(selector, []).append((ts, value))
-    parts = []
-    for selector, entries in streams.items():
-        entries.sort(key=itemgetter(0))
-        parts.append(b'{"stream":' + label_json[selector] + b',"values":[' + b",".join(e for _, e in entries)
-                     + b"]}")
+    parts = [b'{"stream":' + label_json[selector] + b',"values":[' + b",".join(entries) + b"]}"
+             for selector, entries in streams(records).items()]
     return b'{"streams":[' + b",".join(parts) + b"]}"
 
 
@@ -379,20 +360,20 @@ def _classify(text: str) -> str:
 # The sink
 # ---------------------------------------------------------------------------------------------
 
-class LokiSink(Sink):
+class LokiSink(DeliverySink):
     """Pushes flows (and aggregate rows) to a Loki push endpoint."""
+
+    log_name = "loki"
 
     def __init__(self, config: LokiSinkConfig, ctx: Context) -> None:
         super().__init__(config, ctx)
         self._label_json: dict[str, bytes] = {}
         self._headers: dict[str, str] = {}
         self._http = None
-        self._delivery: Delivery | None = None
         self._oversize = ctx.metrics.counter("flowship_loki_truncated_lines_total",
                                              "Lines cut to max_line_bytes.", ["sink"]).labels(ctx.name)
 
-    # -- lifecycle ------------------------------------------------------------------------
-    def start(self) -> None:
+    def connect(self) -> dict[str, Any]:
         c = self.config
         headers = {"User-Agent": "flowship"}
         if c.encoding == "protobuf":
@@ -403,94 +384,71 @@ class LokiSink(Sink):
                 headers["Content-Encoding"] = "gzip"
         if c.tenant:
             headers["X-Scope-OrgID"] = c.tenant
-        headers.update(http.auth_headers(c.username, c.password, c.bearer_token))
-        headers.update(http.resolve_headers(c.headers))
+        headers.update(c.request_headers())
         self._headers = headers
-        self._http = http.pool(c.tls_ca_file, c.tls_verify, c.retry.concurrency)
-        path = c.dead_letter_path or default_dead_letter_path(self.ctx)
-        self._delivery = Delivery(self.ctx, c.batch, c.retry, self._send,
-                                  DeadLetterWriter(path, self.ctx.name, self.ctx), self._describe)
-        self.ctx.log.info("loki sink ready", url=c.url, encoding=c.encoding, labels=sorted(c.labels),
-                          dead_letter_path=str(path))
+        self._http = http_client.pool(c, c.retry.concurrency)
+        return {"url": c.url, "encoding": c.encoding, "labels": sorted(c.labels)}
 
-    def write(self, env: Envelope) -> None:
-        records, sizes, refused = self.encode(env.batch, env.kind)
-        self._delivery.submit(env, records, sizes, refused)
-
-    def tick(self, now_ns: int) -> None:
-        self._delivery.tick()
-
-    def flush(self) -> None:
-        self._delivery.flush()
-
-    def close(self) -> None:
-        if self._delivery is not None:
-            self._delivery.close()
+    def disconnect(self) -> None:
         if self._http is not None:
             self._http.clear()
 
     # -- encoding -------------------------------------------------------------------------
-    def encode(self, batch: pa.RecordBatch, kind: str = "flows") -> tuple[list, np.ndarray, list]:
+    def encode_flows(self, batch: pa.RecordBatch) -> tuple[list, np.ndarray, list]:
+        c = self.config
+        selectors = label_selectors(batch, c.labels, c.static_labels)
+        times = batch.column("time").cast(pa.int64()).to_numpy(zero_copy_only=False)
+        if c.line_format == "hubble":
+            lines = encode_text_column(batch).cast(pa.binary())
+        else:
+            lines = logfmt_lines(batch).cast(pa.binary())
+        meta_cols = [name for name in c.structured_metadata if name in batch.schema.names]
+        metadata = [(name, nonempty(_as_text(batch.column(name)))) for name in meta_cols]
+        return self._records(selectors, times, lines, metadata)
+
+    def encode_aggregates(self, batch: pa.RecordBatch) -> tuple[list, np.ndarray, list]:
+        c = self.config
+        selectors = label_selectors(batch, c.aggregate_labels, {**c.static_labels, "kind": "aggregates"})
+        times = row_times(batch, "aggregates")
+        if c.aggregate_line_format == "logfmt":
+            lines = logfmt_lines(batch, frozenset()).cast(pa.binary())
+        else:
+            lines = pa.array(aggregate_json(batch), pa.binary())
+        return self._records(selectors, times, lines, [])
+
+    def _records(self, selectors: pa.Array, times: np.ndarray, lines: pa.Array,
+                 metadata: list[tuple[str, pa.Array]]) -> tuple[list, np.ndarray, list]:
         """Records (selector, time ns, payload), their sizes, and refused oversize rows."""
         c = self.config
-        n = batch.num_rows
-        if n == 0:
-            return [], np.zeros(0, dtype=np.int64), []
-        if kind == "flows":
-            selectors = label_selectors(batch, c.labels, c.static_labels)
-            times = batch.column("time").cast(pa.int64()).to_numpy(zero_copy_only=False)
-            if c.line_format == "hubble":
-                lines = encode_text_column(batch).cast(pa.binary())
-            else:
-                lines = logfmt_lines(batch).cast(pa.binary())
-            meta_cols = [name for name in c.structured_metadata if name in batch.schema.names]
-            metadata = [(name, nonempty(_as_text(batch.column(name)))) for name in meta_cols]
-        else:
-            selectors = label_selectors(batch, c.aggregate_labels, {**c.static_labels, "kind": "aggregates"})
-            time_col = next((t for t in ("window_start", "time", "window_end") if t in batch.schema.names), None)
-            if time_col is not None:
-                times = batch.column(time_col).cast(pa.int64()).to_numpy(zero_copy_only=False)
-            else:
-                import time
-
-                times = np.full(n, time.time_ns(), dtype=np.int64)
-            if c.aggregate_line_format == "logfmt":
-                lines = logfmt_lines(batch, frozenset()).cast(pa.binary())
-            else:
-                lines = pa.array([orjson.dumps(row) for row in rows_as_json(batch)], pa.binary())
-            metadata = []
+        n = len(lines)
         refused: list = []
         lengths = pc.binary_length(lines).to_numpy(zero_copy_only=False)
         over = np.flatnonzero(lengths > c.max_line_bytes)
-        keep = None
-        if len(over):
-            if c.on_oversize == "truncate":
-                values = lines.to_pylist()
-                for i in over.tolist():
-                    values[i] = _truncate_utf8(values[i], c.max_line_bytes)
-                lines = pa.array(values, pa.binary())
-                self._oversize.inc(len(over))
-            else:
-                selector_list = selectors.to_pylist()
-                line_list = lines.to_pylist()
-                for i in over.tolist():
-                    refused.append(("line_too_long", f"line of {lengths[i]} bytes exceeds max_line_bytes "
-                                    f"{c.max_line_bytes}", {"labels": selector_list[i], "timestamp": str(times[i]),
-                                                            "line": line_list[i]}))
-                mask = np.ones(n, dtype=bool)
-                mask[over] = False
-                keep = pa.array(mask)
-        if keep is not None:
+        if len(over) and c.on_oversize == "truncate":
+            values = lines.to_pylist()
+            for i in over.tolist():
+                values[i] = _truncate_utf8(values[i], c.max_line_bytes)
+            lines = pa.array(values, pa.binary())
+            self._oversize.inc(len(over))
+        elif len(over):
+            selector_list = selectors.to_pylist()
+            line_list = lines.to_pylist()
+            for i in over.tolist():
+                refused.append(("line_too_long", f"line of {lengths[i]} bytes exceeds max_line_bytes "
+                                f"{c.max_line_bytes}", {"labels": selector_list[i], "timestamp": str(times[i]),
+                                                        "line": line_list[i]}))
+            mask = np.ones(n, dtype=bool)
+            mask[over] = False
+            keep = pa.array(mask)
             selectors = selectors.filter(keep)
             lines = lines.filter(keep)
             times = times[mask]
             metadata = [(name, values.filter(keep)) for name, values in metadata]
+        selector_list = selectors.to_pylist()
         if c.encoding == "protobuf":
             payloads = entry_fields(times, lines, metadata)
         else:
             payloads = self._json_values(times, lines, metadata)
-        selector_list = selectors.to_pylist()
-        if c.encoding == "json":
             for sel in set(selector_list):
                 if sel not in self._label_json:
                     self._label_json[sel] = orjson.dumps(parse_selector(sel))
@@ -512,7 +470,7 @@ class LokiSink(Sink):
         return pa.array(out, pa.binary())
 
     # -- sending --------------------------------------------------------------------------
-    def _send(self, records: list) -> SendResult:
+    def send(self, records: list) -> SendResult:
         c = self.config
         if c.encoding == "protobuf":
             raw = push_request(records)
@@ -522,11 +480,11 @@ class LokiSink(Sink):
             body = json_request(records, self._label_json)
             if c.gzip:
                 body = gzip.compress(body, compresslevel=1)
-        resp = http.post(self._http, c.url, body, self._headers, float(c.retry.request_timeout))
-        http.raise_for_status(resp, _classify)
+        resp = http_client.post(self._http, c.url, body, self._headers, float(c.retry.request_timeout))
+        http_client.raise_for_status(resp.status, resp.data, resp.headers.get("Retry-After"), _classify)
         return SendResult(sent_bytes=len(body))
 
-    def _describe(self, record: tuple[str, int, bytes]) -> dict:
+    def describe(self, record: tuple[str, int, bytes]) -> dict:
         selector, ts, payload = record
         out: dict[str, Any] = {"labels": selector, "timestamp": str(ts)}
         if self.config.encoding == "protobuf":

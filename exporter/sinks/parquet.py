@@ -29,10 +29,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from exporter.components import Context, Sink
-from exporter.config import ByteSize, Duration
-from exporter.model.schema import LOW_CARDINALITY_COLUMNS
-from exporter.pipeline.envelope import Envelope, Receipt
+from flowship.components import Context, Sink
+from flowship.config import ByteSize, Duration, positive_ints
+from flowship.model.schema import LOW_CARDINALITY_COLUMNS
+from flowship.pipeline.envelope import Envelope, Receipt
+from flowship.sinks import row_times, time_column
 
 HOUR_NS = 3600 * 1_000_000_000
 
@@ -50,11 +51,7 @@ class ParquetSinkConfig:
     fsync: bool = True
 
     def validate(self) -> list[str]:
-        problems = []
-        if isinstance(self.max_file_rows, int) and self.max_file_rows < 1:
-            problems.append(f"max_file_rows: expected an integer >= 1, got {self.max_file_rows}")
-        if isinstance(self.row_group_rows, int) and self.row_group_rows < 1:
-            problems.append(f"row_group_rows: expected an integer >= 1, got {self.row_group_rows}")
+        problems = positive_ints(self, "max_file_rows", "row_group_rows")
         if self.compression not in ("zstd", "snappy", "gzip", "lz4", "brotli", "none"):
             problems.append(f"compression: expected one of zstd, snappy, gzip, lz4, brotli, none; got {self.compression!r}")
         return problems
@@ -70,10 +67,6 @@ class _Partition:
     rows: int = 0
     nbytes: int = 0
     opened: float = field(default_factory=time.monotonic)
-
-
-def _time_column(kind: str) -> str:
-    return "time" if kind == "flows" else "window_start"
 
 
 class ParquetSink(Sink):
@@ -98,7 +91,7 @@ class ParquetSink(Sink):
     # -- buffering ----------------------------------------------------------------------------
     def write(self, env: Envelope) -> None:
         batch = env.batch
-        times = batch.column(_time_column(env.kind)).cast(pa.int64()).to_numpy()
+        times = row_times(batch, env.kind)
         hours = times // HOUR_NS
         distinct = np.unique(hours)
         # The envelope's receipts settle once every partition holding its rows is published.
@@ -136,7 +129,7 @@ class ParquetSink(Sink):
             return
         started = time.perf_counter()
         table = pa.Table.from_batches(part.batches).combine_chunks()
-        column = _time_column(part.kind)
+        column = time_column(table, part.kind)
         table = table.take(pc.sort_indices(table, sort_keys=[(column, "ascending")]))
         # Files never exceed max_file_rows even when one batch overshoots the buffer.
         for start in range(0, table.num_rows, self.config.max_file_rows):
@@ -150,7 +143,7 @@ class ParquetSink(Sink):
         directory = self.root / part.kind / f"dt={when:%Y-%m-%d}" / f"hour={when:%H}"
         directory.mkdir(parents=True, exist_ok=True)
         self._seq += 1
-        first = table.column(_time_column(part.kind))[0].cast(pa.int64()).as_py()
+        first = table.column(time_column(table, part.kind))[0].cast(pa.int64()).as_py()
         name = f"{self.ctx.node_name}-{first}-{self._seq:06d}-{uuid.uuid4().hex[:8]}.parquet"
         final = directory / name
         tmp = directory / f".{name}.tmp"

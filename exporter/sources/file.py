@@ -36,11 +36,11 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from exporter.components import Context, Emit, Source
-from exporter.config import ByteSize, Duration
-from exporter.model.schema import empty_flows
-from exporter.pipeline.checkpoint import CheckpointStore, OrderedAcks
-from exporter.sources.lines import BatchAccumulator, LineDecoder, LineStats, split_complete
+from flowship.components import Context, Emit, Source
+from flowship.config import ByteSize, Duration
+from flowship.model.schema import empty_flows
+from flowship.pipeline.checkpoint import CheckpointStore, OrderedAcks
+from flowship.sources.lines import BOM, BatchAccumulator, LineDecoder, LineStats, opens_document, split_complete
 
 
 @dataclass
@@ -86,6 +86,8 @@ def fingerprint_head(head: bytes, complete_only: bool) -> str | None:
     """
     head = head[:FINGERPRINT_BYTES]
     cut = head.find(b"\n")
+    if cut >= 0 and opens_document(head[:cut].removeprefix(BOM)):
+        cut = -1  # "[" or "{" opens every pretty-printed file alike: take the first KiB instead
     if cut >= 0:
         head = head[:cut + 1]
     elif len(head) < FINGERPRINT_BYTES and (complete_only or not head):
@@ -269,6 +271,9 @@ class FileSource(Source):
             matches = sorted(glob.glob(os.path.expanduser(pattern)))
             if not matches and not glob.has_magic(pattern) and not self.config.follow:
                 raise FileNotFoundError(f"{pattern}: no such file")
+            if not glob.has_magic(pattern) and os.path.isdir(os.path.expanduser(pattern)):
+                raise IsADirectoryError(f"{pattern}: is a directory; paths: takes files or glob patterns "
+                                        f"(for example {os.path.join(pattern, '*.log')})")
             for m in matches:
                 if m not in found and os.path.isfile(m):
                     found.append(m)
@@ -332,13 +337,17 @@ class FileSource(Source):
             lines, eof = self._read_some(f)
             if eof and final:
                 lines += self._final_line(f)
-            if lines:
-                batch = f.decoder.decode(lines)
+            batches = [f.decoder.decode(lines)] if lines else []
+            if eof and final and f.decoder.in_document:
+                batches.append(f.decoder.finish())  # JSON documents are decoded whole, at the end
+            if batches and not f.decoder.in_document:
                 # A batch can hold lines of several files, and the acknowledgements of several
                 # batches can complete at once (only the newest is reported): so each batch carries
-                # the position of every file read so far, not only of the last one.
+                # the position of every file read so far, not only of the last one. A document
+                # being collected has no position to resume from until it is decoded.
                 self._positions[f.fingerprint] = f.position()
-                acc.add(batch, tuple(self._positions.values()))
+                for batch in batches:
+                    acc.add(batch, tuple(self._positions.values()))
                 if acc.full:
                     self._emit(emit, acc)
             if eof:

@@ -37,12 +37,13 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from exporter.components import Context, Emit, Source
-from exporter.config import Duration
-from exporter.pipeline.checkpoint import CheckpointStore, OrderedAcks
-from exporter.pipeline.envelope import Receipt
-from exporter.proto.flow import flow_pb2
-from exporter.proto.observer import observer_pb2, observer_pb2_grpc
+from flowship.components import Context, Emit, Source
+from flowship.config import Duration
+from flowship.model.proto import timestamp_ns
+from flowship.pipeline.checkpoint import CheckpointStore, OrderedAcks
+from flowship.pipeline.envelope import Receipt
+from flowship.proto.flow import flow_pb2
+from flowship.proto.observer import observer_pb2, observer_pb2_grpc
 
 # gRPC status codes that no retry can fix.
 _FATAL = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED,
@@ -150,7 +151,7 @@ def parse_filters(items: list[Any], key: str) -> tuple[list[flow_pb2.FlowFilter]
 
 def parse_since(value: str, now_ns: int | None = None) -> int:
     """RFC 3339 time, or a duration ("10m", "1h") meaning that long ago → ns since the epoch."""
-    from exporter.model.hubble_json import parse_time
+    from flowship.model.times import parse_time
 
     try:
         return parse_time(value)
@@ -376,7 +377,7 @@ class HubbleSource(Source):
         ``self.position`` follows every emitted batch, also when the stream
         then breaks, so the next stream resumes right after it.
         """
-        from exporter.model.proto import from_flow_messages
+        from flowship.model.proto import from_flow_messages
 
         position = self.position
         stub = observer_pb2_grpc.ObserverStub(channel)
@@ -439,8 +440,8 @@ class HubbleSource(Source):
                 kind = item.WhichOneof("response_types")
                 if kind == "flow":
                     flow = item.flow
-                    t = flow.time.ToNanoseconds() if flow.HasField("time") else (
-                        item.time.ToNanoseconds() if item.HasField("time") else None)
+                    t = timestamp_ns(flow.time) if flow.HasField("time") else (
+                        timestamp_ns(item.time) if item.HasField("time") else None)
                     if skip_before is not None and t is not None and (
                             t < skip_before.time_ns or (t == skip_before.time_ns and flow.uuid in skip_before.uuids)):
                         self.skipped_duplicates += 1

@@ -41,24 +41,24 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from exporter.components import Context, Emit, Source
-from exporter.config import Duration
-from exporter.model import ecs
-from exporter.model.ids import complete
-from exporter.model.schema import FLOW_SCHEMA, empty_flows
-from exporter.pipeline.envelope import Receipt
-from exporter.sinks.delivery import DeadLetterWriter, default_dead_letter_path
-from exporter.sinks.kafka import client_logger, security_settings
+from flowship.components import Context, Emit, Source
+from flowship.config import Duration, positive_ints
+from flowship.kafka import KafkaConnectionConfig, client_logger
+from flowship.model import ecs_decode
+from flowship.model.ids import complete
+from flowship.model.schema import FLOW_SCHEMA, empty_flows
+from flowship.pipeline.envelope import Receipt
+from flowship.sinks.delivery import DeadLetterWriter, default_dead_letter_path
 
 Encoding = Literal["auto", "hubble-json", "protobuf", "ecs-json", "arrow"]
 MAX_REPORTED = 20  # undecodable messages logged one by one; after that only counted
 
 
 @dataclass
-class KafkaSourceConfig:
-    """``type: kafka`` source — see docs/sinks.md (Kafka source)."""
+class KafkaSourceConfig(KafkaConnectionConfig):
+    """``type: kafka`` source — see docs/sinks.md (Kafka source). Connection and security keys:
+    :class:`flowship.kafka.KafkaConnectionConfig`."""
 
-    brokers: str | list[str] = "127.0.0.1:9092"
     topic: str | None = None  # default: flowship.flows
     topics: list[str] = field(default_factory=list)
     group_id: str = "flowship-export"
@@ -71,15 +71,6 @@ class KafkaSourceConfig:
     session_timeout: Duration = Duration(30.0)
     max_poll_interval: Duration = Duration(300.0)
     assignment_strategy: Literal["cooperative-sticky", "range", "roundrobin"] = "cooperative-sticky"
-    client_id: str = "flowship"
-    security_protocol: Literal["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"] = "plaintext"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
-    sasl_username: str | None = None
-    sasl_password: str | None = field(default=None, repr=False)
-    ssl_ca_location: str | None = None
-    ssl_certificate_location: str | None = None
-    ssl_key_location: str | None = None
-    ssl_key_password: str | None = field(default=None, repr=False)  # passphrase of the key, env:NAME or file:PATH
     librdkafka: dict[str, str] = field(default_factory=dict)
     dead_letter_path: str | None = None  # rejected messages; default <data_dir>/dead-letter/source-<name>.jsonl
 
@@ -94,28 +85,21 @@ class KafkaSourceConfig:
             problems.append("topics: give either topic or topics")
         if not self.group_id:
             problems.append("group_id: a consumer group id is needed")
-        if isinstance(self.batch_rows, int) and self.batch_rows < 1:
-            problems.append(f"batch_rows: expected an integer >= 1, got {self.batch_rows}")
-        if self.security_protocol.startswith("sasl") and not self.sasl_username:
-            problems.append("sasl_username: required with a sasl_* security_protocol")
-        return problems
+        problems += positive_ints(self, "batch_rows")
+        return problems + self.connection_problems()
 
 
 def consumer_config(c: KafkaSourceConfig) -> dict[str, Any]:
-    brokers = c.brokers if isinstance(c.brokers, str) else ",".join(c.brokers)
     conf: dict[str, Any] = {
-        "bootstrap.servers": brokers,
+        **c.client_settings(),
         "group.id": c.group_id,
-        "client.id": c.client_id,
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         "auto.offset.reset": c.start_from,
         "session.timeout.ms": int(float(c.session_timeout) * 1000),
         "max.poll.interval.ms": int(float(c.max_poll_interval) * 1000),
         "partition.assignment.strategy": c.assignment_strategy,
-        "security.protocol": c.security_protocol,
     }
-    conf.update(security_settings(c))
     conf.update(c.librdkafka or {})
     return conf
 
@@ -247,7 +231,7 @@ def detect_encoding(headers: list[tuple[str, bytes]] | None, value: bytes) -> st
 def decode_messages(values: list[bytes], encoding: str) -> tuple[pa.RecordBatch, list[tuple[int, str]]]:
     """Decode message values of one encoding; returns (batch, [(index, reason)])."""
     if encoding == "hubble-json":
-        from exporter.model.hubble_json import decode_lines
+        from flowship.model.hubble_decode import decode_lines
 
         bad: list[tuple[int, str]] = []
         if any(b"\n" in v for v in values):
@@ -264,8 +248,8 @@ def decode_messages(values: list[bytes], encoding: str) -> tuple[pa.RecordBatch,
             bad.append((max(0, number - 1), reason))
         return result.batch, bad  # lost_events / node status lines are neither flows nor errors
     if encoding == "protobuf":
-        from exporter.model.proto import from_flow_messages
-        from exporter.proto.flow import flow_pb2
+        from flowship.model.proto import from_flow_messages
+        from flowship.proto.flow import flow_pb2
 
         msgs, indexes, bad = [], [], []
         for i, v in enumerate(values):
@@ -288,7 +272,7 @@ def decode_messages(values: list[bytes], encoding: str) -> tuple[pa.RecordBatch,
                     bad.append((i, f"flow.Flow value out of range: {exc}"))
             return (pa.concat_batches(good) if good else empty_flows()), sorted(bad)
     if encoding == "ecs-json":
-        return ecs.decode_ndjson(values)
+        return ecs_decode.decode_ndjson(values)
     if encoding == "arrow":
         batches, bad = [], []
         for i, v in enumerate(values):

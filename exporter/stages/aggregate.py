@@ -36,9 +36,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from exporter.components import Stage
-from exporter.config import Duration
-from exporter.model.aggregate_schema import (
+from flowship.components import Stage
+from flowship.config import Duration
+from flowship.model.aggregate_schema import (
     DEFAULT_GROUP_BY,
     DERIVED_KEYS,
     aggregate_schema,
@@ -46,9 +46,9 @@ from exporter.model.aggregate_schema import (
     key_columns,
     key_type,
 )
-from exporter.model.ids import connection_hashes, mix64
-from exporter.pipeline.envelope import Envelope, Receipt
-from exporter.stages.columns import as_array, uint_values
+from flowship.model.columns import as_array, uint_values
+from flowship.model.ids import connection_hashes, mix64
+from flowship.pipeline.envelope import Envelope, Receipt
 
 BUCKETS_PER_OCTAVE = 16
 RELATIVE_ERROR = 2 ** (1 / (2 * BUCKETS_PER_OCTAVE)) - 1

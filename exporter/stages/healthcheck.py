@@ -6,7 +6,7 @@ flows of a quiet cluster and tell nothing about the application. Each rule
 is a column mask; the rules that recognise a request by its HTTP content
 (User-Agent, path) also remove the rest of that exchange: the response has
 no User-Agent, and the TCP flows of the connection carry no HTTP at all, so
-they are matched by their connection hash (``exporter.model.ids``), which is
+they are matched by their connection hash (``flowship.model.ids``), which is
 the same for both directions and for L3/L4 and L7 flows of one connection.
 
 Pairing rule, precisely: when a flow is removed by an HTTP rule
@@ -29,10 +29,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from exporter.components import Stage
-from exporter.config import Duration
-from exporter.model.ids import connection_hashes
-from exporter.stages.columns import filter_rows, list_any, not_null, to_mask, uint_values, url_path
+from flowship.components import Stage
+from flowship.config import Duration
+from flowship.model.columns import list_any, not_null, to_mask, uint_values, url_path
+from flowship.model.ids import connection_hashes
+from flowship.stages.columns import filter_rows
 
 DEFAULT_PATHS = ["/healthz", "/readyz", "/livez", "/health", "/ping"]
 

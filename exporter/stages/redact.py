@@ -49,8 +49,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from exporter.components import Stage
-from exporter.model.schema import FLOW_SCHEMA
+from flowship.components import Stage
+from flowship.model.schema import FLOW_SCHEMA
 
 SPECIAL_FIELDS = ("http_url_query", "http_header_values", "ip")
 IP_COLUMNS = ("ip_src", "ip_dst", "ip_src_xlated")

@@ -1,7 +1,7 @@
 """The ``sample`` stage: keep 1 in N connections, whole, the same way everywhere.
 
 The decision is a pure function of the flow's connection hash
-(``exporter.model.ids.connection_hashes``: both directions, L3/L4 and L7
+(``flowship.model.ids.connection_hashes``: both directions, L3/L4 and L7
 flows of one connection share it), the stage's ``seed`` and the flow's
 incoming ``sample_rate``:
 
@@ -30,10 +30,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from exporter.components import Stage
-from exporter.model.ids import connection_hashes, mix64
-from exporter.stages.columns import filter_rows, uint_values
-from exporter.stages.filter import compile_filter_list, filter_problems
+from flowship.components import Stage
+from flowship.model.columns import uint_values
+from flowship.model.flowfilter import compile_filter_list, filter_problems
+from flowship.model.ids import connection_hashes, mix64
+from flowship.stages.columns import filter_rows
 
 DEFAULT_ALWAYS_KEEP: list[dict[str, Any]] = [
     {"verdict": ["DROPPED", "ERROR"]},

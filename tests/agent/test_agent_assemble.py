@@ -11,14 +11,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from agent import events as ev
-from agent.assemble import AssembleConfig, Assembler, hash128, uuid_strings
-from agent.capture import LOSS_STATS, CaptureBatch
-from agent.drop_reasons import HUBBLE_DROP_REASONS
-from agent.kernel_drops import DropReasons
-from exporter.metrics import Metrics
-from exporter.model.ids import digest_uuid
-from exporter.model.schema import FLOW_SCHEMA
+from flowship.agent import events as ev
+from flowship.agent.assemble import AssembleConfig, Assembler, hash128, uuid_strings
+from flowship.agent.capture import LOSS_STATS, CaptureBatch
+from flowship.agent.drop_reasons import HUBBLE_DROP_REASONS
+from flowship.agent.kernel_drops import DropReasons
+from flowship.metrics import Metrics
+from flowship.model.ids import digest_uuid
+from flowship.model.schema import FLOW_SCHEMA
 
 WALL = 1_700_000_000_000_000_000
 KERNEL_REASONS = {f"SKB_DROP_REASON_{name}": i + 2 for i, name in enumerate(

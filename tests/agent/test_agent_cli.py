@@ -20,11 +20,11 @@ import netns
 import pyarrow.dataset as ds
 import pytest
 
-from agent import loader
-from agent import topology as topo
-from agent.attach import enter_netns
-from agent.cli import with_agent_source
-from exporter.config import load_text
+from flowship.agent import loader
+from flowship.agent import topology as topo
+from flowship.agent.attach import call_in_netns
+from flowship.agent.cli import with_agent_source
+from flowship.config import load_text
 
 pytestmark = pytest.mark.kernel
 
@@ -60,7 +60,7 @@ sinks:
 
 
 def start_agent(cfg: Path, *extra: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", "--log-format", "json", "agent", "--config",
+    proc = subprocess.Popen([sys.executable, "-m", "flowship.cli", "--log-format", "json", "agent", "--config",
                              str(cfg), "--no-progress", *extra], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
@@ -75,29 +75,11 @@ def start_agent(cfg: Path, *extra: str) -> subprocess.Popen[str]:
     pytest.fail(f"flowship agent did not start capturing: {err}")
 
 
-def _in_netns(ns: str, fn):  # noqa: ANN001, ANN202
-    box: dict = {}
-
-    def body() -> None:
-        try:
-            enter_netns(ns)
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            box["error"] = exc
-
-    th = threading.Thread(target=body)
-    th.start()
-    th.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
 def attachments(t: topo.Topology) -> dict[str, list]:
     """tcx programs, tc filters and clsact qdiscs on the node namespace's pod veths."""
     links = json.loads(topo.sh("ip", "-n", t.node, "-j", "link", "show").stdout)
     ifindexes = {link["ifname"]: link["ifindex"] for link in links if link["ifname"].startswith("v-")}
-    tcx = _in_netns(t.node, lambda: [(name, pid) for name, ix in ifindexes.items()
+    tcx = call_in_netns(t.node, lambda: [(name, pid) for name, ix in ifindexes.items()
                                      for kind in (loader.BPF_TCX_INGRESS, loader.BPF_TCX_EGRESS)
                                      for pid in loader.prog_query(ix, kind)])
     filters = [(name, d) for name in ifindexes for d in ("ingress", "egress")
@@ -167,7 +149,7 @@ def test_missing_capabilities_are_named(tmp_path: Path) -> None:
     cfg.write_text(f"data_dir: {tmp_path}/state\nsources: [{{type: agent, observer: {{enabled: false}}}}]\n"
                    f"sinks: [{{type: parquet, path: {tmp_path}/flows}}]\n")
     res = subprocess.run(["setpriv", "--bounding-set", "-bpf,-perfmon,-net_admin,-sys_admin", sys.executable, "-m",
-                          "exporter.cli", "agent", "--config", str(cfg)], cwd=REPO, capture_output=True, text=True,
+                          "flowship.cli", "agent", "--config", str(cfg)], cwd=REPO, capture_output=True, text=True,
                          timeout=60)
     assert res.returncode == 1
     assert "flowship agent cannot start" in res.stderr
@@ -186,9 +168,9 @@ def test_observer_serves_the_agents_flows(net: topo.Topology, tmp_path: Path) ->
     """The flows the agent emits are also what `hubble observe` gets from its Observer server."""
     import grpc
 
-    from exporter.metrics import Metrics
-    from exporter.pipeline.runtime import Pipeline
-    from exporter.proto.observer import observer_pb2, observer_pb2_grpc
+    from flowship.metrics import Metrics
+    from flowship.pipeline.runtime import Pipeline
+    from flowship.proto.observer import observer_pb2, observer_pb2_grpc
 
     config = load_text(f"""
 node_name: obs-node

@@ -1,6 +1,6 @@
 """The agent end to end: the seed's topology in namespaces, the agent pipeline, Parquet and Hubble JSON out.
 
-frontend → product-api → database (+ dnsmasq, + an nftables DROP) from :mod:`agent.topology`. The agent
+frontend → product-api → database (+ dnsmasq, + an nftables DROP) from :mod:`flowship.agent.topology`. The agent
 source runs in-process in a Pipeline, attached to the host-side veths inside the node namespace, and
 writes Parquet, a Hubble JSON file and a second Parquet sink behind the healthcheck stage. tcpdump
 records the product-api and database veths at the same time; every count, flag and time asserted
@@ -23,11 +23,11 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from agent import topology as topo
-from agent.source import AgentSource
-from exporter.config import load_text
-from exporter.metrics import Metrics
-from exporter.pipeline.runtime import Pipeline, RunSummary
+from flowship.agent import topology as topo
+from flowship.agent.source import AgentSource
+from flowship.config import load_text
+from flowship.metrics import Metrics
+from flowship.pipeline.runtime import Pipeline, RunSummary
 
 pytestmark = pytest.mark.kernel
 

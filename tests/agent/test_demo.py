@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_demo_prints_latency_per_hop_and_the_dropped_calls(tmp_path):
     if os.geteuid() != 0:
         pytest.fail("flowship demo needs root (network namespaces, eBPF): run the tests as root")
-    proc = subprocess.run([sys.executable, "-m", "exporter.cli", "--log-level", "warning", "demo", "--out",
+    before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    proc = subprocess.run([sys.executable, "-m", "flowship.cli", "--log-level", "warning", "demo", "--out",
                            str(tmp_path / "demo")], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
@@ -36,6 +37,6 @@ def test_demo_prints_latency_per_hop_and_the_dropped_calls(tmp_path):
     drops = out[out.index("2. Which calls were dropped"):]
     topology_rows = [line for line in drops.splitlines() if "production/" in line or "10.99.0." in line]
     assert len(topology_rows) == 1, topology_rows  # the denied port only: no rows for normal closes
-    # nothing left behind
-    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert "fs-node-" not in left and "fs-frontend-" not in left
+    # nothing left behind (namespaces that were there before belong to someone else)
+    left = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()) - before
+    assert not [n for n in left if n.startswith(("fs-node-", "fs-frontend-"))], left

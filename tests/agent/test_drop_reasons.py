@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import drop_reasons as dr
-from exporter.config import ConfigError, load_text
+from flowship.agent import drop_reasons as dr
+from flowship.config import ConfigError, load_text
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "agent.md"
 

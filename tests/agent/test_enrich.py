@@ -11,9 +11,7 @@ import subprocess
 import pyarrow as pa
 import pytest
 
-from agent.enrich import (
-    NLMSG_DONE,
-    NLMSG_ERROR,
+from flowship.agent.enrich import (
     RTM_NEWADDR,
     EndpointInfo,
     EnrichConfig,
@@ -24,8 +22,9 @@ from agent.enrich import (
     parse_addr_messages,
     workload_of,
 )
-from exporter.config import ConfigError, parse
-from exporter.model.schema import flows_from_rows
+from flowship.agent.netlink import NLMSG_DONE, NLMSG_ERROR
+from flowship.config import ConfigError, parse
+from flowship.model.schema import flows_from_rows
 
 STATIC = {
     "detect_host_ips": False,

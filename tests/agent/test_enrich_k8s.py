@@ -13,7 +13,6 @@ import base64
 import copy
 import json
 import ssl
-import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,18 +20,13 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
+from certs import make_pki
 
-from agent.enrich import (
-    EnrichConfig,
-    Enricher,
-    KubeConfigError,
-    identity_for_labels,
-    in_cluster_credentials,
-    kubeconfig_credentials,
-)
-from exporter.config import parse
-from exporter.metrics import Metrics
-from exporter.model.schema import flows_from_rows
+from flowship.agent.enrich import EnrichConfig, Enricher, identity_for_labels
+from flowship.agent.kubernetes import KubeConfigError, in_cluster_credentials, kubeconfig_credentials
+from flowship.config import parse
+from flowship.metrics import Metrics
+from flowship.model.schema import flows_from_rows
 
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.test-token"
 
@@ -295,25 +289,9 @@ class FakeKubeAPI:
 
 # -- PKI --------------------------------------------------------------------------------------
 
-def make_pki(directory: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl CLI)."""
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-        "-subj", "/CN=flowship-test-ca")
-    for name, ext in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", "extendedKeyUsage=clientAuth")):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", f"/CN={name}")
-        (directory / f"{name}.ext").write_text(ext + "\n")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
-    return {n: directory / n for n in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> dict[str, Path]:
-    return make_pki(tmp_path_factory.mktemp("pki"))
+    return make_pki(tmp_path_factory.mktemp("pki"), server_names="IP:127.0.0.1,DNS:localhost")
 
 
 @pytest.fixture()

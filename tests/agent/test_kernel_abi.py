@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent import btf, events
-from agent.kernel_drops import DropReasons
-from agent.loader import DEFAULT_OBJECT
-from agent.ringbuf import BUSY_BIT, DISCARD_BIT, committed_prefix
+from flowship.agent import btf, events
+from flowship.agent.kernel_drops import DropReasons
+from flowship.agent.loader import DEFAULT_OBJECT
+from flowship.agent.ringbuf import BUSY_BIT, DISCARD_BIT, committed_prefix
 
 REPO = Path(__file__).resolve().parents[2]
 HEADER_DIR = REPO / "bpf"

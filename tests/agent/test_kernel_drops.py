@@ -18,23 +18,23 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import netns
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from agent import btf, drop_reasons, kernel_features, loader
-from agent.assemble import AssembleConfig, Assembler
-from agent.capture import CaptureBatch, CaptureConfig, KernelCapture
-from agent.kernel_drops import DropReasons
-from exporter.metrics import Metrics
-from exporter.report import dropped_calls
+from flowship.agent import btf, drop_reasons
+from flowship.agent.assemble import AssembleConfig, Assembler
+from flowship.agent.capture import CaptureBatch, CaptureConfig, KernelCapture
+from flowship.agent.kernel_drops import DropReasons
+from flowship.metrics import Metrics
+from flowship.report import dropped_calls
 
 pytestmark = pytest.mark.kernel
 
@@ -134,44 +134,19 @@ class Pair:
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[Pair]:
-    if os.geteuid() != 0:
-        pytest.fail("the kernel drop test needs root (eBPF, network namespaces, nftables): run pytest as root")
-    if not loader.DEFAULT_OBJECT.exists():
-        pytest.fail(f"{loader.DEFAULT_OBJECT} is missing: build it with `make -C bpf`")
-    missing = [f"{tool} (apt-get install {pkg})" for tool, pkg in (("ip", "iproute2"), ("nft", "nftables"))
-               if not shutil.which(tool)]
-    if missing:
-        pytest.fail("missing tools: " + ", ".join(missing))
-    features = kernel_features.check()
-    problems = features.problems() + features.warnings()
-    if problems:
-        pytest.fail("the kernel cannot report drops here:\n" + "\n".join(problems))
+    netns.require_root("the kernel drop test needs root (eBPF, network namespaces, nftables)")
+    netns.require_tools({"ip": "iproute2", "nft": "nftables"})
+    netns.require_ebpf(drops=True)
     tag = f"{os.getpid() % 100000:05d}"
     p = Pair(cli=f"fsd-c{tag}", srv=f"fsd-s{tag}", srv_if=f"fds{tag}")
-    try:
-        sh("ip", "netns", "add", p.cli)
-        sh("ip", "netns", "add", p.srv)
-        sh("ip", "link", "add", f"fdc{tag}", "netns", p.cli, "type", "veth", "peer", "name", p.srv_if, "netns", p.srv)
-        for ns, ifname, v4, v6 in ((p.cli, f"fdc{tag}", p.cli4, p.cli6), (p.srv, p.srv_if, p.srv4, p.srv6)):
-            sh("ip", "-n", ns, "addr", "add", f"{v4}/24", "dev", ifname)
-            sh("ip", "-n", ns, "addr", "add", f"{v6}/64", "dev", ifname, "nodad")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-            sh("ip", "-n", ns, "link", "set", ifname, "up")
+    # links up and neighbours resolved before the capture starts
+    with netns.veth_pair(p.cli, p.srv, f"fdc{tag}", p.srv_if, (p.cli4, p.cli6), (p.srv4, p.srv6)):
         rules = ("add table inet fsdrops\n"
                  "add chain inet fsdrops input { type filter hook input priority 0; policy accept; }\n"
                  f"add rule inet fsdrops input tcp dport {DENIED} drop\n")
         subprocess.run(["ip", "netns", "exec", p.srv, "nft", "-f", "-"], input=rules, text=True, check=True,
                        capture_output=True)
-        for addr in (p.srv4, p.srv6):  # links up and neighbours resolved before the capture starts
-            deadline = time.monotonic() + 20
-            while sh("ip", "netns", "exec", p.cli, "ping", "-c", "1", "-W", "1", addr, check=False).returncode:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"{addr} unreachable over the test veth pair")
-                time.sleep(0.2)
         yield p
-    finally:
-        for ns in (p.cli, p.srv):
-            sh("ip", "netns", "del", ns, check=False)
 
 
 def run_traffic(p: Pair) -> tuple[dict, CaptureBatch]:

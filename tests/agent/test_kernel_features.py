@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from agent import btf, kernel_features, loader
-from agent.capture import CaptureConfig, KernelCapture
-from exporter.metrics import Metrics
+from flowship.agent import btf, kernel_features, loader
+from flowship.agent.capture import CaptureConfig, KernelCapture
+from flowship.metrics import Metrics
 
 pytestmark = pytest.mark.kernel
 

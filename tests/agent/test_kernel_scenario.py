@@ -1,6 +1,6 @@
 """The namespace scenario straight from the capture: lean enough to run in every VM of the kernel matrix.
 
-agent.topology's frontend → product-api → database chain (HTTP 200, slow 200 and 503 responses on
+flowship.agent.topology's frontend → product-api → database chain (HTTP 200, slow 200 and 503 responses on
 keep-alive and fresh connections, a kube-probe, DNS, and a connection to a port that nftables drops)
 with KernelCapture attached to the node's veths. No pipeline or pyarrow, so that an emulated VM (tests/vm)
 spends its time on the kernel, not on imports. Checked against what the client itself saw: its ports,
@@ -18,10 +18,10 @@ import netns
 import numpy as np
 import pytest
 
-from agent import events as ev
-from agent import topology as topo
-from agent.capture import CaptureBatch, CaptureConfig, KernelCapture
-from agent.kernel_drops import DropReasons
+from flowship.agent import events as ev
+from flowship.agent import topology as topo
+from flowship.agent.capture import CaptureBatch, CaptureConfig, KernelCapture
+from flowship.agent.kernel_drops import DropReasons
 
 pytestmark = pytest.mark.kernel
 

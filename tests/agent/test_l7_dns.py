@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.l7_dns import DnsMessage, DnsPairer, ParseError, parse_dns, read_name, type_name
-from exporter.model.schema import FLOW_SCHEMA
+from flowship.agent.l7_dns import DnsMessage, DnsPairer, ParseError, parse_dns, read_name, type_name
+from flowship.model.schema import FLOW_SCHEMA
 
 
 def qname(name: str) -> bytes:

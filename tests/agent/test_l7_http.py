@@ -14,8 +14,9 @@ import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tcp_relay import TcpRelay
 
-from agent.l7_http import (
+from flowship.agent.l7_http import (
     HttpPairer,
     HttpRequest,
     HttpResponse,
@@ -26,7 +27,7 @@ from agent.l7_http import (
     parse_http,
     parse_http_messages,
 )
-from exporter.model.schema import FLOW_SCHEMA
+from flowship.model.schema import FLOW_SCHEMA
 
 REQ = (b"GET /products/123?color=red HTTP/1.1\r\n"
        b"Host: product-api.production.svc:8080\r\n"
@@ -201,7 +202,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-class RecordingRelay:
+class RecordingRelay(TcpRelay):
     """A TCP relay between a client and a server that records every chunk it forwards.
 
     Each recv() on either side is one "payload event", like the kernel's
@@ -209,27 +210,11 @@ class RecordingRelay:
     """
 
     def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
         self.events: list[tuple[int, int, bytes]] = []
         self.lock = threading.Lock()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.threads: list[threading.Thread] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(upstream)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self.upstream)
-            for src, dst, direction in ((client, server, 0), (server, client, 1)):
-                t = threading.Thread(target=self._pump, args=(src, dst, direction), daemon=True)
-                t.start()
-                self.threads.append(t)
-
-    def _pump(self, src: socket.socket, dst: socket.socket, direction: int) -> None:
+    def pump(self, src: socket.socket, dst: socket.socket, direction: int) -> None:
         while True:
             try:
                 data = src.recv(65536)

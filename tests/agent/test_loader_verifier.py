@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import loader
+from flowship.agent import loader
 
 DATA = Path(__file__).resolve().parent / "data"
 REPO = Path(__file__).resolve().parents[2]

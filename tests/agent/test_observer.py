@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from certs import make_pki
 from google.protobuf import field_mask_pb2
 
-from agent.observer import FlowRing, ObserverConfig, ObserverServer, ObserverTLSConfig
-from exporter.config import ConfigError, parse
-from exporter.metrics import Metrics
-from exporter.model.hubble_json import decode_lines
-from exporter.proto.flow import flow_pb2
-from exporter.proto.observer import observer_pb2, observer_pb2_grpc
+from flowship.agent.observer import FlowRing, ObserverConfig, ObserverServer, ObserverTLSConfig
+from flowship.config import ConfigError, parse
+from flowship.metrics import Metrics
+from flowship.model.hubble_decode import decode_lines
+from flowship.proto.flow import flow_pb2
+from flowship.proto.observer import observer_pb2, observer_pb2_grpc
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +180,7 @@ def test_slow_follower_gets_lost_event(flows) -> None:
     """A follower that stops reading while the ring turns over is told how much it missed."""
     config = ObserverConfig(address="127.0.0.1:0", max_flows=15, lost_event_interval=0.0, follow_poll=0.05)
     server = ObserverServer(config, Metrics(), node_name="node-1")
-    from agent.observer import _Query
+    from flowship.agent.observer import _Query
 
     request = observer_pb2.GetFlowsRequest(follow=True)
     request.since.FromNanoseconds(0)  # everything stored, then follow
@@ -215,6 +214,10 @@ def test_slow_grpc_follower_accounts_for_every_flow(flows) -> None:
         published = 0
         big = pa.Table.from_batches([flows] * 8).combine_chunks().to_batches()[0]  # ~15k flows
         it = iter(call)
+        deadline = time.monotonic() + 30
+        while server.followers() < 1 and time.monotonic() < deadline:  # a flow published earlier is not followed
+            time.sleep(0.01)
+        assert server.followers() == 1
         server.publish(flows.slice(0, 1))
         published += 1
         assert next(it).HasField("flow")
@@ -267,24 +270,8 @@ def test_ring_capacity_and_memory(flows) -> None:
         parse(ObserverConfig, {"max_flows": 4096}, "agent.yaml", "observer")
 
 
-def _pki(directory: Path) -> dict[str, Path]:
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-        "-subj", "/CN=flowship-test-ca")
-    for name, ext in (("server", "subjectAltName=IP:127.0.0.1,DNS:hubble.local"),
-                      ("client", "extendedKeyUsage=clientAuth")):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", f"/CN={name}")
-        (directory / f"{name}.ext").write_text(ext + "\n")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
-    return {n: directory / n for n in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
-
-
 def test_mtls(tmp_path, flows) -> None:
-    pki = _pki(tmp_path)
+    pki = make_pki(tmp_path, server_names="IP:127.0.0.1,DNS:hubble.local")
     config = ObserverConfig(address="127.0.0.1:0", tls=ObserverTLSConfig(
         cert_file=str(pki["server.crt"]), key_file=str(pki["server.key"]), client_ca_file=str(pki["ca.crt"])))
     server = ObserverServer(config, Metrics(), node_name="node-1")

@@ -13,9 +13,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from agent.observer import ObserverConfig, ObserverServer
-from exporter.metrics import Metrics
-from exporter.model.hubble_json import decode_lines
+from flowship.agent.observer import ObserverConfig, ObserverServer
+from flowship.metrics import Metrics
+from flowship.model.hubble_decode import decode_lines
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -134,12 +134,12 @@ def test_observe_over_the_default_unix_socket(hubble_cli, server, tmp_path) -> N
 
 def test_observe_with_client_certificates(hubble_cli, server, tmp_path) -> None:
     """Exposed with mTLS: the CLI's --tls flags with a client certificate read it; without one they cannot."""
-    from test_observer import _pki
+    from certs import make_pki
 
-    from agent.observer import ObserverTLSConfig
+    from flowship.agent.observer import ObserverTLSConfig
 
     _, flows = server
-    pki = _pki(tmp_path)
+    pki = make_pki(tmp_path, server_names="IP:127.0.0.1,DNS:hubble.local")  # the CLI checks hubble.local
     srv = ObserverServer(ObserverConfig(address="127.0.0.1:0", tls=ObserverTLSConfig(
         str(pki["server.crt"]), str(pki["server.key"]), str(pki["ca.crt"]))), Metrics(), node_name="node-1")
     srv.start()

@@ -8,42 +8,26 @@ import stat
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import pyarrow as pa
 import pytest
+from certs import make_pki
+from tcp_relay import TcpRelay
 
-from agent.observer import DEFAULT_ADDRESS, ObserverConfig, ObserverServer, ObserverTLSConfig, is_private
-from agent.source import AgentSource
-from exporter.config import ConfigError, load_text, parse
-from exporter.metrics import Metrics
-from exporter.model.hubble_json import decode_lines
-from exporter.pipeline.runtime import Pipeline
-from exporter.proto.observer import observer_pb2, observer_pb2_grpc
+from flowship.agent.observer import DEFAULT_ADDRESS, ObserverConfig, ObserverServer, ObserverTLSConfig, is_private
+from flowship.agent.source import AgentSource
+from flowship.config import ConfigError, load_text, parse
+from flowship.metrics import Metrics
+from flowship.model.hubble_decode import decode_lines
+from flowship.pipeline.runtime import Pipeline
+from flowship.proto.observer import observer_pb2, observer_pb2_grpc
 
 
 @pytest.fixture(scope="module")
 def flows(fixture_files) -> pa.RecordBatch:
     batches = [decode_lines(p.read_bytes()).batch for p in fixture_files]
     return pa.Table.from_batches(batches).sort_by("time").combine_chunks().to_batches()[0]
-
-
-def _pki(directory: Path, clients: tuple[str, ...]) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and one client certificate per CN."""
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-        "-subj", "/CN=observer-test-ca")
-    names = [("server", "subjectAltName=IP:127.0.0.1")] + [(c, "extendedKeyUsage=clientAuth") for c in clients]
-    for name, ext in names:
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", f"/CN={name}")
-        (directory / f"{name}.ext").write_text(ext + "\n")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
-    return {p.name: p for p in directory.iterdir()}
 
 
 def test_default_is_a_private_unix_socket(tmp_path, flows) -> None:
@@ -153,7 +137,7 @@ def _follow(stub: observer_pb2_grpc.ObserverStub) -> tuple[grpc.Future, threadin
 
 def test_idle_followers_cannot_starve_other_clients(tmp_path, flows) -> None:
     """Per-client and total stream limits answer RESOURCE_EXHAUSTED at once, and short calls keep a thread."""
-    pki = _pki(tmp_path, ("alice", "bob", "carol"))
+    pki = make_pki(tmp_path, clients=("alice", "bob", "carol"), ca_name="observer-test-ca")
     config = ObserverConfig(address="127.0.0.1:0", follow_poll=0.05, max_streams=4, max_streams_per_client=2,
                             max_workers=6, tls=ObserverTLSConfig(str(pki["server.crt"]), str(pki["server.key"]),
                                                                  str(pki["ca.crt"])))
@@ -208,29 +192,14 @@ def test_idle_followers_cannot_starve_other_clients(tmp_path, flows) -> None:
         t.join(5)
 
 
-class _PartitionProxy:
+class _PartitionProxy(TcpRelay):
     """A TCP relay that can stop forwarding without closing anything, as a network partition does."""
 
     def __init__(self, port: int) -> None:
-        self.port = port
         self.frozen = threading.Event()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(("127.0.0.1", port))
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.port))
-            self.sockets += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def pump(self, src: socket.socket, dst: socket.socket, direction: int) -> None:
         try:
             while True:
                 while self.frozen.is_set():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from exporter import cli  # noqa: E402
+from flowship import cli  # noqa: E402
 
 WATCH = os.path.realpath(os.environ["FSYNC_WATCH"]) + os.sep
 LOG_FD = os.open(os.environ["FSYNC_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)

@@ -23,6 +23,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,11 @@ class FaultServers:
     run_dir: Path
     ports: dict[str, int]
     log: list[str] = field(default_factory=list)
+    # Addresses, from the ports.
+    kafka: str = field(init=False)
+    opensearch: str = field(init=False)
+    victorialogs: str = field(init=False)
+    loki_push: str = field(init=False)
 
     @property
     def env(self) -> dict[str, str]:
@@ -83,21 +89,11 @@ class FaultServers:
                 "FLOWSHIP_OPENSEARCH_TRANSPORT_PORT": str(p["opensearch_transport"]),
                 "FLOWSHIP_VICTORIALOGS_PORT": str(p["victorialogs"])}
 
-    @property
-    def kafka(self) -> str:
-        return f"127.0.0.1:{self.ports['kafka']}"
-
-    @property
-    def opensearch(self) -> str:
-        return f"http://127.0.0.1:{self.ports['opensearch']}"
-
-    @property
-    def victorialogs(self) -> str:
-        return f"http://127.0.0.1:{self.ports['victorialogs']}"
-
-    @property
-    def loki_push(self) -> str:
-        return f"{self.victorialogs}/insert/loki/api/v1/push"
+    def __post_init__(self) -> None:
+        self.kafka = f"127.0.0.1:{self.ports['kafka']}"
+        self.opensearch = f"http://127.0.0.1:{self.ports['opensearch']}"
+        self.victorialogs = f"http://127.0.0.1:{self.ports['victorialogs']}"
+        self.loki_push = f"{self.victorialogs}/insert/loki/api/v1/push"
 
     def _servers(self, verb: str, *names: str, timeout: float = 600) -> subprocess.CompletedProcess:
         proc = subprocess.run([str(SERVERS), verb, *names], capture_output=True, text=True, timeout=timeout,
@@ -161,7 +157,7 @@ def network_sinks(servers: FaultServers, tag: str, buffer_dir: Path | None, *, k
 
 
 def flowship(*args: str) -> list[str]:
-    return [sys.executable, "-m", "exporter.cli", "--log-format", "json", *args]
+    return [sys.executable, "-m", "flowship.cli", "--log-format", "json", *args]
 
 
 def spawn(cmd: list[str], log_path: Path, cwd: Path) -> subprocess.Popen:
@@ -190,6 +186,31 @@ def stop_process(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+class MonitoredExport:
+    """``flowship export`` serving /metrics on a free port, ended (SIGKILL if still running) on leaving ``with``.
+
+    ``proc``, ``address`` and ``log`` are what a test asserts on; :meth:`samples` scrapes the metrics and
+    :meth:`wait_for` polls, failing with the log's tail if the process exits first.
+    """
+
+    def __init__(self, config: Path, log: Path, dump: Path | None = None) -> None:
+        self.address = f"127.0.0.1:{free_port()}"
+        self.log = log
+        self.proc = spawn_export(config, log, metrics=self.address, dump=dump)
+
+    def __enter__(self) -> MonitoredExport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stop_process(self.proc)
+
+    def samples(self) -> dict[tuple[str, tuple], float]:
+        return scrape(self.address)
+
+    def wait_for(self, what: str, predicate: Callable[[], Any], timeout: float, interval: float = 0.25) -> Any:
+        return wait_for(what, predicate, timeout, interval, proc=self.proc, log_path=self.log)
 
 
 def log_events(log_path: Path) -> list[dict]:
@@ -404,7 +425,7 @@ def victorialogs_uuids(url: str, run: str, expect_at_least: int, timeout: float 
 
 def buffer_uuids(directory: Path) -> list[str]:
     """uuids of the rows a disk buffer would replay: every record after its acknowledged position that checks out."""
-    from exporter.pipeline.disk_buffer import pending_batches
+    from flowship.pipeline.disk_buffer import pending_batches
 
     return [u for batch in pending_batches(directory) for u in batch.column("uuid").to_pylist()]
 

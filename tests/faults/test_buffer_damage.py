@@ -56,7 +56,7 @@ from faultlib import (
     write_config,
 )
 
-from exporter.pipeline.disk_buffer import RECORD_HEADER, SEGMENT_HEADER
+from flowship.pipeline.disk_buffer import RECORD_HEADER, SEGMENT_HEADER
 
 KAFKA = os.environ.get("FLOWSHIP_KAFKA", "127.0.0.1:9092")
 FLOWS = 50_000
@@ -368,5 +368,5 @@ def test_two_sinks_on_one_buffer_path_fail_validate(tmp_path, flows):
     })
     proc = subprocess.run(flowship("validate", "--config", str(config)), capture_output=True, text=True, cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 6, proc.stderr  # invalid configuration
     assert f"{config}: sinks[1].buffer.path: " in proc.stderr and "sink 'a' (sinks[0])" in proc.stderr

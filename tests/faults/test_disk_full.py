@@ -19,22 +19,11 @@ import json
 import os
 import subprocess
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
-from faultlib import (
-    FaultProxy,
-    free_port,
-    log_events,
-    metric,
-    scrape,
-    spawn_export,
-    stop_process,
-    tail,
-    victorialogs_uuids,
-    wait_for,
-    write_config,
-)
+from faultlib import FaultProxy, MonitoredExport, log_events, metric, tail, victorialogs_uuids, write_config
 
 FLOWS = 20_000
 BLOCK_MESSAGE = "disk buffer: no space left on device, waiting (when_full: block)"
@@ -95,29 +84,31 @@ def setup_run(tmp_path: Path, tmpfs: Path, servers, flows_input, when_full: str)
     return source, uuids, proxy, run, config
 
 
+def sink_back(proxy: FaultProxy, proc: subprocess.Popen) -> None:
+    """The stalled server answers again; the run delivers what the buffer holds and ends."""
+    proxy.up()
+    proc.wait(timeout=300)
+
+
 def test_block_waits_on_a_full_disk_and_then_delivers_everything(tmp_path, small_tmpfs, fault_servers, flows_input):
     _source, uuids, proxy, run, config = setup_run(tmp_path, small_tmpfs, fault_servers, flows_input, "block")
-    address, log, dump = f"127.0.0.1:{free_port()}", tmp_path / "flowship.log", tmp_path / "metrics.json"
-    proc = spawn_export(config, log, metrics=address, dump=dump)
-    try:
-        wait_for("the buffer to report the full disk", lambda: any(
-            e.get("event") == BLOCK_MESSAGE for e in log_events(log)), timeout=120, proc=proc, log_path=log)
+    log, dump = tmp_path / "flowship.log", tmp_path / "metrics.json"
+    with closing(proxy), MonitoredExport(config, log, dump) as export:
+        proc = export.proc
+        export.wait_for("the buffer to report the full disk", lambda: any(
+            e.get("event") == BLOCK_MESSAGE for e in log_events(log)), timeout=120)
         line = next(e for e in log_events(log) if e.get("event") == BLOCK_MESSAGE)
         assert line["level"] == "warning" and line["sink"] == "loki" and line["path"] == str(small_tmpfs / "loki")
         # Take the last free bytes too: even acknowledging must work on a completely full disk.
         filler = fill(small_tmpfs)
-        samples = scrape(address)
+        samples = export.samples()
         read = metric(samples, "flowship_flows_in_total", source="file")
         assert read < FLOWS, "the source should be waiting for the full buffer"
         assert metric(samples, "flowship_buffer_full_waits_total", sink="loki") >= 1
         assert metric(samples, "flowship_sink_flows_total", sink="loki") == 0
         print(f"\nblock: disk full ({filler} bytes were left), source waiting after {read:.0f} of {FLOWS} flows")
-        proxy.up()
-        proc.wait(timeout=300)
+        sink_back(proxy, proc)
         assert proc.returncode == 0, f"flowship failed:\n{tail(log)}"
-    finally:
-        stop_process(proc)
-        proxy.close()
     assert dumped(dump, "flowship_sink_flows_total", sink="loki") == FLOWS
     assert dumped(dump, "flowship_buffer_dropped_total", sink="loki") == 0
     got = [meta for meta, _ in victorialogs_uuids(fault_servers.victorialogs, run, FLOWS)]
@@ -128,22 +119,18 @@ def test_block_waits_on_a_full_disk_and_then_delivers_everything(tmp_path, small
 
 def test_drop_newest_drops_exactly_what_it_counts(tmp_path, small_tmpfs, fault_servers, flows_input):
     _source, uuids, proxy, run, config = setup_run(tmp_path, small_tmpfs, fault_servers, flows_input, "drop_newest")
-    address, log, dump = f"127.0.0.1:{free_port()}", tmp_path / "flowship.log", tmp_path / "metrics.json"
-    proc = spawn_export(config, log, metrics=address, dump=dump)
-    try:
+    log, dump = tmp_path / "flowship.log", tmp_path / "metrics.json"
+    with closing(proxy), MonitoredExport(config, log, dump) as export:
+        proc = export.proc
+
         def all_read_and_dropping() -> bool:
-            samples = scrape(address)
+            samples = export.samples()
             return (metric(samples, "flowship_flows_in_total", source="file") == FLOWS
                     and metric(samples, "flowship_buffer_dropped_total", sink="loki") > 0)
 
-        wait_for("the source to finish while the full buffer drops", all_read_and_dropping, timeout=120, proc=proc,
-                 log_path=log)
-        proxy.up()
-        proc.wait(timeout=300)
+        export.wait_for("the source to finish while the full buffer drops", all_read_and_dropping, timeout=120)
+        sink_back(proxy, proc)
         assert proc.returncode == 0, f"flowship failed:\n{tail(log)}"
-    finally:
-        stop_process(proc)
-        proxy.close()
     dropped = dumped(dump, "flowship_buffer_dropped_total", sink="loki")
     delivered = dumped(dump, "flowship_sink_flows_total", sink="loki")
     logged = sum(e["rows"] for e in log_events(log) if e.get("event") in DROP_MESSAGES)

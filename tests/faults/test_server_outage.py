@@ -20,19 +20,15 @@ from pathlib import Path
 
 from faultlib import (
     KafkaTopicReader,
-    free_port,
+    MonitoredExport,
     metric,
     network_sinks,
     opensearch_ids,
     parquet_duckdb_counts,
     parquet_files,
     parquet_uuids,
-    scrape,
-    spawn_export,
-    stop_process,
     tail,
     victorialogs_uuids,
-    wait_for,
     write_config,
 )
 
@@ -59,23 +55,22 @@ def test_each_server_down_for_30s_mid_run_loses_nothing(tmp_path: Path, fault_se
         "sinks": [{"type": "parquet", "path": str(tmp_path / "parquet"), "max_file_rows": 20000,
                    "max_file_age": "2s"}, *buffered, *memory],
     })
-    address = f"127.0.0.1:{free_port()}"
     log = tmp_path / "flowship.log"
-    proc = spawn_export(config, log, metrics=address)
-    started = time.monotonic()
-    names = ["parquet", *(s["name"] for s in (*buffered, *memory))]
-    print(f"\nserver outage test: {FLOWS} flows in {len(parts)} parts, each server down {OUTAGE_SECONDS:.0f}s")
+    with MonitoredExport(config, log) as export:
+        proc = export.proc
+        started = time.monotonic()
+        names = ["parquet", *(s["name"] for s in (*buffered, *memory))]
+        print(f"\nserver outage test: {FLOWS} flows in {len(parts)} parts, each server down {OUTAGE_SECONDS:.0f}s")
 
-    def delivered(sink: str) -> float:
-        return metric(scrape(address), "flowship_sink_flows_total", sink=sink)
+        def delivered(sink: str) -> float:
+            return metric(export.samples(), "flowship_sink_flows_total", sink=sink)
 
-    def all_delivered(n: int) -> bool:
-        samples = scrape(address)
-        return all(metric(samples, "flowship_sink_flows_total", sink=name) >= n for name in names)
+        def all_delivered(n: int) -> bool:
+            samples = export.samples()
+            return all(metric(samples, "flowship_sink_flows_total", sink=name) >= n for name in names)
 
-    try:
-        wait_for(f"every sink to deliver the first {appended} flows", lambda: all_delivered(appended),
-                 timeout=180, proc=proc, log_path=log)
+        export.wait_for(f"every sink to deliver the first {appended} flows", lambda: all_delivered(appended),
+                        timeout=180)
         print(f"  first part delivered after {time.monotonic() - started:.1f}s")
         for i, (server, sink) in enumerate(ORDER, start=1):
             fault_servers.stop(server)
@@ -93,14 +88,11 @@ def test_each_server_down_for_30s_mid_run_loses_nothing(tmp_path: Path, fault_se
             assert downtime >= OUTAGE_SECONDS
             assert all(v >= len(parts[i]) for v in pending.values()), \
                 f"the sinks of {server} delivered flows while it was down: {pending}"
-        wait_for("every sink to deliver every flow", lambda: all_delivered(FLOWS), timeout=300, proc=proc,
-                 log_path=log)
+        export.wait_for("every sink to deliver every flow", lambda: all_delivered(FLOWS), timeout=300)
         print(f"  everything delivered after {time.monotonic() - started:.1f}s")
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=150)
         assert proc.returncode == 0, f"flowship failed:\n{tail(log)}"
-    finally:
-        stop_process(proc)
 
     expected = set(uuids)
     parquet = parquet_uuids(parquet_files(tmp_path / "parquet"))

@@ -27,21 +27,17 @@ from pathlib import Path
 from faultlib import (
     FaultProxy,
     KafkaTopicReader,
+    MonitoredExport,
     buffer_uuids,
     checkpoint_line,
-    free_port,
     log_events,
     metric,
     network_sinks,
     opensearch_ids,
     parquet_files,
     parquet_uuids,
-    scrape,
-    spawn_export,
-    stop_process,
     tail,
     victorialogs_uuids,
-    wait_for,
     write_config,
 )
 
@@ -75,20 +71,20 @@ def test_sigterm_under_load_exits_clean_and_loses_nothing(tmp_path: Path, fault_
     # When a finite input ends, shutdown_timeout also bounds how long the disk buffers may drain before
     # the process exits (the rest waits for the next start); the second run allows enough for all of it.
     second_config = write_config(tmp_path / "second.yaml", {**settings, "shutdown_timeout": "300s"})
-    address = f"127.0.0.1:{free_port()}"
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
-    proc = spawn_export(config, first_log, metrics=address)
     print(f"\nSIGTERM test: {FLOWS} flows, shutdown_timeout {SHUTDOWN_TIMEOUT:g}s")
-    try:
+    with MonitoredExport(config, first_log) as export:
+        proc = export.proc
+
         def busy() -> dict | None:
-            samples = scrape(address)
+            samples = export.samples()
             read = metric(samples, "flowship_flows_in_total", source="file")
             if read >= FLOWS // 4 and all(metric(samples, "flowship_sink_flows_total", sink=s) > 0
                                           for s in ("parquet", "kafka")):
                 return samples
             return None
 
-        samples = wait_for("the export to be busy", busy, timeout=180, interval=0.1, proc=proc, log_path=first_log)
+        samples = export.wait_for("the export to be busy", busy, timeout=180, interval=0.1)
         read = metric(samples, "flowship_flows_in_total", source="file")
         behind = {s: FLOWS - metric(samples, "flowship_sink_flows_total", sink=s)
                   for s in ("parquet", "kafka", "elasticsearch", "loki")}
@@ -98,9 +94,7 @@ def test_sigterm_under_load_exits_clean_and_loses_nothing(tmp_path: Path, fault_
         proc.wait(timeout=SHUTDOWN_TIMEOUT + 15)  # the deadline plus the interpreter's own exit
         took = time.monotonic() - signalled
         assert proc.returncode == 0, f"exit {proc.returncode} after SIGTERM:\n{tail(first_log)}"
-    finally:
-        stop_process(proc)
-        proxy.set_rate(None)
+    proxy.set_rate(None)
     reported = delivered_counts(first_log)
     kept = [e["sink"] for e in log_events(first_log) if e.get("event") == KEPT]
     checkpoint = checkpoint_line(state, source)
@@ -129,12 +123,10 @@ def test_sigterm_under_load_exits_clean_and_loses_nothing(tmp_path: Path, fault_
         assert len(have["parquet"]) == reported["parquet"]
 
         # The next start delivers the rest, the buffers' leftovers included.
-        proc = spawn_export(second_config, second_log)
-        try:
+        with MonitoredExport(second_config, second_log) as second:
+            proc = second.proc
             proc.wait(timeout=420)
             assert proc.returncode == 0, f"the second run failed:\n{tail(second_log)}"
-        finally:
-            stop_process(proc)
         replayed = {e["sink"]: e["batches"] for e in log_events(second_log) if e.get("event") == REPLAYING}
         assert set(kept) <= set(replayed), (kept, replayed)
         have["parquet"] = parquet_uuids(parquet_files(out))

@@ -12,20 +12,17 @@ and once the proxy lets everything through Loki gets every flow.
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from pathlib import Path
 
 from faultlib import (
     FaultProxy,
     KafkaTopicReader,
+    MonitoredExport,
     RssSampler,
-    free_port,
     metric,
-    scrape,
-    spawn_export,
-    stop_process,
     tail,
     victorialogs_uuids,
-    wait_for,
     write_config,
 )
 
@@ -49,26 +46,22 @@ def run_once(tmp_path: Path, servers, source: Path, uuids: list[str]) -> dict:  
              "buffer": {"type": "disk", "path": str(tmp_path / f"buffer-{n}"), "max_bytes": "2GiB"}},
         ],
     })
-    address, log = f"127.0.0.1:{free_port()}", tmp_path / f"flowship-{n}.log"
-    proc = spawn_export(config, log, metrics=address)
-    try:
+    log = tmp_path / f"flowship-{n}.log"
+    with closing(proxy), MonitoredExport(config, log) as export:
+        proc = export.proc
         with RssSampler(proc.pid) as rss:
             def others_done() -> dict | None:
-                samples = scrape(address)
+                samples = export.samples()
                 if all(metric(samples, "flowship_sink_flows_total", sink=s) >= n for s in ("parquet", "kafka")):
                     return samples
                 return None
 
-            at_total = wait_for("parquet and kafka to deliver every flow", others_done, timeout=300, proc=proc,
-                                log_path=log)
+            at_total = export.wait_for("parquet and kafka to deliver every flow", others_done, timeout=300)
             loki_then = metric(at_total, "flowship_sink_flows_total", sink="loki")
             buffered_then = metric(at_total, "flowship_buffer_bytes", sink="loki")
             proxy.set_rate(None)
             proc.wait(timeout=300)
         assert proc.returncode == 0, f"flowship failed:\n{tail(log)}"
-    finally:
-        stop_process(proc)
-        proxy.close()
     reader = KafkaTopicReader(servers.kafka, f"faults.{tag}")
     try:
         kafka = reader.read_new()

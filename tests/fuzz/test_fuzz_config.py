@@ -22,12 +22,13 @@ from typing import Any, Literal
 
 import pytest
 import yaml
+from config_options import option_paths
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter import registry
-from exporter.config import ByteSize, ConfigError, Duration, load_text
-from exporter.pipeline.disk_buffer import BufferConfig
+from flowship import registry
+from flowship.config import ByteSize, ConfigError, Duration, Secret, load_text
+from flowship.pipeline.disk_buffer import BufferConfig
 
 FILENAME = "fuzzed.yaml"
 FUZZ = settings(max_examples=400, deadline=10_000, suppress_health_check=[HealthCheck.too_slow])
@@ -38,7 +39,7 @@ BASE = {"sources": [{"type": "stdin"}], "sinks": [{"type": "stdout"}]}
 
 
 def accepts(tp: Any, value: Any) -> bool:
-    """Would a value of this shape be a valid ``tp``? (An independent model of exporter.config's rules.)"""
+    """Would a value of this shape be a valid ``tp``? (An independent model of flowship.config's rules.)"""
     origin = typing.get_origin(tp)
     if tp is Any:
         return True
@@ -66,27 +67,9 @@ def accepts(tp: Any, value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is str:
+    if tp is str or tp is Secret:  # a Secret is written as a string
         return isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool))
     raise AssertionError(f"config type {tp!r} is not modelled by this test")
-
-
-def option_paths(cls: type, prefix: str = "", depth: int = 0) -> list[tuple[str, Any]]:
-    """(dotted option path, type) of a config dataclass and of its nested dataclasses."""
-    hints = typing.get_type_hints(cls)
-    out = []
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        tp = hints[f.name]
-        path = f"{prefix}{f.name}"
-        out.append((path, tp))
-        union = typing.get_origin(tp) in (typing.Union, types.UnionType)
-        inner = [a for a in typing.get_args(tp) if union and dataclasses.is_dataclass(a)] or (
-            [tp] if dataclasses.is_dataclass(tp) else [])
-        if inner and depth < 2:
-            out.extend(option_paths(inner[0], f"{path}.", depth + 1))
-    return out
 
 
 def components() -> list[tuple[str, str, type]]:

@@ -22,8 +22,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from exporter.model.hubble_json import decode_lines
-from exporter.model.schema import FLOW_SCHEMA
+from flowship.model.hubble_decode import decode_lines
+from flowship.model.schema import FLOW_SCHEMA
 
 FUZZ = settings(max_examples=300, deadline=10_000, suppress_health_check=[HealthCheck.too_slow,
                                                                              HealthCheck.data_too_large])

@@ -35,14 +35,14 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from exporter.model import ecs_encode
-from exporter.model.hubble_decode import decode_lines
-from exporter.model.hubble_encode import encode_lines
-from exporter.model.proto import from_flow_bytes, to_flow_bytes
-from exporter.model.schema import FLOW_SCHEMA
-from exporter.proto.flow import flow_pb2
-from exporter.proto.observer import observer_pb2
-from exporter.sources.kafka import decode_messages, detect_encoding
+from flowship.model import ecs_encode
+from flowship.model.hubble_decode import decode_lines
+from flowship.model.hubble_encode import encode_lines
+from flowship.model.proto import from_flow_bytes, timestamp_ns, to_flow_bytes
+from flowship.model.schema import FLOW_SCHEMA
+from flowship.proto.flow import flow_pb2
+from flowship.proto.observer import observer_pb2
+from flowship.sources.kafka import decode_messages, detect_encoding
 
 FUZZ = settings(max_examples=300, deadline=10_000, suppress_health_check=[HealthCheck.too_slow,
                                                                              HealthCheck.data_too_large])
@@ -228,8 +228,8 @@ def read_frame(frame: bytes) -> tuple[str | None, int | None]:
     if kind != "flow":
         return kind, None
     flow = resp.flow
-    t = flow.time.ToNanoseconds() if flow.HasField("time") else (
-        resp.time.ToNanoseconds() if resp.HasField("time") else None)
+    t = timestamp_ns(flow.time) if flow.HasField("time") else (
+        timestamp_ns(resp.time) if resp.HasField("time") else None)
     return kind, t
 
 
@@ -471,7 +471,7 @@ def test_poison_messages_on_the_broker_reach_no_sink_and_stop_nothing(plan, trie
     from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    from exporter.model.schema import flows_from_rows
+    from flowship.model.schema import flows_from_rows
 
     tried["kafka: arrow messages on the broker through every sink"] += 1
     servers = _devservers()
@@ -515,7 +515,7 @@ def test_poison_messages_on_the_broker_reach_no_sink_and_stop_nothing(plan, trie
     root = Path(tempfile.mkdtemp(prefix="flowship-fuzz-"))
     config = _export_config(root, servers, run, topic)
     log = root / "export.log"
-    proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", "--log-format", "json", "export", "--config",
+    proc = subprocess.Popen([sys.executable, "-m", "flowship.cli", "--log-format", "json", "export", "--config",
                              str(config)], cwd=root, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     ds = f"logs-flowshipfuzz{run}.flows-default"

@@ -25,8 +25,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.events import FLOW_EVENT_DTYPE
-from agent.ringbuf import BUSY_BIT, DISCARD_BIT, HEADER_SIZE, MmapRing, committed_prefix
+from flowship.agent.events import FLOW_EVENT_DTYPE
+from flowship.agent.ringbuf import BUSY_BIT, DISCARD_BIT, HEADER_SIZE, MmapRing, committed_prefix
 
 PAGE = mmap.PAGESIZE
 SIZE = 4 * PAGE  # ring data size: a power-of-two multiple of the page size

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from exporter.model.ids import community_id, community_ids
-from exporter.model.schema import flows_from_rows
+from flowship.model.ids import community_id, community_ids
+from flowship.model.schema import flows_from_rows
 
 # baseline/baseline_deflt.json of the spec repository (seed 0): proto, saddr, daddr, sport, dport, id.
 # For ICMP the spec lists the (type, counterpart-or-code) pseudo ports.

@@ -10,11 +10,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from exporter.model.hubble_decode import decode_lines
-from exporter.model.hubble_encode import encode_lines
-from exporter.model.proto import from_flow_messages, to_flow_messages
-from exporter.model.schema import FLOW_SCHEMA
-from exporter.model.times import format_time, parse_time
+from flowship.model.hubble_decode import decode_lines
+from flowship.model.hubble_encode import encode_lines
+from flowship.model.proto import from_flow_messages, to_flow_messages
+from flowship.model.schema import FLOW_SCHEMA
+from flowship.model.times import format_time, parse_time
 
 
 def test_every_fixture_line_parses(fixture_lines):
@@ -49,7 +49,7 @@ def test_columnar_fast_path_equals_the_line_decoder(fixture_lines):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
     from flowgen import generate_batch
 
-    from exporter.model.hubble_arrow import decode_fast
+    from flowship.model.hubble_arrow import decode_fast
 
     generated = b"".join(encode_lines(generate_batch(5000, seed=3)))
     for data in (b"\n".join(fixture_lines), generated):
@@ -65,7 +65,7 @@ def test_columnar_encoder_equals_the_reference_encoder(fixture_lines):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
     from flowgen import generate_batch
 
-    from exporter.model.hubble_encode import encode_lines_slow, encode_ndjson
+    from flowship.model.hubble_encode import encode_lines_slow, encode_ndjson
 
     tricky = decode_lines(b'{"flow":{"time":"2024-01-01T00:00:00.000001Z","l7":{"type":"REQUEST","http":{"method":"GET",'
                           b'"url":"/a\\"b\\\\c\\u0001d\\ne","headers":[{"key":"X","value":"tab\\there"}]}},'
@@ -95,8 +95,8 @@ def test_protobuf_mapping_equals_the_json_mapping(fixture_lines):
 
     from google.protobuf import json_format
 
-    from exporter.model.hubble_encode import flow_dicts
-    from exporter.proto.flow import flow_pb2
+    from flowship.model.hubble_encode import flow_dicts
+    from flowship.proto.flow import flow_pb2
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
     from flowgen import generate_batch

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import orjson
 
-from exporter.hubble_metrics import HubbleMetrics
-from exporter.metrics import Metrics
-from exporter.model.hubble_decode import decode_lines
+from flowship.hubble_metrics import HubbleMetrics
+from flowship.metrics import Metrics
+from flowship.model.hubble_decode import decode_lines
 
 
 def test_hubble_series_from_fixtures(fixture_lines):

@@ -7,24 +7,30 @@ import subprocess
 import sys
 from pathlib import Path
 
-from exporter.proto.flow import flow_pb2
-from exporter.proto.observer import observer_pb2
+from flowship.proto.flow import flow_pb2
+from flowship.proto.observer import observer_pb2
 
 REPO = Path(__file__).resolve().parents[2]
-PROTOS = ["exporter/proto/flow/flow.proto", "exporter/proto/observer/observer.proto"]
+# The .proto files live in exporter/proto/ and are imported as flowship.proto (pyproject's package-dir), so
+# protoc runs over a copy laid out as flowship/proto/ to give the generated imports their installed names.
+PROTOS = ["flowship/proto/flow/flow.proto", "flowship/proto/observer/observer.proto"]
+
+
+def _source(proto: str) -> Path:
+    return REPO / "exporter" / proto.removeprefix("flowship/")
 
 
 def test_generated_code_is_current(tmp_path):
     for proto in PROTOS:
         (tmp_path / proto).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(REPO / proto, tmp_path / proto)
+        shutil.copy(_source(proto), tmp_path / proto)
     subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", ".", "--python_out=.", "--pyi_out=.",
                     "--grpc_python_out=.", *PROTOS], cwd=tmp_path, check=True)
     for proto in PROTOS:
         stem = proto.removesuffix(".proto")
         for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
             generated = (tmp_path / (stem + suffix)).read_text()
-            committed = (REPO / (stem + suffix)).read_text()
+            committed = _source(stem + suffix).read_text()
             assert _strip_version_lines(generated) == _strip_version_lines(committed), f"{stem}{suffix} is stale"
 
 

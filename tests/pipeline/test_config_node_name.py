@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from exporter.config import ConfigError, load_text
+from flowship.config import ConfigError, load_text
 
 BODY = "sources: [{type: agent}]\nsinks: [{type: parquet, path: /tmp/flowship-node-name}]\n"
 

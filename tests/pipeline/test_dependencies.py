@@ -16,7 +16,8 @@ import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-OWN = {"exporter", "agent"}
+FOLDERS = ("exporter", "agent")  # imported as flowship and flowship.agent
+OWN = {"flowship"}
 
 
 def _canonical(name: str) -> str:
@@ -25,8 +26,8 @@ def _canonical(name: str) -> str:
 
 def _imports() -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
-    for package in OWN:
-        for path in (REPO / package).rglob("*.py"):
+    for folder in FOLDERS:
+        for path in (REPO / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
                 names = []
                 if isinstance(node, ast.Import):

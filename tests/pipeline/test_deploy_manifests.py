@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.enrich import RESOURCES, SERVICE_ACCOUNT_DIR
-from exporter.config import PipelineConfig, load_text
+from flowship.agent.kubernetes import RESOURCES, SERVICE_ACCOUNT_DIR
+from flowship.config import PipelineConfig, load_text
 
 REPO = Path(__file__).resolve().parents[2]
 KUBE = REPO / "deploy" / "kubernetes"

@@ -13,12 +13,12 @@ import pyarrow as pa
 import pytest
 import structlog
 
-from exporter.config import ByteSize, ConfigError, Duration, load_text
-from exporter.metrics import Metrics
-from exporter.model.hubble_json import decode_lines
-from exporter.pipeline.disk_buffer import BufferConfig, DiskBuffer, _serialize
-from exporter.pipeline.envelope import Envelope, Receipt
-from exporter.pipeline.runtime import Pipeline
+from flowship.config import ByteSize, ConfigError, Duration, load_text
+from flowship.metrics import Metrics
+from flowship.model.hubble_decode import decode_lines
+from flowship.pipeline.disk_buffer import BufferConfig, DiskBuffer, _serialize
+from flowship.pipeline.envelope import Envelope, Receipt
+from flowship.pipeline.runtime import Pipeline
 
 LOG = structlog.get_logger()
 

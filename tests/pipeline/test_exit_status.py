@@ -75,7 +75,7 @@ def write_config(path: Path, settings: dict) -> Path:
 
 
 def export(config: Path, cwd: Path, timeout: float = 300) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "exporter.cli", "export", "--config", str(config), "--no-progress"],
+    proc = subprocess.run([sys.executable, "-m", "flowship.cli", "export", "--config", str(config), "--no-progress"],
                           cwd=cwd, capture_output=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
     return proc.returncode, proc.stderr.decode(errors="replace")
 
@@ -136,7 +136,7 @@ def test_sigterm_mid_drain_counts_rows_of_partly_acknowledged_batches(
                           batch={"max_events": 1000}, retry={"concurrency": 1})],
     }
     config = write_config(tmp_path / "c.yaml", settings)
-    proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", "export", "--config", str(config),
+    proc = subprocess.Popen([sys.executable, "-m", "flowship.cli", "export", "--config", str(config),
                              "--no-progress"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
@@ -287,7 +287,7 @@ def test_sigterm_with_a_sink_still_busy_at_the_deadline_exits_4(tmp_path: Path, 
     settings = kafka_settings(tmp_path, source, f"127.0.0.1:{closed_port()}", flush_timeout="120s")
     settings["shutdown_timeout"] = "1s"
     config = write_config(tmp_path / "c.yaml", settings)
-    proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", "export", "--config", str(config),
+    proc = subprocess.Popen([sys.executable, "-m", "flowship.cli", "export", "--config", str(config),
                              "--no-progress"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
@@ -309,8 +309,8 @@ def test_sigterm_with_a_sink_still_busy_at_the_deadline_exits_4(tmp_path: Path, 
 
 def test_progress_line_shows_what_each_sink_has_left() -> None:
     """While the sinks drain at the end of the input, the progress line says what it waits for."""
-    from exporter.metrics import Metrics
-    from exporter.progress import Progress
+    from flowship.metrics import Metrics
+    from flowship.progress import Progress
 
     metrics = Metrics()
     metrics.flows_in("file").inc(1000)

@@ -23,7 +23,7 @@ def run(cmd: list[str], cwd: Path, stdin: bytes | None = None, timeout: float = 
 
 
 def flowship(*args: str) -> list[str]:
-    return [sys.executable, "-m", "exporter.cli", "--log-format", "json", *args]
+    return [sys.executable, "-m", "flowship.cli", "--log-format", "json", *args]
 
 
 def parquet_rows(root: Path, where: str = "true", what: str = "count(*)") -> list[tuple]:
@@ -224,14 +224,14 @@ sinks: [{{type: parquet, path: {tmp_path / 'out'}}}]
 def test_config_errors_name_file_key_path_and_expectation(tmp_path, text, message):
     config = write_config(tmp_path / "c.yaml", text)
     proc = run(flowship("validate", "--config", str(config)), tmp_path)
-    assert proc.returncode == 2
+    assert proc.returncode == 6  # invalid configuration
     assert message in proc.stderr.decode(), proc.stderr.decode()
     proc = run(flowship("export", "--config", str(config)), tmp_path)
-    assert proc.returncode == 2
+    assert proc.returncode == 6
 
 
 def test_shipped_configs_are_valid_and_defaults_match_embedded(tmp_path, monkeypatch):
-    from exporter.defaults import AGENT_DEFAULT, EXPORT_DEFAULT
+    from flowship.defaults import AGENT_DEFAULT, EXPORT_DEFAULT
 
     monkeypatch.setenv("NODE_NAME", "node-1")  # the DaemonSet config takes node_name from it
 
@@ -246,7 +246,7 @@ def test_every_input_shape_gives_the_same_flows(tmp_path, fixture_lines):
     """ExportEvent lines, camelCase (protojson's default spelling), bare Flow lines, a JSON array, gzip."""
     from google.protobuf import json_format
 
-    from exporter.proto.observer import observer_pb2
+    from flowship.proto.observer import observer_pb2
 
     events = [orjson.loads(line) for line in fixture_lines]
     camel = []
@@ -292,7 +292,7 @@ sinks:
 """)
     for verb in ("validate", "export"):
         proc = run(flowship(verb, "--config", str(config)), tmp_path)
-        assert proc.returncode == 2
+        assert proc.returncode == 6
         err = proc.stderr.decode()
         assert "c.yaml: sinks[0].bearer_token: environment variable FLOWSHIP_TEST_SURELY_UNSET is not set" in err
         assert "c.yaml: sinks[1].api_key: file /nonexistent/key is missing or unreadable" in err

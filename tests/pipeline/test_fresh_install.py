@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -30,17 +31,17 @@ OBJECT = REPO / "agent" / "_bpf" / "flowship.bpf.o"
 
 IMPORT_EVERYTHING = r"""
 import importlib, json, pkgutil, sys
-import agent, exporter
+import flowship, flowship.agent
 failed = {}
-for pkg in (exporter, agent):
+for pkg in (flowship, flowship.agent):
     for mod in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
         try:
             importlib.import_module(mod.name)
         except Exception as exc:
             failed[mod.name] = f"{type(exc).__name__}: {exc}"
-from agent import loader
-from agent.enrich import detect_local_ips
-print(json.dumps({"failed": failed, "agent": agent.__file__, "exporter": exporter.__file__,
+from flowship.agent import loader
+from flowship.agent.enrich import detect_local_ips
+print(json.dumps({"failed": failed, "agent": flowship.agent.__file__, "core": flowship.__file__,
                   "object": str(loader.DEFAULT_OBJECT), "local_ips": detect_local_ips()}))
 """
 
@@ -80,6 +81,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
                  root, env)
     assert built.returncode == 0, f"building the wheel failed:\n{built.stdout}{built.stderr}"
     (wheel,) = (root / "dist").glob("flowship-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        tops = {name.split("/", 1)[0] for name in archive.namelist()}
+    assert tops == {"flowship", "flowship-0.1.0.dist-info"}, f"the wheel installs more than the flowship package: {tops}"
     made = _run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], root, env)
     assert made.returncode == 0, made.stderr
     inst = _run([sys.executable, "-m", "pip", "--python", str(root / "venv" / "bin" / "python"), "install", "-q",
@@ -97,7 +101,7 @@ def test_every_module_imports_from_the_installed_package(installed: Installed) -
     assert out["failed"] == {}, f"modules that do not import on a fresh install (undeclared dependency?): " \
                                 f"{out['failed']}"
     site = str(installed.root / "venv")
-    assert out["agent"].startswith(site) and out["exporter"].startswith(site)  # not the checkout
+    assert out["agent"].startswith(site) and out["core"].startswith(site)  # not the checkout
     assert Path(out["object"]).read_bytes() == OBJECT.read_bytes()  # the eBPF object ships in the wheel
     assert "127.0.0.1" in out["local_ips"], "the node's own addresses are not detected on a fresh install"
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from exporter.model.schema import flows_from_rows
-from exporter.report import dropped_calls, latency_by_hop
+from flowship.model.schema import flows_from_rows
+from flowship.report import dropped_calls, latency_by_hop
 
 MS = 1_000_000
 T0 = 1_767_225_600_000_000_000
@@ -83,7 +83,7 @@ def test_report_cli(tmp_path):
     out = tmp_path / "flows" / "flows" / "dt=2026-01-01" / "hour=00"
     out.mkdir(parents=True)
     pq.write_table(pa.Table.from_batches([flows_from_rows(_call_chain())]), out / "a.parquet")
-    proc = subprocess.run([sys.executable, "-m", "exporter.cli", "report", "all", "--parquet", str(tmp_path / "flows")],
+    proc = subprocess.run([sys.executable, "-m", "flowship.cli", "report", "all", "--parquet", str(tmp_path / "flows")],
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr
     assert "production/frontend" in proc.stdout and "production/product-api:8080" in proc.stdout

@@ -2,35 +2,13 @@
 
 from __future__ import annotations
 
-import time
-import uuid
-
 import pytest
 from security_helpers import Export, devservers
 
-
-@pytest.fixture(scope="session")
-def kafka_server() -> str:
-    devservers.start("kafka", devservers.KAFKA)
-    return devservers.KAFKA
-
-
-@pytest.fixture(scope="session")
-def opensearch_server() -> str:
-    devservers.start("opensearch", devservers.OPENSEARCH)
-    return devservers.OPENSEARCH
-
-
-@pytest.fixture(scope="session")
-def victorialogs_server() -> str:
-    devservers.start("victorialogs", devservers.VICTORIALOGS)
-    return devservers.VICTORIALOGS
-
-
-@pytest.fixture()
-def run_id() -> str:
-    """Unique, lowercase: usable in topic, index, data stream and label names on the shared servers."""
-    return f"{int(time.time())}{uuid.uuid4().hex[:6]}"
+kafka_server = devservers.kafka_server
+opensearch_server = devservers.opensearch_server
+victorialogs_server = devservers.victorialogs_server
+run_id = devservers.run_id
 
 
 @pytest.fixture()

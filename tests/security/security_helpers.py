@@ -35,7 +35,7 @@ def closed_port() -> int:
 
 
 def flowship(*args: str) -> list[str]:
-    return [sys.executable, "-m", "exporter.cli", "--log-format", "json", "--log-level", "debug", *args]
+    return [sys.executable, "-m", "flowship.cli", "--log-format", "json", "--log-level", "debug", *args]
 
 
 def run_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.metrics import Metrics
+from flowship.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,7 +24,7 @@ def _proc_status(pid: int) -> dict[str, str]:
 
 _SERVE = """
 import sys, time
-from exporter.metrics import Metrics
+from flowship.metrics import Metrics
 m = Metrics()
 m.counter("flowship_test_total", "A series to scrape.").inc(7)
 server = m.serve("127.0.0.1:0", max_connections=256)

@@ -30,8 +30,9 @@ import pyarrow as pa
 from confluent_kafka import Consumer
 from security_helpers import delete_topics, devservers, flowship, run_env
 
-from exporter.model.hubble_json import decode_lines, encode_lines
-from exporter.model.schema import flows_from_rows
+from flowship.model.hubble_decode import decode_lines
+from flowship.model.hubble_encode import encode_lines
+from flowship.model.schema import flows_from_rows
 
 KEY = b"redaction-test-key-4f1c9a77"
 T0 = 1_767_225_600_000_000_000  # 2026-01-01
@@ -171,7 +172,7 @@ def read_kafka(brokers: str, topic: str, want: int, timeout: float = 60.0) -> tu
 
 def test_redaction_reaches_every_sink(tmp_path, run_id, fixture_files, kafka_server, opensearch_server,
                                       victorialogs_server):
-    from exporter.model import ecs
+    from flowship.model import ecs_fields
 
     crafted = flows_from_rows(CRAFTED)
     data = b"".join(p.read_bytes() for p in fixture_files) + b"".join(encode_lines(crafted))
@@ -194,7 +195,7 @@ def test_redaction_reaches_every_sink(tmp_path, run_id, fixture_files, kafka_ser
     stream, template = f"logs-flowship.red{run_id}-default", f"flowship-red-{run_id}"
     status, answer = devservers.http_json("PUT", f"{opensearch_server}/_index_template/{template}", {
         "index_patterns": [f"logs-flowship.red{run_id}-*"], "priority": 778, "data_stream": {},
-        "template": {"mappings": {"properties": ecs.es_properties()}}})
+        "template": {"mappings": {"properties": ecs_fields.es_properties()}}})
     assert status == 200, answer
     config = tmp_path / "flowship.yaml"
     config.write_text(f"""

@@ -14,7 +14,9 @@ any alignment, which covers ``Basic base64(user:password)``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -31,7 +33,8 @@ from security_helpers import (
     run_env,
 )
 
-from exporter.model.hubble_json import decode_lines
+from flowship import registry
+from flowship.model.hubble_decode import decode_lines
 
 # Distinctive values: each appears nowhere unless it leaked.
 SECRETS = {
@@ -48,6 +51,11 @@ SECRETS = {
     "kafka source sasl password (file)": "kafkaSrcPass-Jd20Wc-SECRET-77aa01",
     "kafka tls key passphrase (file)": "tlsKeyPass-Ur84Ge-SECRET-c0ffee",
     "redact hmac key (env)": "redactKey-Nb39Fs-SECRET-4d4d4d",
+    "http bearer token (env)": "httpBearer-Vc72Ko-SECRET-a4b4c4",
+    "http header (env)": "httpHeader-Gz15Wq-SECRET-d5e5f5",
+    "http user (file)": "httpUser-Qe66Ri-ID-0a0b",
+    "http password (file)": "httpPass-Mn48Xu-SECRET-1c2d3e",
+    "elasticsearch proxy header (env)": "esProxy-Rt27Hy-SECRET-f6a7b8",
 }
 ENV = {
     "FLOWSHIP_TEST_LOKI_TOKEN": SECRETS["loki bearer token (env)"],
@@ -56,6 +64,9 @@ ENV = {
     "FLOWSHIP_TEST_KAFKA_USER": SECRETS["kafka sink sasl user (env)"],
     "FLOWSHIP_TEST_KAFKA_PASSWORD": SECRETS["kafka sink sasl password (env)"],
     "FLOWSHIP_TEST_REDACT_KEY": SECRETS["redact hmac key (env)"],
+    "FLOWSHIP_TEST_HTTP_TOKEN": SECRETS["http bearer token (env)"],
+    "FLOWSHIP_TEST_HTTP_HEADER": SECRETS["http header (env)"],
+    "FLOWSHIP_TEST_ES_PROXY": SECRETS["elasticsearch proxy header (env)"],
 }
 FILES = {
     "loki-user": SECRETS["loki user (file)"],
@@ -65,6 +76,8 @@ FILES = {
     "es-password": SECRETS["elasticsearch password (file)"],
     "kafka-source-password": SECRETS["kafka source sasl password (file)"],
     "tls-key-passphrase": SECRETS["kafka tls key passphrase (file)"],
+    "http-user": SECRETS["http user (file)"],
+    "http-password": SECRETS["http password (file)"],
 }
 
 
@@ -106,13 +119,13 @@ def http(method: str, url: str, body: object = None) -> tuple[int, object]:
 
 def prepare_opensearch(es: str, run_id: str) -> dict[str, str]:
     """A data stream that accepts flows, and an index that refuses every document (strict mapping)."""
-    from exporter.model import ecs
+    from flowship.model import ecs_fields
 
     names = {"template": f"flowship-sec-{run_id}", "stream": f"logs-flowship.sec{run_id}-default",
              "strict": f"flowship-sec-{run_id}-strict"}
     status, answer = http("PUT", f"{es}/_index_template/{names['template']}", {
         "index_patterns": [f"logs-flowship.sec{run_id}-*"], "priority": 777, "data_stream": {},
-        "template": {"mappings": {"properties": ecs.es_properties()}}})
+        "template": {"mappings": {"properties": ecs_fields.es_properties()}}})
     assert status == 200, answer
     status, answer = http("PUT", f"{es}/{names['strict']}", {
         "mappings": {"dynamic": "strict", "properties": {"@timestamp": {"type": "date_nanos"}}}})
@@ -178,10 +191,24 @@ sinks:
     static_labels: {{job: flowship-sec-{run_id}-rejected}}
     batch: {{timeout: 200ms}}
     retry: {fast_retry}
+  - type: http
+    name: http-bearer
+    url: {vl}/insert/jsonline?_time_field=time&extra_fields=job=flowship-sec-{run_id}-http
+    bearer_token: env:FLOWSHIP_TEST_HTTP_TOKEN
+    headers: {{X-Gateway-Token: env:FLOWSHIP_TEST_HTTP_HEADER}}
+    batch: {{timeout: 200ms}}
+  - type: http
+    name: http-basic-down
+    url: {down}/ingest
+    username: file:{secrets_dir / 'http-user'}
+    password: file:{secrets_dir / 'http-password'}
+    batch: {{timeout: 200ms}}
+    retry: {fast_retry}
   - type: elasticsearch
     name: es-apikey
     url: {es}
     api_key: env:FLOWSHIP_TEST_ES_API_KEY
+    headers: {{X-Proxy-Token: env:FLOWSHIP_TEST_ES_PROXY}}
     data_stream: {es_names['stream']}
     aggregates_data_stream: logs-flowship.sec{run_id}agg-default
     template: skip
@@ -242,9 +269,9 @@ def test_secrets_never_leak(tmp_path, run_id, fixture_files, kafka_server, opens
 
         def settled(text: str) -> bool:
             delivered = {s: export.metric(text, "flowship_sink_flows_total", sink=s)
-                         for s in ("loki-bearer", "es-apikey", "kafka-plain")}
+                         for s in ("loki-bearer", "es-apikey", "kafka-plain", "http-bearer")}
             dead = {s: export.metric(text, "flowship_sink_dead_letter_total", sink=s)
-                    for s in ("loki-basic-down", "loki-rejected", "es-basic-strict")}
+                    for s in ("loki-basic-down", "loki-rejected", "es-basic-strict", "http-basic-down")}
             log = export.stderr()
             return (all(v == flows for v in delivered.values()) and all(v == flows for v in dead.values())
                     and all(f'"component": "{s}"' in log for s in ("kafka-sasl", "kafka-tls"))
@@ -264,6 +291,7 @@ def test_secrets_never_leak(tmp_path, run_id, fixture_files, kafka_server, opens
     events = {(e.get("component"), e.get("event")) for e in logs}
     assert ("loki-basic-down", "request failed, retrying") in events
     assert ("loki-basic-down", "records dead-lettered") in events
+    assert ("http-basic-down", "request failed, retrying") in events
     assert ("loki-rejected", "records dead-lettered") in events
     assert ("es-basic-strict", "records dead-lettered") in events
     assert ("kafka-sasl", "kafka client error") in events
@@ -273,8 +301,10 @@ def test_secrets_never_leak(tmp_path, run_id, fixture_files, kafka_server, opens
     dead = {p.name: [orjson.loads(line) for line in p.read_bytes().splitlines()]
             for p in (tmp_path / "state" / "dead-letter").glob("*.jsonl")}
     assert {name: len(rows) for name, rows in dead.items()} == {
-        "loki-basic-down.jsonl": flows, "loki-rejected.jsonl": flows, "es-basic-strict.jsonl": flows}
+        "loki-basic-down.jsonl": flows, "loki-rejected.jsonl": flows, "es-basic-strict.jsonl": flows,
+        "http-basic-down.jsonl": flows}
     assert {r["reason"] for r in dead["loki-basic-down.jsonl"]} == {"retries_exhausted"}
+    assert {r["reason"] for r in dead["http-basic-down.jsonl"]} == {"retries_exhausted"}
     assert {r["reason"] for r in dead["loki-rejected.jsonl"]} == {"bad_request"}
     assert {r["reason"] for r in dead["es-basic-strict.jsonl"]} == {"strict_dynamic_mapping_exception"}
     assert (tmp_path / "state" / "buffers" / "loki-basic-down").is_dir()
@@ -299,7 +329,7 @@ def test_validate_output_has_no_secrets(tmp_path, run_id):
                           env=run_env(ENV))
     assert proc.returncode == 0, proc.stderr.decode()
     report = json.loads(proc.stdout.decode().split("\n", 1)[1])
-    assert len(report["sinks"]) == 8 and len(report["sources"]) == 2
+    assert len(report["sinks"]) == 10 and len(report["sources"]) == 2
     assert find_leaks(SECRETS, {"stdout": proc.stdout, "stderr": proc.stderr}) == []
 
 
@@ -315,7 +345,7 @@ sinks:
     for verb in ("validate", "export"):
         proc = subprocess.run(flowship(verb, "--config", str(config)), capture_output=True, timeout=60,
                               env=run_env(), stdin=subprocess.DEVNULL)
-        assert proc.returncode == 2, proc.stderr.decode()
+        assert proc.returncode == 6, proc.stderr.decode()  # invalid configuration
         text = proc.stderr.decode()
         assert text.count("remove the user name and password from the URL") == 2
         assert "sinks[0].url" in text and "sinks[1].url" in text
@@ -368,19 +398,27 @@ def test_leak_search_finds_basic_auth_headers():
     assert find_leaks({"p": secret}, {"log": b"nothing to see"}) == []
 
 
-def test_config_reprs_hide_secret_fields():
-    from exporter.sinks.elasticsearch import ElasticsearchSinkConfig
-    from exporter.sinks.kafka import KafkaSinkConfig
-    from exporter.sinks.loki import LokiSinkConfig
-    from exporter.sources.kafka import KafkaSourceConfig
+def secret_value_fields(cls: type) -> list[str]:
+    """Options of a config class whose value is a credential (a reference to one, like ``key_file``, is not)."""
+    return [f.name for f in dataclasses.fields(cls)
+            if re.search(r"password|passphrase|token|secret|api_key", f.name) or f.name == "headers"]
 
-    literal = "literalSecret-Qa11-SECRET"
-    configs = [LokiSinkConfig(password=literal, bearer_token=literal, headers={"X-Token": literal}),
-               ElasticsearchSinkConfig(password=literal, api_key=literal, headers={"X-Token": literal}),
-               KafkaSinkConfig(sasl_password=literal, ssl_key_password=literal),
-               KafkaSourceConfig(sasl_password=literal, ssl_key_password=literal)]
+
+def test_config_reprs_hide_secret_fields():
+    from flowship.secrets import Secret
+
+    literal = Secret("literalSecret-Qa11-SECRET")
+    configs = []
+    for kind in ("sources", "stages", "sinks"):
+        for name in registry.names(kind):
+            cls = registry.config_class(kind, name)
+            if fields := secret_value_fields(cls):
+                values = {f: ({"X-Token": literal} if f == "headers" else literal) for f in fields}
+                configs.append(cls(**values))
+    assert {type(c).__name__ for c in configs} >= {
+        "LokiSinkConfig", "ElasticsearchSinkConfig", "KafkaSinkConfig", "KafkaSourceConfig"}
     for config in configs:
-        assert literal not in repr(config)
+        assert literal.reveal() not in repr(config)
 
 
 def test_metrics_endpoint_serves_what_the_test_scrapes(tmp_path):

@@ -2,6 +2,10 @@
 
 A server that cannot be started makes the test fail with what to run; there
 are no mocks of Kafka, OpenSearch or VictoriaLogs.
+
+The fixtures at the end (the servers, a run id, the recorded flows) are shared by
+the sink, security and Kafka source tests, which take them by name, e.g.
+``kafka_server = devservers.kafka_server`` in a conftest.
 """
 
 from __future__ import annotations
@@ -12,11 +16,15 @@ import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pytest
+from helpers import decode_fixtures, distinct_flows
 
 REPO = Path(__file__).resolve().parents[2]
 SERVERS = REPO / "deploy" / "dev" / "servers"
@@ -91,3 +99,68 @@ def stop(name: str, env: dict[str, str] | None = None) -> None:
                           env={**os.environ, **(env or {})}, cwd=REPO)
     if proc.returncode != 0:
         pytest.fail(f"`deploy/dev/servers stop {name}` failed:\n{proc.stdout}{proc.stderr}", pytrace=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared fixtures
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def fixture_batches(fixture_files: list[Path]) -> dict[str, pa.RecordBatch]:
+    """Every recorded fixture file decoded, by file stem."""
+    return decode_fixtures(fixture_files)
+
+
+@pytest.fixture(scope="session")
+def all_flows(fixture_batches: dict[str, pa.RecordBatch]) -> pa.RecordBatch:
+    """All fixture flows in one batch, one row per distinct uuid."""
+    return distinct_flows(list(fixture_batches.values()))
+
+
+@pytest.fixture()
+def run_id() -> str:
+    """Unique, lowercase: usable in topic, index, data stream and label names on the shared servers."""
+    return f"{int(time.time())}{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture(scope="session")
+def kafka_server() -> str:
+    start("kafka", KAFKA)
+    return KAFKA
+
+
+@pytest.fixture(scope="session")
+def opensearch_server() -> str:
+    start("opensearch", OPENSEARCH)
+    return OPENSEARCH
+
+
+@pytest.fixture(scope="session")
+def victorialogs_server() -> str:
+    start("victorialogs", VICTORIALOGS)
+    return VICTORIALOGS
+
+
+def logsql_query(base: str, logsql: str, limit: int = 0) -> list[dict]:
+    """Rows VictoriaLogs answers for a LogsQL query (``/select/logsql/query``, JSON lines)."""
+    params = {"query": logsql}
+    if limit:
+        params["limit"] = str(limit)
+    url = f"{base}/select/logsql/query?{urllib.parse.urlencode(params)}"
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        assert resp.status == 200
+        body = resp.read().decode()
+    return [json.loads(line) for line in body.splitlines() if line.strip()]
+
+
+def logsql_wait_count(base: str, where: str, want: int, timeout: float = 30.0) -> int:
+    """Entries matching the LogsQL filter ``where``, polled until there are ``want`` (ingestion is asynchronous)."""
+    deadline = time.monotonic() + timeout
+    got = -1
+    while time.monotonic() < deadline:
+        rows = logsql_query(base, f"{where} | stats count() c")
+        got = int(rows[0]["c"]) if rows else 0
+        if got >= want:
+            return got
+        time.sleep(0.5)
+    return got

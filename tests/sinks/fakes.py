@@ -45,13 +45,15 @@ class FakeFaultServer:
                 self.end_headers()
                 self.wfile.write(answer)
 
-            def do_GET(self) -> None:  # noqa: N802
-                body = b'{"version":{"number":"2.19.0","distribution":"opensearch"}}'
+            def _json(self, body: bytes) -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._json(b'{"version":{"number":"2.19.0","distribution":"opensearch"}}')
 
             def do_HEAD(self) -> None:  # noqa: N802
                 self.send_response(200)
@@ -59,14 +61,8 @@ class FakeFaultServer:
                 self.end_headers()
 
             def do_PUT(self) -> None:  # noqa: N802
-                length = int(self.headers.get("Content-Length", "0"))
-                self.rfile.read(length)
-                body = b'{"acknowledged":true}'
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                self._json(b'{"acknowledged":true}')
 
             def log_message(self, *args: object) -> None:
                 pass

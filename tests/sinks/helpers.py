@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from exporter.components import Context
-from exporter.metrics import Metrics
-from exporter.model import hubble_decode
+from flowship.components import Context
+from flowship.metrics import Metrics
+from flowship.model import hubble_decode
 
 
 def make_ctx(name: str = "sink", data_dir: Path | None = None) -> Context:
@@ -42,9 +42,9 @@ def distinct_flows(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
 
 def aggregate_rows(batch: pa.RecordBatch, window: str = "60s") -> pa.RecordBatch:
     """Aggregate rows of ``batch`` as the aggregate stage emits them (kind="aggregates")."""
-    from exporter.config import parse
-    from exporter.pipeline.envelope import Envelope
-    from exporter.stages.aggregate import AggregateConfig, AggregateStage
+    from flowship.config import parse
+    from flowship.pipeline.envelope import Envelope
+    from flowship.stages.aggregate import AggregateConfig, AggregateStage
 
     stage = AggregateStage(parse(AggregateConfig, {"window": window, "clock": "event"}, "test"), make_ctx("agg"))
     out = stage.process(Envelope(batch, []))
@@ -57,7 +57,7 @@ def generated_flows(n: int, seed: int = 1, start_ns: int | None = None, spread_s
     """``n`` synthetic flows over ``spread_s`` seconds: a few namespaces, verdicts, ports and protocols."""
     import random
 
-    from exporter.model.schema import flows_from_rows
+    from flowship.model.schema import flows_from_rows
 
     rng = random.Random(seed)
     start = start_ns if start_ns is not None else time.time_ns() - int(spread_s * 1e9)
@@ -96,3 +96,27 @@ def generated_flows(n: int, seed: int = 1, start_ns: int | None = None, spread_s
             row["icmp_type"] = 8 if proto == "ICMPv4" else None
         rows.append(row)
     return flows_from_rows(rows)
+
+
+def record_durability(monkeypatch: object, module: object) -> list[tuple[str, str]]:
+    """Record ``os.fsync`` and ``os.replace`` as ``module`` calls them, in order (then do them).
+
+    Events are ("fsync", path of the descriptor) and ("rename", "src name -> dst name"); a test
+    appends its own (an acknowledgement) to see what came first.
+    """
+    import os
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: object, dst: object) -> None:
+        events.append(("rename", f"{Path(src).name} -> {Path(dst).name}"))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(module.os, "fsync", fsync)
+    monkeypatch.setattr(module.os, "replace", replace)
+    return events

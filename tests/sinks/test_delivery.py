@@ -16,9 +16,9 @@ import pyarrow as pa
 import pytest
 from helpers import make_ctx
 
-from exporter.config import ByteSize, ConfigError, Duration, parse
-from exporter.pipeline.envelope import Envelope, Receipt
-from exporter.sinks.delivery import (
+from flowship.config import ByteSize, ConfigError, Duration, parse
+from flowship.pipeline.envelope import Envelope, Receipt
+from flowship.sinks.delivery import (
     BatchConfig,
     DeadLetterWriter,
     Delivery,

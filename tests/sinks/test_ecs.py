@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.model import ecs_decode, ecs_encode, ecs_fields
-from exporter.model.schema import FLOW_SCHEMA, flows_from_rows
+from flowship.model import ecs_decode, ecs_encode, ecs_fields
+from flowship.model.schema import FLOW_SCHEMA, flows_from_rows
 
 REPO = Path(__file__).resolve().parents[2]
 T0 = 1_700_000_000_123_456_789
@@ -219,7 +219,7 @@ def test_decode_reports_bad_documents():
 
 
 def test_aggregate_documents():
-    from exporter.model.aggregate_schema import aggregate_schema
+    from flowship.model.aggregate_schema import aggregate_schema
 
     schema = aggregate_schema()
     row = {name: None for name in schema.names}

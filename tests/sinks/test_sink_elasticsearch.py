@@ -17,11 +17,11 @@ from devservers import http_json
 from fakes import FakeFaultServer
 from helpers import aggregate_rows, generated_flows, make_ctx
 
-from exporter.config import ConfigError, parse
-from exporter.model import ecs_encode, times
-from exporter.model.schema import flows_from_rows
-from exporter.pipeline.envelope import Envelope, Receipt
-from exporter.sinks.elasticsearch import ElasticsearchSink, ElasticsearchSinkConfig, index_names
+from flowship.config import ConfigError, parse
+from flowship.model import ecs_encode, times
+from flowship.model.schema import flows_from_rows
+from flowship.pipeline.envelope import Envelope, Receipt
+from flowship.sinks.elasticsearch import ElasticsearchSink, ElasticsearchSinkConfig, index_names
 
 
 def _cfg(**kw) -> ElasticsearchSinkConfig:
@@ -316,7 +316,7 @@ def test_export_run_with_the_index_write_blocked_for_a_while_indexes_every_flow_
     import subprocess
     import sys
 
-    from exporter.model.hubble_encode import encode_lines
+    from flowship.model.hubble_encode import encode_lines
 
     names = _names(run_id)
     cleanup += [names["data_stream"], names["aggregates_data_stream"], f"logs-flowshiptest{run_id}.flows",
@@ -349,7 +349,7 @@ sinks:
 """)
     log = tmp_path / "export.log"
     repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", "--log-format", "json", "export", "--config",
+    proc = subprocess.Popen([sys.executable, "-m", "flowship.cli", "--log-format", "json", "export", "--config",
                              str(config)], cwd=tmp_path, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONPATH": str(repo)})
     backing = None
@@ -386,7 +386,7 @@ sinks:
 
 def test_bulk_item_errors_retried_or_dead_lettered():
     """Which bulk item errors are the cluster's state (retried) and which the document's (dead-lettered)."""
-    from exporter.sinks.elasticsearch import item_retryable
+    from flowship.sinks.elasticsearch import item_retryable
 
     for status, etype in [(403, "cluster_block_exception"), (429, "cluster_block_exception"),
                           (429, "es_rejected_execution_exception"), (429, "rejected_execution_exception"),

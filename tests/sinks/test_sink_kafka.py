@@ -12,12 +12,12 @@ from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from helpers import aggregate_rows, generated_flows, make_ctx
 
-from exporter.config import ConfigError, parse
-from exporter.model.ids import connection_hashes
-from exporter.model.schema import flows_from_rows
-from exporter.pipeline.envelope import Envelope, Receipt
-from exporter.sinks.kafka import KafkaSink, KafkaSinkConfig, encode_keys, producer_config
-from exporter.sources.kafka import decode_messages, detect_encoding
+from flowship.config import ConfigError, parse
+from flowship.model.ids import connection_hashes
+from flowship.model.schema import flows_from_rows
+from flowship.pipeline.envelope import Envelope, Receipt
+from flowship.sinks.kafka import KafkaSink, KafkaSinkConfig, encode_keys, producer_config
+from flowship.sources.kafka import decode_messages, detect_encoding
 
 pytestmark = pytest.mark.servers
 

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.parse
-import urllib.request
 
 import cramjam
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from devservers import logsql_query, logsql_wait_count
 from fakes import FakeFaultServer
 from helpers import aggregate_rows, make_ctx
 
-from exporter.config import ConfigError, parse
-from exporter.model import hubble_encode
-from exporter.pipeline.envelope import Envelope, Receipt
-from exporter.proto.logproto import push_pb2
-from exporter.sinks.loki import (
+from flowship.config import ConfigError, parse
+from flowship.model import hubble_encode
+from flowship.pipeline.envelope import Envelope, Receipt
+from flowship.proto.logproto import push_pb2
+from flowship.sinks.loki import (
     LokiSink,
     LokiSinkConfig,
     entry_fields,
@@ -184,30 +183,6 @@ def _push(url: str, batches: list[tuple[pa.RecordBatch, str]], ctx=None, **kw) -
     return sink, done
 
 
-def _query(base: str, logsql: str, limit: int = 0) -> list[dict]:
-    params = {"query": logsql}
-    if limit:
-        params["limit"] = str(limit)
-    url = f"{base}/select/logsql/query?{urllib.parse.urlencode(params)}"
-    with urllib.request.urlopen(url, timeout=30) as resp:
-        status = resp.status
-        body = resp.read().decode()
-    assert status == 200
-    return [json.loads(line) for line in body.splitlines() if line.strip()]
-
-
-def _wait_count(base: str, stream: str, want: int, timeout: float = 30.0) -> int:
-    deadline = time.monotonic() + timeout
-    got = -1
-    while time.monotonic() < deadline:
-        rows = _query(base, f"_stream:{stream} | stats count() c")
-        got = int(rows[0]["c"]) if rows else 0
-        if got >= want:
-            return got
-        time.sleep(0.5)
-    return got
-
-
 def _push_url(base: str) -> str:
     # keep the line verbatim in _msg (VictoriaLogs would otherwise unpack JSON lines into fields)
     return f"{base}/insert/loki/api/v1/push?disable_message_parsing=1"
@@ -222,16 +197,16 @@ def test_flows_arrive_in_victorialogs(victorialogs_server, all_flows, run_id, en
                     static_labels={"job": job})
     assert done == [False]
     n = all_flows.num_rows
-    assert _wait_count(victorialogs_server, f'{{job="{job}"}}', n) == n
+    assert logsql_wait_count(victorialogs_server, f'_stream:{{job="{job}"}}', n) == n
     # per-verdict counts equal the batch's
-    rows = _query(victorialogs_server, f'_stream:{{job="{job}"}} | stats by (verdict) count() c')
+    rows = logsql_query(victorialogs_server, f'_stream:{{job="{job}"}} | stats by (verdict) count() c')
     got = {r["verdict"]: int(r["c"]) for r in rows}
     want = {v["values"]: v["counts"] for v in pc.value_counts(all_flows.column("verdict")).to_pylist()}
     assert got == want
     # one flow in detail: the line is the Hubble JSON line, ids travel as structured metadata
     i = 7
     uuid = all_flows.column("uuid")[i].as_py()
-    (hit,) = _query(victorialogs_server, f'_stream:{{job="{job}"}} uuid:="{uuid}"')
+    (hit,) = logsql_query(victorialogs_server, f'_stream:{{job="{job}"}} uuid:="{uuid}"')
     expected_line = hubble_encode.encode_lines(all_flows)[i][:-1].decode()
     assert hit["_msg"] == expected_line
     assert hit["community_id"] == all_flows.column("community_id")[i].as_py()
@@ -251,12 +226,12 @@ def test_logfmt_lines_and_aggregates_in_victorialogs(victorialogs_server, fixtur
     _, done = _push(_push_url(victorialogs_server), [(flows, "flows"), (aggs, "aggregates")],
                     line_format="logfmt", static_labels={"job": job})
     assert done == [False, False]
-    assert _wait_count(victorialogs_server, f'{{job="{job}",verdict="DROPPED"}}', 2) == 2
-    assert _wait_count(victorialogs_server, f'{{job="{job}",kind="aggregates"}}', aggs.num_rows) == aggs.num_rows
-    hits = _query(victorialogs_server, f'_stream:{{job="{job}",verdict="DROPPED"}} "drop_reason=POLICY_DENIED"')
+    assert logsql_wait_count(victorialogs_server, f'_stream:{{job="{job}",verdict="DROPPED"}}', 2) == 2
+    assert logsql_wait_count(victorialogs_server, f'_stream:{{job="{job}",kind="aggregates"}}', aggs.num_rows) == aggs.num_rows
+    hits = logsql_query(victorialogs_server, f'_stream:{{job="{job}",verdict="DROPPED"}} "drop_reason=POLICY_DENIED"')
     assert len(hits) == 1
     assert "src_pod=xwing" in hits[0]["_msg"] and "dst_port=80" in hits[0]["_msg"]
-    agg_hits = _query(victorialogs_server, f'_stream:{{job="{job}",kind="aggregates"}}')
+    agg_hits = logsql_query(victorialogs_server, f'_stream:{{job="{job}",kind="aggregates"}}')
     assert all("flows=" in h["_msg"] and "window_start=" in h["_msg"] for h in agg_hits)
     total = sum(float(part.split("=", 1)[1]) for h in agg_hits for part in h["_msg"].split()
                 if part.startswith("flows="))
@@ -275,7 +250,7 @@ def test_too_long_line_is_dead_lettered_with_the_rest_delivered(victorialogs_ser
     _, done = _push(_push_url(victorialogs_server), [(batch, "flows")], ctx, static_labels={"job": job},
                     max_line_bytes="4KiB", on_oversize="dead_letter")
     assert done == [True]  # delivered, with one row in the dead-letter file
-    assert _wait_count(victorialogs_server, f'{{job="{job}"}}', 4) == 4
+    assert logsql_wait_count(victorialogs_server, f'_stream:{{job="{job}"}}', 4) == 4
     (entry,) = [orjson.loads(x) for x in (tmp_path / "dead-letter" / "loki.jsonl").read_bytes().splitlines()]
     assert entry["reason"] == "line_too_long"
     assert entry["record"]["labels"].startswith("{") and "yyyy" in entry["record"]["line"]

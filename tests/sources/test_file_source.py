@@ -18,13 +18,24 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
 import orjson
+import pyarrow as pa
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sinks"))
+
+from helpers import make_ctx  # noqa: E402
+
+from flowship.config import parse  # noqa: E402
+from flowship.model.hubble_decode import decode_lines  # noqa: E402
+from flowship.pipeline.envelope import Receipt  # noqa: E402
+from flowship.sources.file import FileSource, FileSourceConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TOTAL = 3000
@@ -111,7 +122,7 @@ sinks:
 
 
 def export(cfg: Path, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "exporter.cli", "--log-format", "json", "export", "--config",
+    return subprocess.Popen([sys.executable, "-m", "flowship.cli", "--log-format", "json", "export", "--config",
                              str(cfg), "--no-progress"], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
 
@@ -216,7 +227,7 @@ def test_finite_runs_across_rotation_with_gzip_read_nothing_twice(tmp_path: Path
     cfg = config(tmp_path, logs, follow=False, gz=True)
     writer = Lumberjack(logs)
     writer.write(unique_lines[:50])
-    run = [sys.executable, "-m", "exporter.cli", "export", "--config", str(cfg), "--no-progress"]
+    run = [sys.executable, "-m", "flowship.cli", "export", "--config", str(cfg), "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     first = subprocess.run(run, cwd=tmp_path, capture_output=True, env=env, timeout=120)
     assert first.returncode == 0, first.stderr.decode()[-3000:]
@@ -245,7 +256,7 @@ def test_new_content_on_a_known_inode_is_read_from_its_start(tmp_path: Path, uni
     live = logs / "events.log"
     live.write_bytes(b"\n".join(unique_lines[:100]) + b"\n")
     old_inode = live.stat().st_ino
-    run = [sys.executable, "-m", "exporter.cli", "export", "--config", str(cfg), "--no-progress"]
+    run = [sys.executable, "-m", "flowship.cli", "export", "--config", str(cfg), "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     assert subprocess.run(run, cwd=tmp_path, capture_output=True, env=env, timeout=120).returncode == 0
     live.write_bytes(b"\n".join(unique_lines[100:250]) + b"\n")
@@ -253,3 +264,40 @@ def test_new_content_on_a_known_inode_is_read_from_its_start(tmp_path: Path, uni
     proc = subprocess.run(run, cwd=tmp_path, capture_output=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     assert parquet_counts(out) == (250, 250)
+
+
+def read_once(tmp_path: Path, paths: list[str]) -> tuple[FileSource, list[pa.RecordBatch]]:
+    """A finite FileSource run in this thread; every emitted batch acknowledged at once."""
+    source = FileSource(parse(FileSourceConfig, {"paths": paths, "batch_rows": 100}, "t.yaml"),
+                        make_ctx("file", tmp_path / "state"))
+    batches: list[pa.RecordBatch] = []
+
+    def emit(batch: pa.RecordBatch, receipt: Receipt) -> None:
+        batches.append(batch)
+        receipt.release()
+
+    source.run(emit, threading.Event())
+    return source, batches
+
+
+def test_a_listed_file_that_is_missing_fails_and_an_empty_glob_does_not(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nope.jsonl'}: no such file"):
+        read_once(tmp_path, [str(tmp_path / "nope.jsonl")])
+    source, batches = read_once(tmp_path, [str(tmp_path / "none-*.jsonl")])
+    assert (batches, source.files_read) == ([], 0)
+
+
+def test_one_file_under_two_names_is_read_once_and_every_file_is_checkpointed(tmp_path: Path,
+                                                                              fixture_lines: list[bytes]) -> None:
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_bytes(b"\n".join(fixture_lines[:250]) + b"\n")
+    second.write_bytes(b"\n".join(fixture_lines[250:400]) + b"\n")
+    os.link(first, tmp_path / "a-link.jsonl")
+    source, batches = read_once(tmp_path, [str(first), str(tmp_path / "a-link.jsonl"), str(second)])
+    flows = pa.Table.from_batches(batches).combine_chunks()
+    assert flows.column("uuid").to_pylist() == \
+        decode_lines(b"\n".join(fixture_lines[:400]) + b"\n").batch.column("uuid").to_pylist()
+    state = orjson.loads((tmp_path / "state" / "checkpoints" / "file.json").read_bytes())
+    positions = {Path(e["path"]).name: (e["offset"], e["line"]) for e in state["files"].values()}
+    assert positions == {"a.jsonl": (first.stat().st_size, 250), "b.jsonl": (second.stat().st_size, 150)}
+    assert source.summary()["lines"] == 400

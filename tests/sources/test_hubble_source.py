@@ -6,21 +6,25 @@ import re
 import subprocess
 import threading
 import time
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pyarrow as pa
 import pytest
 import structlog.testing
 
-from agent.observer import ObserverConfig, ObserverServer, ObserverTLSConfig
-from exporter.components import Context
-from exporter.config import ConfigError, parse
-from exporter.metrics import Metrics
-from exporter.model.hubble_json import decode_lines
-from exporter.model.schema import FLOW_SCHEMA
-from exporter.pipeline.envelope import Receipt
-from exporter.sources.hubble import HubbleSource, HubbleSourceConfig, parse_since
+from flowship.agent.observer import ObserverConfig, ObserverServer, ObserverTLSConfig
+from flowship.components import Context
+from flowship.config import ConfigError, parse
+from flowship.metrics import Metrics
+from flowship.model.hubble_decode import decode_lines
+from flowship.model.schema import FLOW_SCHEMA
+from flowship.pipeline.envelope import Receipt
+from flowship.proto.flow import flow_pb2
+from flowship.proto.observer import observer_pb2, observer_pb2_grpc
+from flowship.sources.hubble import HubbleSource, HubbleSourceConfig, parse_since
 
 
 @pytest.fixture(scope="module")
@@ -452,5 +456,45 @@ def test_reads_the_observer_over_its_unix_socket(tmp_path, flows) -> None:
         t, _, errors = _run(source, emit)
         t.join(30)
         assert not errors and emit.uuids == flows.column("uuid").to_pylist()[:30]
+    finally:
+        server.stop(0)
+
+
+class _RawObserver(observer_pb2_grpc.ObserverServicer):
+    """A relay that sends exactly the given GetFlowsResponse messages, then ends the stream.
+
+    A fake on purpose: flowship's own Observer never sends an invalid Timestamp, a third-party sender can.
+    """
+
+    def __init__(self, responses: list[observer_pb2.GetFlowsResponse]) -> None:
+        self.responses = responses
+
+    def GetFlows(self, request, context):  # noqa: N802 - the gRPC method name
+        yield from self.responses
+
+
+def test_a_flow_with_an_invalid_timestamp_does_not_stop_the_stream(tmp_path) -> None:
+    def response(uuid: str, seconds: int, nanos: int) -> observer_pb2.GetFlowsResponse:
+        flow = flow_pb2.Flow(uuid=uuid, verdict=flow_pb2.FORWARDED)
+        flow.time.seconds, flow.time.nanos = seconds, nanos
+        return observer_pb2.GetFlowsResponse(flow=flow, node_name="relay-node")
+
+    base = 1_764_000_000
+    sent = [response("a", base, 1), response("bad-nanos", base, -5), response("b", base + 1, 2)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    observer_pb2_grpc.add_ObserverServicer_to_server(_RawObserver(sent), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        source = _source(tmp_path, address=f"127.0.0.1:{port}", follow=False)
+        emit = Collector()
+        t, stop, errors = _run(source, emit)
+        t.join(30)
+        assert not t.is_alive() and not errors, errors
+        got = pa.Table.from_batches(emit.batches) if emit.batches else None
+        uuids = got.column("uuid").to_pylist() if got is not None else []
+        assert "a" in uuids and "b" in uuids
+        times = dict(zip(uuids, got.column("time").cast(pa.int64()).to_pylist(), strict=True))
+        assert times["a"] == base * 1_000_000_000 + 1 and times["b"] == (base + 1) * 1_000_000_000 + 2
     finally:
         server.stop(0)

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import duckdb
@@ -23,36 +22,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sinks"))
 import devservers  # noqa: E402
 from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
-from helpers import decode_fixtures, distinct_flows, generated_flows, make_ctx  # noqa: E402
+from helpers import generated_flows, make_ctx  # noqa: E402
 
-from exporter.config import parse  # noqa: E402
-from exporter.model import ecs_fields  # noqa: E402
-from exporter.pipeline.envelope import Envelope, Receipt  # noqa: E402
-from exporter.sinks.kafka import KafkaSink, KafkaSinkConfig  # noqa: E402
-from exporter.sources.kafka import KafkaSource, KafkaSourceConfig, OffsetTracker, detect_encoding  # noqa: E402
+from flowship.config import parse  # noqa: E402
+from flowship.model import ecs_fields  # noqa: E402
+from flowship.pipeline.envelope import Envelope, Receipt  # noqa: E402
+from flowship.sinks.kafka import KafkaSink, KafkaSinkConfig  # noqa: E402
+from flowship.sources.kafka import KafkaSource, KafkaSourceConfig, OffsetTracker, detect_encoding  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def kafka() -> str:
-    devservers.start("kafka", devservers.KAFKA)
-    return devservers.KAFKA
-
-
-@pytest.fixture(scope="module")
-def fixture_batches(fixture_files: list[Path]) -> dict[str, pa.RecordBatch]:
-    return decode_fixtures(fixture_files)
-
-
-@pytest.fixture(scope="module")
-def all_flows(fixture_batches: dict[str, pa.RecordBatch]) -> pa.RecordBatch:
-    return distinct_flows(list(fixture_batches.values()))
-
-
-@pytest.fixture()
-def run_id() -> str:
-    return f"{int(time.time())}{uuid.uuid4().hex[:6]}"
+kafka = devservers.kafka_server
+fixture_batches = devservers.fixture_batches
+all_flows = devservers.all_flows
+run_id = devservers.run_id
 
 
 def produce(brokers: str, topic: str, batch: pa.RecordBatch, encoding: str = "hubble-json",
@@ -319,8 +303,8 @@ class _Msg:
 
 def test_a_decoder_that_raises_costs_only_the_message_that_made_it_raise(tmp_path, monkeypatch):
     """A decoder bug (an exception no decoder should raise) rejects the one message, not the poll."""
-    import exporter.sources.kafka as kafka_source
-    from exporter.model.hubble_encode import encode_lines
+    import flowship.sources.kafka as kafka_source
+    from flowship.model.hubble_encode import encode_lines
 
     real = kafka_source.decode_messages
 
@@ -448,7 +432,7 @@ sinks:
 
 
 def _start_export(config: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "exporter.cli", "--log-format", "json", "export", "--config",
+    return subprocess.Popen([sys.executable, "-m", "flowship.cli", "--log-format", "json", "export", "--config",
                              str(config)], cwd=config.parent, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
 

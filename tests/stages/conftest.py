@@ -8,8 +8,8 @@ import pyarrow as pa
 import pytest
 from stage_helpers import new_context
 
-from exporter.components import Context
-from exporter.model.hubble_json import decode_lines
+from flowship.components import Context
+from flowship.model.hubble_decode import decode_lines
 
 
 @pytest.fixture()

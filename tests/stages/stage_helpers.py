@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from exporter.components import Context
-from exporter.metrics import Metrics
-from exporter.model.schema import FLOW_SCHEMA, flows_from_rows
+from flowship.components import Context
+from flowship.metrics import Metrics
+from flowship.model.schema import FLOW_SCHEMA, flows_from_rows
 
 T0 = 1_700_000_000_000_000_000  # ns
 

@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from stage_helpers import T0, columns_batch, make_flows, new_context
 
-from exporter.config import ConfigError, load_text
-from exporter.model.aggregate_schema import aggregate_schema
-from exporter.model.ids import connection_hashes
-from exporter.pipeline.envelope import Envelope, Receipt
-from exporter.stages.aggregate import RELATIVE_ERROR, AggregateConfig, AggregateStage
+from flowship.config import ConfigError, load_text
+from flowship.model.aggregate_schema import aggregate_schema
+from flowship.model.ids import connection_hashes
+from flowship.pipeline.envelope import Envelope, Receipt
+from flowship.stages.aggregate import RELATIVE_ERROR, AggregateConfig, AggregateStage
 
 SEC = 1_000_000_000
 GROUP_BY = ["src_namespace", "dst_port", "verdict", "http_status_class"]

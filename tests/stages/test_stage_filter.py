@@ -11,15 +11,10 @@ import pyarrow.compute as pc
 import pytest
 from stage_helpers import dropped, make_flows
 
-from exporter.config import ConfigError, load_text
-from exporter.proto.flow import flow_pb2
-from exporter.stages.filter import (
-    FilterConfig,
-    FilterError,
-    FilterStage,
-    compile_filter_set,
-    parse_label_selector,
-)
+from flowship.config import ConfigError, load_text
+from flowship.model.flowfilter import FilterError, compile_filter_set, parse_label_selector
+from flowship.proto.flow import flow_pb2
+from flowship.stages.filter import FilterConfig, FilterStage
 
 
 def matches(allow: list, rows: list[dict], deny: list | None = None) -> list[bool]:

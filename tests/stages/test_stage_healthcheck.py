@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from stage_helpers import T0, dropped, make_flows
 
-from exporter.config import ConfigError, load_text
-from exporter.stages.healthcheck import HealthcheckConfig, HealthcheckStage, RecentConnections
+from flowship.config import ConfigError, load_text
+from flowship.stages.healthcheck import HealthcheckConfig, HealthcheckStage, RecentConnections
 
 KUBELET = {"ip_src": "10.0.0.1", "src_identity": 1, "src_labels": ["reserved:host"]}
 POD = {"ip_dst": "10.1.0.5", "dst_identity": 16001, "dst_namespace": "shop", "dst_pod": "api-1",

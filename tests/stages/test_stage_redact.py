@@ -8,8 +8,8 @@ import hmac
 import pytest
 from stage_helpers import make_flows
 
-from exporter.config import ConfigError, load_text
-from exporter.stages.redact import RedactConfig, RedactStage
+from flowship.config import ConfigError, load_text
+from flowship.stages.redact import RedactConfig, RedactStage
 
 KEY = b"correct horse battery staple"
 

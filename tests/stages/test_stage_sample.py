@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from stage_helpers import columns_batch, dropped, make_flows, new_context
 
-from exporter.config import ConfigError, load_text
-from exporter.model.ids import connection_hashes
-from exporter.stages.sample import SampleConfig, SampleStage, sample_keep
+from flowship.config import ConfigError, load_text
+from flowship.model.ids import connection_hashes
+from flowship.stages.sample import SampleConfig, SampleStage, sample_keep
 
 
 def connection_rows(n_conns: int, rng: np.random.Generator, flows_per_conn: tuple[int, int] = (1, 12)) -> dict:
@@ -148,5 +148,6 @@ def test_config_validation():
     assert "f.yaml: stages[0].rate: expected an integer 1..4294967295, got 0" in err.value.problems
     assert any(p.startswith("f.yaml: stages[0].always_keep[0].verdict[0]: unknown verdict 'DROP'")
                for p in err.value.problems)
-    cfg = load_text("stages:\n  - type: sample\n    rate: 50\n", "f.yaml").stages[0].config
+    cfg = load_text("sources: [{type: stdin}]\nsinks: [{type: stdout}]\nstages:\n  - type: sample\n    rate: 50\n",
+                    "f.yaml").stages[0].config
     assert cfg.rate == 50 and cfg.always_keep[0] == {"verdict": ["DROPPED", "ERROR"]}

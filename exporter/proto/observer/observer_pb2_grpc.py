@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from exporter.proto.observer import observer_pb2 as exporter_dot_proto_dot_observer_dot_observer__pb2
+from flowship.proto.observer import observer_pb2 as flowship_dot_proto_dot_observer_dot_observer__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in exporter/proto/observer/observer_pb2_grpc.py depends on'
+        + ' but the generated code in flowship/proto/observer/observer_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,23 @@ class ObserverStub:
         """
         self.GetFlows = channel.unary_stream(
                 '/observer.Observer/GetFlows',
-                request_serializer=exporter_dot_proto_dot_observer_dot_observer__pb2.GetFlowsRequest.SerializeToString,
-                response_deserializer=exporter_dot_proto_dot_observer_dot_observer__pb2.GetFlowsResponse.FromString,
+                request_serializer=flowship_dot_proto_dot_observer_dot_observer__pb2.GetFlowsRequest.SerializeToString,
+                response_deserializer=flowship_dot_proto_dot_observer_dot_observer__pb2.GetFlowsResponse.FromString,
                 _registered_method=True)
         self.GetNodes = channel.unary_unary(
                 '/observer.Observer/GetNodes',
-                request_serializer=exporter_dot_proto_dot_observer_dot_observer__pb2.GetNodesRequest.SerializeToString,
-                response_deserializer=exporter_dot_proto_dot_observer_dot_observer__pb2.GetNodesResponse.FromString,
+                request_serializer=flowship_dot_proto_dot_observer_dot_observer__pb2.GetNodesRequest.SerializeToString,
+                response_deserializer=flowship_dot_proto_dot_observer_dot_observer__pb2.GetNodesResponse.FromString,
                 _registered_method=True)
         self.GetNamespaces = channel.unary_unary(
                 '/observer.Observer/GetNamespaces',
-                request_serializer=exporter_dot_proto_dot_observer_dot_observer__pb2.GetNamespacesRequest.SerializeToString,
-                response_deserializer=exporter_dot_proto_dot_observer_dot_observer__pb2.GetNamespacesResponse.FromString,
+                request_serializer=flowship_dot_proto_dot_observer_dot_observer__pb2.GetNamespacesRequest.SerializeToString,
+                response_deserializer=flowship_dot_proto_dot_observer_dot_observer__pb2.GetNamespacesResponse.FromString,
                 _registered_method=True)
         self.ServerStatus = channel.unary_unary(
                 '/observer.Observer/ServerStatus',
-                request_serializer=exporter_dot_proto_dot_observer_dot_observer__pb2.ServerStatusRequest.SerializeToString,
-                response_deserializer=exporter_dot_proto_dot_observer_dot_observer__pb2.ServerStatusResponse.FromString,
+                request_serializer=flowship_dot_proto_dot_observer_dot_observer__pb2.ServerStatusRequest.SerializeToString,
+                response_deserializer=flowship_dot_proto_dot_observer_dot_observer__pb2.ServerStatusResponse.FromString,
                 _registered_method=True)
 
 
@@ -88,23 +88,23 @@ def add_ObserverServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetFlows': grpc.unary_stream_rpc_method_handler(
                     servicer.GetFlows,
-                    request_deserializer=exporter_dot_proto_dot_observer_dot_observer__pb2.GetFlowsRequest.FromString,
-                    response_serializer=exporter_dot_proto_dot_observer_dot_observer__pb2.GetFlowsResponse.SerializeToString,
+                    request_deserializer=flowship_dot_proto_dot_observer_dot_observer__pb2.GetFlowsRequest.FromString,
+                    response_serializer=flowship_dot_proto_dot_observer_dot_observer__pb2.GetFlowsResponse.SerializeToString,
             ),
             'GetNodes': grpc.unary_unary_rpc_method_handler(
                     servicer.GetNodes,
-                    request_deserializer=exporter_dot_proto_dot_observer_dot_observer__pb2.GetNodesRequest.FromString,
-                    response_serializer=exporter_dot_proto_dot_observer_dot_observer__pb2.GetNodesResponse.SerializeToString,
+                    request_deserializer=flowship_dot_proto_dot_observer_dot_observer__pb2.GetNodesRequest.FromString,
+                    response_serializer=flowship_dot_proto_dot_observer_dot_observer__pb2.GetNodesResponse.SerializeToString,
             ),
             'GetNamespaces': grpc.unary_unary_rpc_method_handler(
                     servicer.GetNamespaces,
-                    request_deserializer=exporter_dot_proto_dot_observer_dot_observer__pb2.GetNamespacesRequest.FromString,
-                    response_serializer=exporter_dot_proto_dot_observer_dot_observer__pb2.GetNamespacesResponse.SerializeToString,
+                    request_deserializer=flowship_dot_proto_dot_observer_dot_observer__pb2.GetNamespacesRequest.FromString,
+                    response_serializer=flowship_dot_proto_dot_observer_dot_observer__pb2.GetNamespacesResponse.SerializeToString,
             ),
             'ServerStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerStatus,
-                    request_deserializer=exporter_dot_proto_dot_observer_dot_observer__pb2.ServerStatusRequest.FromString,
-                    response_serializer=exporter_dot_proto_dot_observer_dot_observer__pb2.ServerStatusResponse.SerializeToString,
+                    request_deserializer=flowship_dot_proto_dot_observer_dot_observer__pb2.ServerStatusRequest.FromString,
+                    response_serializer=flowship_dot_proto_dot_observer_dot_observer__pb2.ServerStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,8 +132,8 @@ class Observer:
             request,
             target,
             '/observer.Observer/GetFlows',
-            exporter_dot_proto_dot_observer_dot_observer__pb2.GetFlowsRequest.SerializeToString,
-            exporter_dot_proto_dot_observer_dot_observer__pb2.GetFlowsResponse.FromString,
+            flowship_dot_proto_dot_observer_dot_observer__pb2.GetFlowsRequest.SerializeToString,
+            flowship_dot_proto_dot_observer_dot_observer__pb2.GetFlowsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -159,8 +159,8 @@ class Observer:
             request,
             target,
             '/observer.Observer/GetNodes',
-            exporter_dot_proto_dot_observer_dot_observer__pb2.GetNodesRequest.SerializeToString,
-            exporter_dot_proto_dot_observer_dot_observer__pb2.GetNodesResponse.FromString,
+            flowship_dot_proto_dot_observer_dot_observer__pb2.GetNodesRequest.SerializeToString,
+            flowship_dot_proto_dot_observer_dot_observer__pb2.GetNodesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -186,8 +186,8 @@ class Observer:
             request,
             target,
             '/observer.Observer/GetNamespaces',
-            exporter_dot_proto_dot_observer_dot_observer__pb2.GetNamespacesRequest.SerializeToString,
-            exporter_dot_proto_dot_observer_dot_observer__pb2.GetNamespacesResponse.FromString,
+            flowship_dot_proto_dot_observer_dot_observer__pb2.GetNamespacesRequest.SerializeToString,
+            flowship_dot_proto_dot_observer_dot_observer__pb2.GetNamespacesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -213,8 +213,8 @@ class Observer:
             request,
             target,
             '/observer.Observer/ServerStatus',
-            exporter_dot_proto_dot_observer_dot_observer__pb2.ServerStatusRequest.SerializeToString,
-            exporter_dot_proto_dot_observer_dot_observer__pb2.ServerStatusResponse.FromString,
+            flowship_dot_proto_dot_observer_dot_observer__pb2.ServerStatusRequest.SerializeToString,
+            flowship_dot_proto_dot_observer_dot_observer__pb2.ServerStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
