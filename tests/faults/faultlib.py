@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 import pytest
 import yaml
+from flowgen_input import generate_lines
 
 REPO = Path(__file__).resolve().parents[2]
 SERVERS = REPO / "deploy" / "dev" / "servers"
@@ -277,13 +278,7 @@ def tail(log_path: Path | None, lines: int = 25) -> str:
 
 def generate_input(path: Path, flows: int) -> list[str]:
     """``bench/flowgen.py`` writes ``flows`` Hubble JSON lines; returns their uuids in line order."""
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "flowgen.py"), str(path), "-n", str(flows)],
-                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    uuids = [orjson.loads(line)["flow"]["uuid"] for line in path.read_bytes().splitlines()]
-    assert len(uuids) == flows and len(set(uuids)) == flows, "the generator must give every flow its own uuid"
-    return uuids
+    return [orjson.loads(line)["flow"]["uuid"] for line in generate_lines(path, flows)]
 
 
 # ---------------------------------------------------------------------------------------------

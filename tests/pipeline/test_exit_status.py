@@ -25,6 +25,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from flowgen_input import generate_lines
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sinks"))
 
@@ -56,12 +57,7 @@ def stream(opensearch: str) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def flows(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
     """20,000 generated Hubble JSON lines, each with its own uuid."""
-    path = tmp_path_factory.mktemp("input") / "flows.jsonl"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "flowgen.py"), str(path), "-n", "20000"],
-                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return path.read_bytes().splitlines()
+    return generate_lines(tmp_path_factory.mktemp("input") / "flows.jsonl", 20000)
 
 
 def es_sink(url: str, data_stream: str, **extra: object) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from flowgen_input import generate_lines
 
 REPO = Path(__file__).resolve().parents[2]
 COUNT = 200
@@ -27,13 +28,7 @@ BOM = b"\xef\xbb\xbf"
 def events(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Hubble ExportEvents from bench/flowgen.py, each with its own uuid."""
     path = tmp_path_factory.mktemp("flows") / "flows.jsonl"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "flowgen.py"), str(path), "-n", str(COUNT)],
-                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    out = [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
-    assert len({e["flow"]["uuid"] for e in out}) == COUNT
-    return out
+    return [orjson.loads(line) for line in generate_lines(path, COUNT)]
 
 
 def uuids(events: list[dict]) -> list[str]:

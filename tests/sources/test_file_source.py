@@ -27,6 +27,7 @@ import duckdb
 import orjson
 import pyarrow as pa
 import pytest
+from flowgen_input import generate_lines
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sinks"))
 
@@ -44,14 +45,7 @@ TOTAL = 3000
 @pytest.fixture(scope="session")
 def unique_lines(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
     """Hubble JSON lines from bench/flowgen.py, every one with its own uuid."""
-    path = tmp_path_factory.mktemp("flows") / "flows.jsonl"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "flowgen.py"), str(path), "-n", str(TOTAL)],
-                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    lines = [line for line in path.read_bytes().splitlines() if line.strip()]
-    assert len({orjson.loads(line)["flow"]["uuid"] for line in lines}) == len(lines) == TOTAL
-    return lines
+    return generate_lines(tmp_path_factory.mktemp("flows") / "flows.jsonl", TOTAL)
 
 
 class Lumberjack:
