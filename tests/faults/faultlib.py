@@ -96,7 +96,10 @@ class FaultServers:
         self.victorialogs = f"http://127.0.0.1:{self.ports['victorialogs']}"
         self.loki_push = f"{self.victorialogs}/insert/loki/api/v1/push"
 
+    NAMES = ("kafka", "opensearch", "victorialogs")  # no names means these, not every dev server
+
     def _servers(self, verb: str, *names: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        names = names or self.NAMES
         proc = subprocess.run([str(SERVERS), verb, *names], capture_output=True, text=True, timeout=timeout,
                               env=self.env, cwd=REPO)
         self.log.append(f"$ deploy/dev/servers {verb} {' '.join(names)} -> {proc.returncode}\n"

@@ -1,6 +1,6 @@
 """Smoke tests for the local development servers (deploy/dev/servers).
 
-They expect Kafka, OpenSearch and VictoriaLogs to be running already:
+They expect Kafka, OpenSearch, VictoriaLogs and versitygw (S3) to be running already:
 
     deploy/dev/servers start
 
@@ -240,3 +240,29 @@ def test_victorialogs_loki_push_and_logsql_query() -> None:
     assert rows, f"pushed line not returned by LogsQL within 30 s (run {RUN_ID})"
     assert rows[0]["_msg"] == line
     assert rows[0]["job"] == "flowship-devsmoke"
+
+
+VERSITYGW_ADDRESS = "127.0.0.1:" + os.environ.get("FLOWSHIP_VERSITYGW_PORT", "7070")
+
+
+def test_versitygw_bucket_put_get() -> None:
+    """The dev S3 server takes the root credentials deploy/dev/servers gave it: bucket, put, list, get."""
+    from pyarrow import fs
+
+    _require_tcp("versitygw", VERSITYGW_ADDRESS)
+    s3 = fs.S3FileSystem(access_key=os.environ.get("FLOWSHIP_S3_ACCESS_KEY", "flowship-dev"),
+                         secret_key=os.environ.get("FLOWSHIP_S3_SECRET_KEY", "flowship-dev-secret"),
+                         endpoint_override=VERSITYGW_ADDRESS, scheme="http", region="us-east-1",
+                         allow_bucket_creation=True, allow_bucket_deletion=True)
+    bucket = f"smoke-{RUN_ID}"
+    s3.create_dir(bucket)
+    try:
+        with s3.open_output_stream(f"{bucket}/a/b.txt") as out:
+            out.write(b"flowship")
+        listed = [i.path for i in s3.get_file_info(fs.FileSelector(bucket, recursive=True))
+                  if i.type == fs.FileType.File]
+        assert listed == [f"{bucket}/a/b.txt"]
+        with s3.open_input_stream(f"{bucket}/a/b.txt") as src:
+            assert src.read() == b"flowship"
+    finally:
+        s3.delete_dir(bucket)

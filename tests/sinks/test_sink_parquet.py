@@ -23,6 +23,7 @@ from flowship.components import Context
 from flowship.config import ConfigError, load_text, parse
 from flowship.pipeline.envelope import Envelope, Receipt
 from flowship.sinks import parquet as parquet_module
+from flowship.sinks import parquet_store as store_module
 from flowship.sinks.parquet import ParquetSink, ParquetSinkConfig
 
 HOUR_NS = 3600 * 10**9
@@ -162,7 +163,7 @@ def test_files_appear_only_complete_under_their_final_name(tmp_path, ctx, fixtur
 
 
 def test_acknowledged_only_after_file_rename_and_directory_are_fsynced(tmp_path, ctx, fixture_batches, monkeypatch):
-    events = record_durability(monkeypatch, parquet_module)
+    events = record_durability(monkeypatch, store_module)
     receipt = Receipt(on_done=lambda r: events.append(("ack", "")), rows=10)
     sink = new_sink(ctx, tmp_path / "out")
     sink.write(Envelope(fixture_batches[TCP].slice(0, 10), [receipt]))
@@ -176,7 +177,7 @@ def test_acknowledged_only_after_file_rename_and_directory_are_fsynced(tmp_path,
 
 def test_fsync_false_skips_fsync_but_still_renames(tmp_path, ctx, all_flows, monkeypatch):
     calls: list[int] = []
-    monkeypatch.setattr(parquet_module.os, "fsync", calls.append)
+    monkeypatch.setattr(store_module.os, "fsync", calls.append)
     sink = new_sink(ctx, tmp_path / "out", fsync=False)
     env, receipt = tracked(all_flows.slice(0, 50))
     sink.write(env)

@@ -1,0 +1,198 @@
+"""Where the ``parquet`` sink puts finished files: a local directory or an S3 bucket.
+
+Both stores take a function that writes the file and make the result visible in one step, so a reader
+never sees a part of a file and the sink acknowledges a file's flows only once the store has it durably:
+
+- :class:`LocalStore` writes ``.<name>.tmp``, fsyncs it, renames it into place and fsyncs the directory.
+- :class:`S3Store` writes the file into memory, then uploads it with pyarrow's S3 filesystem (PutObject, or a multipart upload for big files);
+  S3 makes an object visible only when its upload completes, and a success answer means it is stored.
+  A failed upload is retried under the same key with backoff until it succeeds: a retry after an answer
+  that was lost in transit rewrites the same bytes, so it never leaves two copies or a partial object.
+
+Credentials for S3 come the AWS way, through the AWS SDK's default chain that pyarrow uses: the
+``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` environment, the shared config and credentials files
+(``AWS_PROFILE``), web identity (``AWS_ROLE_ARN`` + ``AWS_WEB_IDENTITY_TOKEN_FILE``, as EKS's IRSA sets them)
+and the instance metadata service. The config never holds a key, so none can be logged.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+
+from flowship.config import Duration
+from flowship.sinks.delivery import backoff_seconds
+
+S3_SCHEME = "s3://"
+# Writes a whole Parquet file into the file object it is given.
+FileWriter = Callable[[Any], None]
+
+
+@dataclass
+class S3Config:
+    """Options of an ``s3://`` path; all optional for AWS itself."""
+
+    endpoint_url: str = ""  # S3-compatible server, e.g. http://127.0.0.1:7070; empty = AWS
+    region: str = ""  # empty: AWS_REGION / the profile's region, else us-east-1
+    role_arn: str = ""  # assume this role on top of the default credentials
+    request_timeout: Duration = Duration(30.0)
+    initial_backoff: Duration = Duration(0.5)
+    max_backoff: Duration = Duration(30.0)
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.endpoint_url:
+            parts = urlsplit(self.endpoint_url)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+                problems.append("endpoint_url: expected http(s)://host[:port] with no path, "
+                                f"got {self.endpoint_url!r}")
+        if (isinstance(self.initial_backoff, float) and isinstance(self.max_backoff, float)
+                and self.initial_backoff > self.max_backoff):
+            problems.append("initial_backoff: must not exceed max_backoff")
+        return problems
+
+
+def s3_location(path: str) -> tuple[str, str] | None:
+    """``s3://bucket/prefix`` → (bucket, prefix without slashes); None for a local path."""
+    if not path.startswith(S3_SCHEME):
+        return None
+    bucket, _, prefix = path[len(S3_SCHEME):].partition("/")
+    return bucket, prefix.strip("/")
+
+
+def s3_path_problem(path: str) -> str | None:
+    """What is wrong with an ``s3://`` path, for config validation."""
+    location = s3_location(path)
+    if location is None:
+        return None
+    bucket = location[0]
+    if not (3 <= len(bucket) <= 63) or not all(c.islower() or c.isdigit() or c in "-." for c in bucket):
+        return f"path: expected s3://BUCKET[/PREFIX] with a valid bucket name, got {path!r}"
+    return None
+
+
+class LocalStore:
+    """Files under a directory, published by fsync + rename."""
+
+    def __init__(self, root: str, fsync: bool, log: Any) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+        self.log = log
+
+    def describe(self, key: str) -> str:
+        return str(self.root / key)
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for leftover in self.root.glob("**/.*.parquet.tmp"):
+            self.log.warning("removing unpublished file from an earlier run", file=str(leftover))
+            leftover.unlink(missing_ok=True)
+
+    def put(self, key: str, write: FileWriter) -> int:
+        """Writes the file under a hidden name, makes it durable, then gives it its name; returns its size."""
+        final = self.root / key
+        directory = final.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".{final.name}.tmp"
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            if self.fsync:
+                os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        if self.fsync:
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        return final.stat().st_size
+
+    def close(self) -> None:
+        pass
+
+
+class S3Store:
+    """Objects under ``s3://bucket/prefix``, each uploaded whole and retried until stored."""
+
+    def __init__(self, path: str, config: S3Config, log: Any, on_retry: Any = None) -> None:
+        location = s3_location(path)
+        assert location is not None
+        self.bucket, self.prefix = location
+        self.config = config
+        self.log = log
+        self.on_retry = on_retry  # called with the error kind for each failed attempt (metrics)
+        self._rng = random.Random()
+        self.fs = self._filesystem()
+
+    def _filesystem(self) -> Any:
+        from pyarrow import fs  # the S3 part of Arrow initializes the AWS SDK: only when a sink needs it
+
+        options: dict[str, Any] = {
+            "request_timeout": float(self.config.request_timeout),
+            "connect_timeout": min(10.0, float(self.config.request_timeout)),
+            # Retrying here, not in the SDK, keeps one policy (forever, with backoff) and one log line a try.
+            "retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=1),
+        }
+        if self.config.endpoint_url:
+            parts = urlsplit(self.config.endpoint_url)
+            options["endpoint_override"] = parts.netloc
+            options["scheme"] = parts.scheme
+            options["region"] = self.config.region or "us-east-1"
+        elif self.config.region:
+            options["region"] = self.config.region
+        if self.config.role_arn:
+            options["role_arn"] = self.config.role_arn
+        return fs.S3FileSystem(**options)
+
+    def describe(self, key: str) -> str:
+        return f"{S3_SCHEME}{self.bucket}/{self._key(key)}"
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def start(self) -> None:
+        """Fails the start when the bucket cannot be reached, so a wrong name or endpoint is said at once."""
+        from pyarrow import fs
+
+        try:
+            info = self.fs.get_file_info(self.bucket)
+        except OSError as exc:
+            raise RuntimeError(f"S3 bucket {self.bucket!r} cannot be reached: {exc}") from exc
+        if info.type == fs.FileType.NotFound:
+            raise RuntimeError(f"S3 bucket {self.bucket!r} does not exist (flowship does not create buckets)")
+
+    def put(self, key: str, write: FileWriter) -> int:
+        """Uploads the file as one object, retrying until S3 has stored it; returns its size."""
+        buffer = pa.BufferOutputStream()
+        write(buffer)
+        data = buffer.getvalue()
+        target = f"{self.bucket}/{self._key(key)}"
+        attempt = 0
+        while True:
+            try:
+                with self.fs.open_output_stream(target, metadata={"Content-Type": "application/vnd.apache.parquet"}) as out:
+                    out.write(data)
+                return data.size
+            except OSError as exc:
+                # Until it is stored: the runtime's shutdown_timeout bounds a stop, and flows never acknowledged
+                # are read again from the source's checkpoint on the next start.
+                delay = backoff_seconds(attempt, float(self.config.initial_backoff), float(self.config.max_backoff),
+                                        self._rng)
+                attempt += 1
+                if self.on_retry is not None:
+                    self.on_retry("s3_error")
+                self.log.warning("S3 upload failed; retrying the same object", object=self.describe(key),
+                                 attempt=attempt, retry_in_s=round(delay, 2), error=str(exc)[:300])
+                time.sleep(delay)
+
+    def close(self) -> None:
+        pass
