@@ -1,4 +1,4 @@
-"""The ``flowship`` command: export, agent, validate, report, demo.
+"""The ``flowship`` command: export, agent, validate, report, compact, demo.
 
 It sits above the core and the agent: the only module that imports both.
 """
@@ -32,6 +32,7 @@ flowship exports network flows into long-term storage, SIEMs and analytics.
   flowship export  read flows from Hubble, Hubble files, Kafka or stdin and export them
   flowship validate [--config] FILE  check a config without running it
   flowship report latency|drops|all  answer the two questions from the Parquet output
+  flowship compact ARCHIVE  merge the small Parquet files of closed hours; --retention deletes old ones
   flowship demo    build a small namespace topology, capture it, answer the two questions
 
 """ + EXIT_CODES
@@ -79,6 +80,18 @@ def point_in_time(text: str) -> datetime:
         raise argparse.ArgumentTypeError(f"expected a time like 2026-12-02T10:00:00Z or a duration ago like 1h, "
                                          f"got {text!r}") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def duration_or_zero(text: str) -> float:
+    """``--settle``: a duration, 0 allowed (every partition counts as closed)."""
+    try:
+        value = Duration.parse(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {Duration.expected} (or a number of seconds), got {text!r}") \
+            from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a duration >= 0, got {text!r}")
+    return float(value)
 
 
 def non_negative_int(text: str) -> int:
@@ -146,6 +159,29 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number > 0, got {text!r}")
+    return int(text)
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    from flowship import compact
+    from flowship.sinks.parquet_store import S3Config
+
+    sizes = {k: v for k, v in (("max_file_rows", args.max_file_rows), ("row_group_rows", args.row_group_rows)) if v}
+    options = compact.CompactOptions(settle=args.settle, retention=args.retention, dry_run=args.dry_run, **sizes)
+    try:
+        store = compact.open_archive(args.archive, S3Config(endpoint_url=args.s3_endpoint or "",
+                                                            region=args.s3_region or ""))
+        summary = compact.run(store, options, progress=lambda line: sys.stderr.write(f"flowship compact: {line}\n"))
+    except (OSError, RuntimeError, ValueError) as exc:
+        sys.stderr.write(f"flowship compact: {exc}\n")
+        return EXIT_FAILED
+    print(json.dumps(summary.as_dict(), indent=2))
+    return EXIT_FAILED if any(": no dt=" not in reason for reason in summary.skipped) else EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flowship.agent.demo import run_demo
 
@@ -209,6 +245,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=non_negative_int, default=20,
                    help="rows per table, the largest first (default 20; 0 = all)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compact", help="merge the small Parquet files of closed hours; delete hours past retention",
+                       description="Rewrite the files of every closed hour partition of a parquet sink's "
+                                   "archive (a directory or s3://bucket/prefix) into few large files sorted by "
+                                   "time, safely against crashes (a journal under _flowship/compaction lets "
+                                   "the next run finish an interrupted one). With --retention, hours that ended "
+                                   "longer ago are deleted. Prints a JSON summary; exit 1 if a partition could "
+                                   "not be compacted (its files are kept). Run one compact at a time per archive.")
+    p.add_argument("archive", help="the parquet sink's path: a directory or s3://bucket/prefix")
+    p.add_argument("--settle", type=duration_or_zero, default=3600.0,
+                   help="an hour partition is closed this long after it ended (default 1h)")
+    p.add_argument("--retention", type=positive_duration, default=None,
+                   help="delete hour partitions that ended longer ago than this (e.g. 30d); default: keep all")
+    p.add_argument("--max-file-rows", type=positive_int, help="rows per output file (default 4194304)")
+    p.add_argument("--row-group-rows", type=positive_int, help="rows per row group (default 1048576)")
+    p.add_argument("--dry-run", action="store_true", help="say what would be compacted or deleted; change nothing")
+    p.add_argument("--s3-endpoint", help="an S3-compatible endpoint, http(s)://host:port (default: AWS)")
+    p.add_argument("--s3-region", help="the bucket's region (default: AWS_REGION or the profile's)")
+    p.set_defaults(func=cmd_compact)
 
     p = sub.add_parser("demo", help="namespace topology + traffic + capture; prints latency and drops (root)")
     common(p)
