@@ -47,7 +47,7 @@ def test_manifests_parse_and_embedded_configs_validate(monkeypatch: pytest.Monke
 
 def _agent_config(monkeypatch: pytest.MonkeyPatch, node: str = "node-1") -> PipelineConfig:
     monkeypatch.setenv("NODE_NAME", node)
-    return load_text(_one("ConfigMap", "flowship-agent")["data"]["flowship.yaml"], "agent-daemonset.yaml")
+    return load_text(_one("ConfigMap", "flowship-agent")["data"]["flowship.yaml"], "deploy/kubernetes/flowship.yaml")
 
 
 def test_daemonset_node_name_is_the_kubernetes_node_name(monkeypatch: pytest.MonkeyPatch) -> None:
