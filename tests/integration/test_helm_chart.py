@@ -34,6 +34,8 @@ CASE_IDS = ["default", *(p.stem for p in EXAMPLES)]
 
 Obj = dict[str, Any]
 
+pytestmark = pytest.mark.timeout(1800)  # the first test builds helm (minutes on a busy machine)
+
 
 def _build(script: str) -> str:
     """Build (or find cached) a Go tool through its deploy/dev script; fail loudly when that cannot work."""
@@ -371,6 +373,9 @@ BAD_VALUES = {
                                           "exporter.metricsPort: port 9962 is Cilium's"),
     "observer on hubble's port": (["--set", "agent.observer.address=:4244"],
                                   "agent.observer.address: port 4244 is Cilium's"),
+    "observer open without mTLS": (["--set", "agent.observer.address=:4246"],
+                                   "agent.observer.address :4246 is reachable from the network: set "
+                                   "agent.observer.tlsSecret"),
     "hubble source with two replicas": (["--set", "exporter.source.type=hubble"],
                                         "exporter.replicas is 2 with exporter.source.type hubble"),
     "no sink": (["--set", "agent.sinks.kafka.enabled=false"], "agent.sinks: enable at least one sink"),
@@ -399,6 +404,39 @@ def test_a_values_file_with_a_sink_but_no_url_fails(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "exporter.sinks.elasticsearch.url is required when exporter.sinks.elasticsearch.enabled is true" \
         in proc.stderr
+
+
+# --- the values reference ------------------------------------------------------------------------------
+
+
+def _value_paths(values: Any, prefix: str = "") -> Iterator[str]:
+    if isinstance(values, dict) and values:
+        for key, item in values.items():
+            yield from _value_paths(item, f"{prefix}.{key}" if prefix else key)
+    else:
+        yield prefix
+
+
+def test_docs_helm_md_describes_every_value_and_no_other() -> None:
+    """docs/helm.md names each value of values.yaml (a sink's keys once, in its Sinks table), and only those."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    named = set(re.findall(r"`([A-Za-z][A-Za-z0-9_.*]*)`", (REPO / "docs" / "helm.md").read_text()))
+    missing = []
+    for path in _value_paths(values):
+        parts = path.split(".")
+        if "sinks" in parts:  # agent.sinks.loki.buffer.maxBytes -> buffer, buffer.maxBytes
+            parts = parts[parts.index("sinks") + 2:]
+            candidates = {".".join(parts[:k]) for k in range(1, len(parts) + 1)}
+        else:  # agent.resources.requests.cpu -> agent.resources, ... (never just "agent")
+            candidates = {".".join(parts[:k]) for k in range(min(2, len(parts)), len(parts) + 1)}
+        if not candidates & named:
+            missing.append(path)
+    assert missing == [], "values not described in docs/helm.md"
+    paths = set(_value_paths(values))
+    unknown = [name for name in named if name.split(".")[0] in values and "." in name
+               and not any(p == name.removesuffix(".*") or p.startswith(name.removesuffix("*").rstrip(".") + ".")
+                           for p in paths)]
+    assert unknown == [], "docs/helm.md names values the chart does not have"
 
 
 # --- the plain manifests --------------------------------------------------------------------------------

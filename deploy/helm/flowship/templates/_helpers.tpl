@@ -200,6 +200,14 @@ Args: dict "sinks" MAP "source" (dict "component" NAME "secrets" MAP) or nil
 {{- include "flowship.checkPort" (dict "key" "agent.observer.address" "port" (regexFind "[0-9]+$" $address | default "0")) -}}
 {{- end -}}
 {{- $_ := set $observer "address" $address -}}
+{{- $local := or (hasPrefix "unix:" $address) (hasPrefix "127." $address) (hasPrefix "localhost:" $address) (hasPrefix "[::1]:" $address) -}}
+{{- if not (or $local $agent.observer.tlsSecret (dig "allow_unauthenticated" false ($agent.observer.settings | default dict))) -}}
+{{- fail (printf "agent.observer.address %s is reachable from the network: set agent.observer.tlsSecret (mTLS) or serve a unix socket; the Observer serves flow contents" $address) -}}
+{{- end -}}
+{{- with $agent.observer.tlsSecret -}}
+{{- $_ := set $observer "tls" (dict "cert_file" "/etc/flowship/observer-tls/tls.crt" "key_file" "/etc/flowship/observer-tls/tls.key" "client_ca_file" "/etc/flowship/observer-tls/ca.crt") -}}
+{{- end -}}
+{{- include "flowship.addSettings" (dict "into" $observer "settings" ($agent.observer.settings | default dict) "path" "agent.observer") -}}
 {{- end -}}
 {{- $_ := set $source "observer" $observer -}}
 {{- include "flowship.addSettings" (dict "into" $source "settings" ($agent.settings | default dict) "path" "agent.settings") -}}
