@@ -132,8 +132,31 @@ def test_every_rendered_object_decodes_strictly(values: Path | None) -> None:
     assert {d["metadata"].get("namespace", "flowship") for d in docs} == {"flowship"}  # .Release.Namespace
 
 
-def test_kube_strict_rejects_unknown_and_duplicate_fields() -> None:
-    """The checker itself: a misspelt field, a duplicate key and an unknown kind are errors naming the object."""
+POD = """apiVersion: apps/v1
+kind: DaemonSet
+metadata: {{name: d, namespace: ns}}
+spec:
+  selector:
+    matchLabels: {{app: a}}
+  template:
+    metadata:
+      labels: {{app: a}}
+    spec:
+      containers:
+        - name: c
+          image: example.com/i:1
+          ports: [{port}]
+          volumeMounts: [{{name: {mount}, mountPath: /etc/c}}]
+      volumes: [{{name: config, configMap: {{name: c}}}}]
+"""
+
+
+def test_kube_strict_rejects_what_the_api_server_would() -> None:
+    """The checker itself: a misspelt field, a duplicate key, an unknown kind, and objects that decode but that
+    the API server (or the kubelet) refuses, are errors naming the object and the field."""
+    proc = subprocess.run([kube_strict()], input=POD.format(port="{name: metrics, containerPort: 9966}",
+                                                            mount="config"), capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout == "DaemonSet ns/d\n", proc.stderr
     good = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: ok}\ndata: {a: b}\n"
     cases = {
         "unknown field": ("apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: bad}\n"
@@ -144,6 +167,18 @@ def test_kube_strict_rejects_unknown_and_duplicate_fields() -> None:
                            "spec: {selector: {}, endpoints: [{port: metrics, intervall: 30s}]}\n",
                            ["ServiceMonitor sm", "intervall"]),
         "unknown kind": ("apiVersion: example.com/v1\nkind: Gadget\nmetadata: {name: g}\n", ["Gadget g"]),
+        # decodes, but the API server or the kubelet would refuse it
+        "port name": (POD.format(port="{name: metrics-of-the-agent, containerPort: 9966}", mount="config"),
+                      ["DaemonSet ns/d", "spec.template.spec.containers[0].ports[0].name", "15"]),
+        "missing volume": (POD.format(port="{name: metrics, containerPort: 9966}", mount="state"),
+                           ["spec.template.spec.containers[0].volumeMounts[0].name: Not found: \"state\""]),
+        "selector": (POD.format(port="{name: metrics, containerPort: 9966}", mount="config").replace(
+            "matchLabels: {app: a}", "matchLabels: {app: b}"), ["does not match the template's labels"]),
+        "namespace on a cluster-scoped kind": ("apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\n"
+                                               "metadata: {name: r, namespace: x}\n",
+                                               ["metadata.namespace: Forbidden"]),
+        "label value": ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: l, labels: {a: 'not a value!'}}\n",
+                        ["metadata.labels: Invalid value"]),
     }
     proc = subprocess.run([kube_strict()], input=good, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout == "ConfigMap ok\n", proc.stderr

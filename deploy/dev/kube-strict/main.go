@@ -4,7 +4,8 @@
 //
 // Built-in kinds are decoded with client-go's scheme; the ServiceMonitor CRD
 // (monitoring.coreos.com/v1), which client-go does not know, against the struct in servicemonitor.go.
-// Unknown fields, duplicate fields and unknown kinds are errors. One line per object on stdout
+// Unknown fields, duplicate fields and unknown kinds are errors; so is what validate.go checks (names,
+// labels, selectors, ports, env names, mounts). One line per object on stdout
 // ("Kind namespace/name"); on the first bad object the exit status is 1 and stderr names it and the field.
 package main
 
@@ -83,12 +84,19 @@ func check(in io.Reader, out io.Writer) (int, error) {
 			if err := sigsyaml.UnmarshalStrict(doc, &monitor); err != nil {
 				return count, fmt.Errorf("%s: %w", label, err)
 			}
+			if errs := validateServiceMonitor(&monitor); len(errs) > 0 {
+				return count, fmt.Errorf("%s: %w", label, formatErrors(errs))
+			}
 		case scheme.Scheme.Recognizes(gvk):
-			if _, _, err := strict.Decode(doc, nil, nil); err != nil {
+			obj, _, err := strict.Decode(doc, nil, nil)
+			if err != nil {
 				if runtime.IsStrictDecodingError(err) {
 					return count, fmt.Errorf("%s: strict decoding: %w", label, err)
 				}
 				return count, fmt.Errorf("%s: %w", label, err)
+			}
+			if errs := validateObject(obj, head.Kind); len(errs) > 0 {
+				return count, fmt.Errorf("%s: %w", label, formatErrors(errs))
 			}
 		default:
 			return count, fmt.Errorf("%s: unknown kind %s (not in client-go's scheme)", label, gvk)

@@ -1,8 +1,10 @@
 package main
 
 import (
+	apivalidation "k8s.io/apimachinery/pkg/api/validation"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/util/validation/field"
 )
 
 // The part of prometheus-operator's ServiceMonitor (monitoring.coreos.com/v1) that the chart may use,
@@ -53,4 +55,18 @@ type RelabelConfig struct {
 	Modulus      uint64   `json:"modulus,omitempty"`
 	Replacement  *string  `json:"replacement,omitempty"`
 	Action       string   `json:"action,omitempty"`
+}
+
+func validateServiceMonitor(monitor *ServiceMonitor) field.ErrorList {
+	errs := apivalidation.ValidateObjectMeta(&monitor.ObjectMeta, monitor.Namespace != "", apivalidation.NameIsDNSSubdomain, field.NewPath("metadata"))
+	errs = append(errs, validateSelector(&monitor.Spec.Selector, field.NewPath("spec", "selector"))...)
+	if len(monitor.Spec.Endpoints) == 0 {
+		errs = append(errs, field.Required(field.NewPath("spec", "endpoints"), ""))
+	}
+	for i, endpoint := range monitor.Spec.Endpoints {
+		if endpoint.Port == "" && endpoint.TargetPort == nil {
+			errs = append(errs, field.Required(field.NewPath("spec", "endpoints").Index(i).Child("port"), "port or targetPort"))
+		}
+	}
+	return errs
 }
