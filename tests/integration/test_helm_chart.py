@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
+from flowship.cli import build_parser
+
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "flowship"
 EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
@@ -247,8 +249,11 @@ def test_rendered_configs_pass_flowship_validate(values: Path | None, tmp_path: 
                               text=True, timeout=120, env={**clean, **_container_env(container),
                                                            "PYTHONPATH": str(REPO)})
         assert proc.returncode == 0, f"{values or 'default'}: {workload['metadata']['name']}:\n{proc.stderr}"
-        command = "agent" if workload["kind"] == "DaemonSet" else "export"
-        assert container["args"][:3] == [command, "--config", "/etc/flowship/flowship.yaml"]
+        # the image's entrypoint is `flowship`: the args must be a command line it accepts, with this config
+        args = build_parser().parse_args(container.get("command", [])[1:] + container["args"])
+        assert args.command == ("agent" if workload["kind"] == "DaemonSet" else "export")
+        assert args.config == "/etc/flowship/flowship.yaml"
+        assert container["volumeMounts"][0] == {"name": "config", "mountPath": "/etc/flowship", "readOnly": True}
 
 
 @pytest.mark.parametrize("values", CASES, ids=CASE_IDS)
