@@ -477,6 +477,7 @@ def test_docs_helm_md_describes_every_value_and_no_other() -> None:
                and not any(p == name.removesuffix(".*") or p.startswith(name.removesuffix("*").rstrip(".") + ".")
                            for p in paths)]
     assert unknown == [], "docs/helm.md names values the chart does not have"
+    assert [p.name for p in EXAMPLES if f"`{p.name}`" not in (REPO / "docs" / "helm.md").read_text()] == []
 
 
 # --- the plain manifests --------------------------------------------------------------------------------
