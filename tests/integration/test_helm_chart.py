@@ -306,7 +306,7 @@ def test_disk_buffers_and_state_live_on_persistent_volumes(values: Path | None) 
         data_dir = config["data_dir"]
         paths = [data_dir] + [s.get("buffer", {}).get("path", f"{data_dir}/buffers/{s.get('name', s['type'])}")
                               for s in config["sinks"] if s.get("buffer", {}).get("type") == "disk"]
-        paths += [s["path"] for s in config["sinks"] if s["type"] == "parquet"]
+        paths += [s["path"] for s in config["sinks"] if s["type"] == "parquet" and not s["path"].startswith("s3://")]
         for path in paths:
             volume = _volume_of(container, path)
             if workload["kind"] == "StatefulSet":
@@ -421,7 +421,7 @@ BAD_VALUES = {
                                         "exporter.replicas is 2 with exporter.source.type hubble"),
     "no sink": (["--set", "agent.sinks.kafka.enabled=false"], "agent.sinks: enable at least one sink"),
     "parquet off the volume": (["--set", "exporter.sinks.parquet.path=/tmp/flows"],
-                               "exporter.sinks.parquet.path must be under /var/lib/flowship"),
+                               "exporter.sinks.parquet.path must be s3://BUCKET/PREFIX or under /var/lib/flowship"),
     "chart value in settings": (["--set", "exporter.sinks.loki.settings.url=http://x"],
                                 "exporter.sinks.loki.settings.url: set by the chart"),
     "unknown value": (["--set", "exporter.sinks.loki.urll=http://x"],

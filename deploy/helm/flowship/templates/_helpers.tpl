@@ -126,8 +126,8 @@ Args: dict "sinks" .Values.X.sinks "path" "X.sinks" "dataDir" DIR
 {{- $sink := dict "type" $type -}}
 {{- if eq $type "parquet" -}}
 {{- $dir := required (printf "%s.path is required when %s.enabled is true" $path $path) $values.path -}}
-{{- if not (hasPrefix (printf "%s/" $.dataDir) $dir) -}}
-{{- fail (printf "%s.path must be under %s (the persistent volume), got %s" $path $.dataDir $dir) -}}
+{{- if not (or (hasPrefix "s3://" $dir) (hasPrefix (printf "%s/" $.dataDir) $dir)) -}}
+{{- fail (printf "%s.path must be s3://BUCKET/PREFIX or under %s (the persistent volume), got %s" $path $.dataDir $dir) -}}
 {{- end -}}
 {{- $_ := set $sink "path" $dir -}}
 {{- else if eq $type "kafka" -}}
