@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retention", type=positive_duration, default=None,
                    help="delete hour partitions that ended longer ago than this (e.g. 30d); default: keep all")
     p.add_argument("--max-file-rows", type=positive_int, help="rows per output file (default 4194304)")
-    p.add_argument("--row-group-rows", type=positive_int, help="rows per row group (default 1048576)")
+    p.add_argument("--row-group-rows", type=positive_int,
+                   help="rows per row group, held in memory until written (default 262144)")
     p.add_argument("--dry-run", action="store_true", help="say what would be compacted or deleted; change nothing")
     p.add_argument("--s3-endpoint", help="an S3-compatible endpoint, http(s)://host:port (default: AWS)")
     p.add_argument("--s3-region", help="the bucket's region (default: AWS_REGION or the profile's)")

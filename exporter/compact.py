@@ -53,7 +53,9 @@ _PART = re.compile(r"^([a-z_]+)=(.*)$")
 class CompactOptions:
     settle: float = 3600.0  # a partition is closed this long after its hour ended
     max_file_rows: int = 4_194_304
-    row_group_rows: int = 1_048_576  # scan-sized: one row group is the unit engines read in parallel
+    # Scan-sized (engines read row groups in parallel), and the memory bound: a row group is held decoded
+    # until it is written (~1 KiB a flow), as pyarrow writes whole row groups.
+    row_group_rows: int = 262_144
     chunk_rows: int = 65_536  # rows merged at a time (memory per chunk)
     retention: float | None = None  # delete partitions whose hour ended longer ago than this
     dry_run: bool = False
@@ -230,7 +232,10 @@ def merged_chunks(store: ArchiveOps, kind: str, inputs: list[str], chunk_rows: i
     order = np.argsort(np.concatenate(times), kind="stable")
     source = which[order]
     del which, order, times
-    readers = [_Forward(store, key, schema, chunk_rows) for key in inputs]
+    # Small reads per input: the reader decodes pages as asked, so what an input holds decoded is about one
+    # read, and the inputs together about one chunk, however many there are.
+    batch_rows = max(1024, chunk_rows // len(inputs))
+    readers = [_Forward(store, key, schema, batch_rows) for key in inputs]
     for start in range(0, len(source), chunk_rows):
         files = source[start:start + chunk_rows]
         counts = np.bincount(files, minlength=len(inputs))
