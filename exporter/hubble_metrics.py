@@ -319,7 +319,7 @@ class ContextOptions:
         prefix, ip_column = ("src", "ip_src") if side == "source" else ("dst", "ip_dst")
 
         def first_non_empty(identifiers: list[str] | None) -> pa.Array:
-            value = pa.array([""] * rows.n, pa.string())
+            value = pa.repeat(pa.scalar("", pa.string()), rows.n)
             for identifier in reversed(identifiers or []):
                 candidate = _context_value(rows, identifier, prefix, ip_column)
                 value = pc.if_else(pc.equal(candidate, ""), value, candidate)
@@ -334,7 +334,15 @@ class ContextOptions:
         return value
 
     def label_values(self, rows: _Rows, invert: bool = False) -> dict[str, pa.Array]:
-        """Label name → per-row values; ``invert`` swaps source and destination (httpV2 counts responses)."""
+        """Label name → per-row values; ``invert`` swaps source and destination (httpV2 counts responses).
+
+        Computed once per batch for handlers that share the same options.
+        """
+        key = repr((self.source, self.source_egress, self.source_ingress, self.destination, self.destination_egress,
+                    self.destination_ingress, self.labels, invert))
+        return rows._cached(f"context:{key}", lambda: self._label_values(rows, invert))
+
+    def _label_values(self, rows: _Rows, invert: bool) -> dict[str, pa.Array]:
         out: dict[str, pa.Array] = {}
         for label in self.labels:
             if label == "traffic_direction":
