@@ -96,7 +96,7 @@ class HubbleMetricsConfig:
 
     def validate(self) -> list[str]:
         problems = []
-        seen: dict[str, int] = {}
+        seen: dict[str, tuple[int, str]] = {}
         for i, text in enumerate(self.metrics):
             try:
                 spec = parse_metric(text)
@@ -105,9 +105,12 @@ class HubbleMetricsConfig:
                 continue
             family = "http" if spec.handler in ("http", "httpV2") else spec.handler
             if family in seen:
-                problems.append(f"metrics[{i}]: {spec.handler!r} given twice (also metrics[{seen[family]}]; "
-                                "http and httpV2 write the same series, pick one)")
-            seen[family] = i
+                first, other = seen[family]
+                problems.append(f"metrics[{i}]: {spec.handler!r} given twice (also metrics[{first}])"
+                                if other == spec.handler else
+                                f"metrics[{i}]: {spec.handler!r} and {other!r} (metrics[{first}]) write the same "
+                                "series: pick one")
+            seen[family] = (i, spec.handler)
         return problems
 
     def specs(self) -> list[MetricSpec]:

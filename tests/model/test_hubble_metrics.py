@@ -187,9 +187,11 @@ def test_metric_option_syntax():
 def test_config_rejects_bad_metrics(tmp_path):
     text = (f"data_dir: {tmp_path}\nsources: [{{type: file, paths: [{tmp_path}/f.jsonl]}}]\n"
             f"sinks: [{{type: file, path: {tmp_path}/o.jsonl}}]\n"
-            "hubble_metrics: {metrics: [http, 'httpV2:sourceContext=pod', 'icmp:destinationContext=nope']}\n")
+            "hubble_metrics: {metrics: [http, 'httpV2:sourceContext=pod', 'icmp:destinationContext=nope', tcp, tcp]}\n")
     with pytest.raises(ConfigError) as caught:
         load_text(text, "m.yaml")
     problems = caught.value.problems
-    assert any("hubble_metrics.metrics[1]: 'httpV2' given twice" in p for p in problems), problems
+    assert any("hubble_metrics.metrics[1]: 'httpV2' and 'http' (metrics[0]) write the same series" in p
+               for p in problems), problems
+    assert any("hubble_metrics.metrics[4]: 'tcp' given twice (also metrics[3])" in p for p in problems), problems
     assert any("hubble_metrics.metrics[2]: unknown context 'nope'" in p for p in problems), problems
