@@ -125,8 +125,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         "stages": [f"{s.name} ({s.type})" for s in config.stages],
         "sinks": [f"{s.name} ({s.type})" + (f" + stages {[t.type for t in s.stages]}" if s.stages else "")
                   for s in config.sinks],
-        "hubble_metrics": "enabled (hubble_* series of the flows entering the pipeline, before the stages)"
-        if config.hubble_metrics.enabled else "disabled",
+        "hubble_metrics": ("enabled (hubble_* series of the flows entering the pipeline, before the stages): "
+                           + ", ".join(config.hubble_metrics.metrics)) if config.hubble_metrics.enabled else "disabled",
     }
     print(f"{args.config}: valid")
     print(json.dumps(report, indent=2))
