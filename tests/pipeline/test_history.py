@@ -381,3 +381,92 @@ def test_an_archive_on_s3(hubble_cli, tmp_path, fixture_files) -> None:
         assert "no-such-bucket" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
     finally:
         s3.servers("stop")
+
+
+# ---------------------------------------------------------------------------------------------
+# The two questions, answered from the archive with the hubble CLI
+# ---------------------------------------------------------------------------------------------
+
+def _endpoint(flow: dict, side: str) -> str:
+    ep = flow.get(side, {})
+    return f"{ep.get('namespace', '')}/{ep.get('pod_name', '')}"
+
+
+def test_audit_denied_traffic(hubble_cli, server, archive) -> None:
+    """Who tried what and was denied today: every drop grouped by source, destination, port and reason."""
+    got: dict[tuple, int] = {}
+    for r in observe(hubble_cli, server, "--since", "24h", "--verdict", "DROPPED"):
+        flow = r["flow"]
+        l4 = next(iter(flow.get("l4", {}).values()), {})
+        key = (_endpoint(flow, "source"), _endpoint(flow, "destination"), l4.get("destination_port", 0),
+               flow.get("drop_reason_desc", ""))
+        got[key] = got.get(key, 0) + 1
+    since = int((datetime.now(UTC) - timedelta(hours=24)).timestamp() * 1e9)
+    rows = sql(archive, "select coalesce(src_namespace, '') || '/' || coalesce(src_pod, ''), "
+                        "coalesce(dst_namespace, '') || '/' || coalesce(dst_pod, ''), coalesce(dst_port, 0), "
+                        f"coalesce(drop_reason, ''), count(*) from flows where epoch_ns(time) >= {since} "
+                        "and verdict = 'DROPPED' group by all")
+    assert got == {tuple(r[:4]): r[4] for r in rows}
+    assert any(reason == "POLICY_DENIED" for *_, reason in got)
+
+
+def test_latency_isolation_per_hop(hubble_cli, server, archive) -> None:
+    """Where the latency of production's call chains goes: the L7 latency of each hop, from the stored flows."""
+    hops: dict[tuple[str, str], list[int]] = {}
+    for r in observe(hubble_cli, server, "--since", "24h", "-n", "production", "--type", "l7"):
+        flow = r["flow"]
+        latency = int(flow.get("l7", {}).get("latency_ns", 0))
+        if latency:
+            hops.setdefault((_endpoint(flow, "source"), _endpoint(flow, "destination")), []).append(latency)
+    since = int((datetime.now(UTC) - timedelta(hours=24)).timestamp() * 1e9)
+    rows = sql(archive, "select coalesce(src_namespace, '') || '/' || coalesce(src_pod, ''), "
+                        "coalesce(dst_namespace, '') || '/' || coalesce(dst_pod, ''), count(*), "
+                        "sum(l7_latency_ns)::bigint from flows "
+                        f"where epoch_ns(time) >= {since} and event_type = 129 and l7_latency_ns > 0 "
+                        "and (src_namespace = 'production' or dst_namespace = 'production') group by all")
+    expected = {(r[0], r[1]): (r[2], r[3]) for r in rows}
+    assert len(expected) > 1
+    assert {hop: (len(v), sum(v)) for hop, v in hops.items()} == expected
+    slowest = max(expected, key=lambda hop: expected[hop][1] / expected[hop][0])
+    assert slowest == max(hops, key=lambda hop: sum(hops[hop]) / len(hops[hop]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The reader's own pieces
+# ---------------------------------------------------------------------------------------------
+
+def test_partition_hours_of_both_layouts() -> None:
+    from flowship.history import partition_hour
+
+    hour = int(datetime(2026, 12, 1, 13, tzinfo=UTC).timestamp()) // 3600
+    assert partition_hour(["dt=2026-12-01", "hour=13"]) == hour
+    assert partition_hour(["cluster=c", "node=n", "year=2026", "month=12", "day=01", "hour=13"]) == hour
+    assert partition_hour(["somewhere", "else"]) is None
+    assert partition_hour(["dt=yesterday", "hour=13"]) is None
+
+
+@pytest.mark.parametrize("specs", [
+    [{"verdict": ["DROPPED"]}],
+    [{"source_pod": ["production/"], "verdict": ["DROPPED", "AUDIT"]}, {"destination_pod": ["production/"]}],
+    [{"destination_pod": ["deathstar"]}],  # a bare name is namespace "default"
+    [{"source_pod": ["xwing"]}, {"source_port": ["9080"]}],  # one filter without a namespace: no push-down
+    [{"verdict": ["FORWARDED"]}, {"http_status_code": ["5+"], "event_type": [{"type": 129}]}],
+])
+def test_the_pushed_down_scan_filter_never_loses_a_match(archive, specs) -> None:
+    """The scan filter is a superset of what the compiler matches: it only reads less."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+    from google.protobuf.json_format import ParseDict
+
+    from flowship.history import _pushdown
+    from flowship.model.flowfilter import compile_filter_set
+    from flowship.model.schema import FLOW_SCHEMA
+    from flowship.proto.flow import flow_pb2
+
+    messages = [ParseDict(s, flow_pb2.FlowFilter()) for s in specs]
+    table = ds.dataset(str(archive / "flows"), format="parquet", schema=FLOW_SCHEMA).to_table()
+    batch = table.combine_chunks().to_batches()[0]
+    matched = set(batch.filter(pa.array(compile_filter_set(messages).mask(batch))).column("uuid").to_pylist())
+    expr = _pushdown(messages)
+    kept = set(table.filter(expr).column("uuid").to_pylist()) if expr is not None else set(table["uuid"].to_pylist())
+    assert matched and matched <= kept
