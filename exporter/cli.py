@@ -149,6 +149,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     """Serve an archive; a wrong archive or option exits 2 (usage), a failure to listen 1."""
+    # gRPC's core logs a failed bind itself, before flowship says why in one line: keep errors to that line.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from flowship.history import DEFAULT_ADDRESS, ArchiveError, HistoryConfig, serve
     from flowship.observer_server import ObserverTLSConfig
     from flowship.sinks.parquet_store import S3Config

@@ -320,6 +320,24 @@ def test_a_missing_archive_is_a_usage_error(tmp_path) -> None:
     assert "reachable from other machines" in exposed.stderr
 
 
+def test_a_busy_address_fails_the_start_and_an_empty_archive_is_served(server, tmp_path) -> None:
+    busy = subprocess.run(flowship("history", "--archive", str(tmp_path), "--listen", server.address),
+                          capture_output=True, text=True, timeout=60, env=env())
+    assert busy.returncode == 1
+    assert busy.stderr.strip().splitlines() == [
+        f"flowship history: --listen: cannot listen on {server.address}: the address is already in use by another "
+        "process (4244 is Cilium's Hubble server and 4245 Hubble Relay; choose another port)"]
+    empty = History("--archive", str(tmp_path), "--listen", "127.0.0.1:0")  # a sink that has not written yet
+    try:
+        assert get_flows(empty, observer_pb2.GetFlowsRequest(number=10)) == []
+        with grpc.insecure_channel(empty.address) as channel:
+            status = observer_pb2_grpc.ObserverStub(channel).ServerStatus(observer_pb2.ServerStatusRequest(),
+                                                                           timeout=30)
+        assert status.num_flows == 0 and "no flows stored yet" in status.version
+    finally:
+        empty.stop()
+
+
 def test_unix_socket_and_mtls(hubble_cli, archive, tmp_path) -> None:
     from certs import make_pki
 
