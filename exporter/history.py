@@ -27,8 +27,10 @@ live tail): such a call ends with UNIMPLEMENTED.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -65,6 +67,7 @@ HOUR_NS = 3600 * 1_000_000_000
 _TIME_TYPE = FLOW_SCHEMA.field("time").type
 _SUMMARY_COLUMNS = ["time", "node_name", "src_cluster", "src_namespace", "dst_cluster", "dst_namespace"]
 _CONVERT_ROWS = 1024  # rows converted to Flow messages at a time (and between client checks)
+_SPILL_DIR = os.path.join(tempfile.gettempdir(), "flowship-history")  # DuckDB's sorts bigger than memory
 
 
 class ArchiveError(ValueError):
@@ -263,21 +266,21 @@ class Archive:
         if narrowed is not None:
             scan_filter = narrowed if scan_filter is None else scan_filter & narrowed
         if number and not first:
-            # the newest hours first; only the last `number` matching flows are kept
-            kept: list[pa.RecordBatch] = []
+            # newest first, hour after hour, until `number` matched; then sent oldest first
+            newest: list[pa.RecordBatch] = []
             remaining = number
             for hour in reversed(hours):
-                matched = [b for b in self._ordered(by_hour[hour], scan_filter, filters) if b.num_rows]
-                total = sum(b.num_rows for b in matched)
-                if total > remaining:
-                    table = pa.Table.from_batches(matched, schema=FLOW_SCHEMA)
-                    matched = table.slice(total - remaining).to_batches()
-                    total = remaining
-                kept[:0] = matched
-                remaining -= total
+                for batch in self._ordered(by_hour[hour], scan_filter, filters, newest_first=True):
+                    batch = batch.slice(0, remaining)
+                    newest.append(batch)
+                    remaining -= batch.num_rows
+                    if remaining == 0:
+                        break
                 if remaining == 0:
                     break
-            yield from kept
+            for batch in reversed(newest):
+                if batch.num_rows:
+                    yield batch.take(pa.array(range(batch.num_rows - 1, -1, -1)))
             return
         remaining = number
         for hour in hours:
@@ -290,17 +293,22 @@ class Archive:
                 if number and remaining == 0:
                     return
 
-    def _ordered(self, files: list[ArchiveFile], scan_filter: ds.Expression | None,
-                 filters: FilterSet | None) -> Iterator[pa.RecordBatch]:
-        """One hour's matching flows sorted by (time, uuid): pyarrow scans, DuckDB orders, the compiler filters."""
+    def _ordered(self, files: list[ArchiveFile], scan_filter: ds.Expression | None, filters: FilterSet | None,
+                 newest_first: bool = False) -> Iterator[pa.RecordBatch]:
+        """One hour's matching flows sorted by (time, uuid): pyarrow scans, DuckDB orders, the compiler filters.
+
+        Batches are matched as they are read, so a caller that stops early (``--last 20``) leaves the rest
+        of the hour unconverted; DuckDB spills a sort bigger than its memory limit to a temporary directory.
+        """
         import duckdb
 
         dataset = ds.dataset([f.path for f in files], schema=FLOW_SCHEMA, format="parquet", filesystem=self.fs)
         scanned = dataset.scanner(filter=scan_filter).to_reader()
-        con = duckdb.connect(config={"threads": 2})
+        con = duckdb.connect(config={"threads": 2, "temp_directory": _SPILL_DIR})
+        order = "DESC" if newest_first else "ASC"
         try:
             con.register("flows", scanned)
-            ordered = con.sql("SELECT * FROM flows ORDER BY time, uuid").to_arrow_reader(64 * 1024)
+            ordered = con.sql(f"SELECT * FROM flows ORDER BY time {order}, uuid {order}").to_arrow_reader(64 * 1024)
             for batch in ordered:
                 batch = pa.RecordBatch.from_arrays(batch.columns, schema=FLOW_SCHEMA)  # DuckDB says Etc/UTC
                 if filters is not None:
