@@ -21,8 +21,9 @@ How a GetFlows call is answered:
 
 ``number`` with ``first`` is the first n matching flows at or after ``since``; ``number`` without
 ``first`` is the last n at or before ``until`` (the newest hours are read first and reading stops once n
-matched); no ``number`` is every matching flow in the range. ``follow`` is not served (an archive has no
-live tail): such a call ends with UNIMPLEMENTED.
+matched); no ``number`` is every matching flow in the range. ``follow`` continues with the files the sink
+publishes after the call started: the archive is listed every ``follow_poll`` and each new file's matching
+flows are sent, in time order within what one listing found.
 """
 
 from __future__ import annotations
@@ -189,8 +190,8 @@ class Archive:
         flows = f"{self.root.rstrip('/')}/flows"
         return flows if self.fs.get_file_info(flows).type == fs.FileType.Directory else self.root
 
-    def files(self, since_ns: int | None = None, until_ns: int | None = None) -> list[ArchiveFile]:
-        """Published Parquet files whose hour partition may hold flows in [since, until]."""
+    def list_files(self) -> list[ArchiveFile]:
+        """Every published Parquet file (a directory walk, or one recursive S3 listing)."""
         root = self._flows_root()
         selector = fs.FileSelector(root, recursive=True, allow_not_found=True)
         out = []
@@ -199,26 +200,28 @@ class Archive:
             if info.type != fs.FileType.File or not name.endswith(".parquet") or name.startswith("."):
                 continue  # .<name>.tmp is a file being written
             hour = partition_hour(info.path[len(root):].split("/")[:-1])
-            if hour is not None:
-                if since_ns is not None and (hour + 1) * HOUR_NS <= since_ns:
-                    continue
-                if until_ns is not None and hour * HOUR_NS > until_ns:
-                    continue
             out.append(ArchiveFile(info.path, hour, info.size or 0, info.mtime_ns or 0))
         return out
+
+    def files(self, since_ns: int | None = None, until_ns: int | None = None,
+              among: list[ArchiveFile] | None = None) -> list[ArchiveFile]:
+        """Published files (or those of ``among``) whose hour partition may hold flows in [since, until]."""
+        def overlaps(hour: int | None) -> bool:
+            if hour is None:
+                return True
+            return ((since_ns is None or (hour + 1) * HOUR_NS > since_ns)
+                    and (until_ns is None or hour * HOUR_NS <= until_ns))
+
+        return [f for f in (self.list_files() if among is None else among) if overlaps(f.hour)]
 
     # -- summaries ---------------------------------------------------------------------------
     def summary(self) -> ArchiveSummary:
         """Flows stored, their time span, nodes and namespaces; files already summarized are not read again."""
-        files = self.files()
+        files = self.list_files()
         out = ArchiveSummary(files=len(files))
+        known = {f: self._summary_of(f) for f in files}
         with self._lock:
-            known = {f: self._summaries[f] for f in files if f in self._summaries}
-        for f in files:
-            if f not in known:
-                known[f] = self._summarize(f)
-        with self._lock:
-            self._summaries = known
+            self._summaries = known  # files gone from the archive are forgotten
         for s in known.values():
             out.flows += s.rows
             if s.oldest_ns is not None:
@@ -229,6 +232,20 @@ class Archive:
                 out.nodes[node] = out.nodes.get(node, 0) + count
             out.namespaces |= s.namespaces
         return out
+
+    def newest_ns(self, files: list[ArchiveFile]) -> int | None:
+        """The time of the newest flow in ``files``."""
+        times = [s.newest_ns for s in map(self._summary_of, files) if s.newest_ns is not None]
+        return max(times) if times else None
+
+    def _summary_of(self, f: ArchiveFile) -> FileSummary:
+        with self._lock:
+            known = self._summaries.get(f)
+        if known is None:
+            known = self._summarize(f)
+            with self._lock:
+                self._summaries[f] = known
+        return known
 
     def _summarize(self, f: ArchiveFile) -> FileSummary:
         table = pq.read_table(f.path, columns=_SUMMARY_COLUMNS, filesystem=self.fs)
@@ -248,13 +265,13 @@ class Archive:
     # -- queries -----------------------------------------------------------------------------
     def select(self, since_ns: int | None, until_ns: int | None, filters: FilterSet | None = None,
                whitelist: list[flow_pb2.FlowFilter] | None = None, number: int = 0,
-               first: bool = False) -> Iterator[pa.RecordBatch]:
+               first: bool = False, among: list[ArchiveFile] | None = None) -> Iterator[pa.RecordBatch]:
         """Matching flows in time order (time, then uuid): all of them, the first ``number`` or the last.
 
         ``since`` and ``until`` are inclusive. ``whitelist`` (the same filters ``filters`` was compiled
-        from) only narrows the scan; ``filters`` decides.
+        from) only narrows the scan; ``filters`` decides. ``among`` limits the query to those files.
         """
-        files = self.files(since_ns, until_ns)
+        files = self.files(since_ns, until_ns, among)
         by_hour: dict[int | None, list[ArchiveFile]] = {}
         for f in files:
             by_hour.setdefault(f.hour, []).append(f)
@@ -342,6 +359,7 @@ class HistoryConfig:
     allow_unauthenticated: bool = False  # serve a non-loopback address without client certificates
     s3: S3Config = field(default_factory=S3Config)
     max_workers: int = 16  # concurrent calls; past twice as many waiting, gRPC answers RESOURCE_EXHAUSTED
+    follow_poll: float = 1.0  # seconds between listings of the archive for a follow stream
     server_name: str | None = None  # the name in GetNodes' TLS info
 
     def validate(self) -> list[str]:
@@ -363,6 +381,9 @@ class HistoryServer:
         self.started_ns = time.monotonic_ns()
         self.port: int | None = None
         self._server: grpc.Server | None = None
+        self._stopping = threading.Event()  # ends follow streams
+        # GetFlows streams hold a thread each: two are kept for ServerStatus and the other short calls
+        self._stream_slots = threading.BoundedSemaphore(max(1, config.max_workers - 2))
 
     def start(self, where: str = "address") -> int:
         """Checks the archive, binds and serves; returns the port (0 for a unix socket)."""
@@ -376,16 +397,39 @@ class HistoryServer:
         return self.port
 
     def stop(self, grace: float | None = 2.0) -> None:
+        self._stopping.set()
         if self._server is not None:
             self._server.stop(grace).wait(grace)
             self._server = None
 
     def get_flows(self, request: observer_pb2.GetFlowsRequest, query: FlowRequest,
                   context: grpc.ServicerContext) -> Iterator[bytes]:
+        """The stored part (as Hubble: none for a follow without number or since), then, following, new files."""
+        whitelist = list(request.whitelist)
+        listed = self.archive.list_files()
+        if request.number or not request.follow or query.since is not None:
+            batches = self.archive.select(query.since, query.until, query.filters, whitelist, request.number,
+                                          request.first, among=listed)
+            yield from self._emit(batches, query, context)
+        if not request.follow:
+            return
+        seen = {f.path for f in listed}
+        while context.is_active() and not self._stopping.wait(float(self.config.follow_poll)):
+            new = [f for f in self.archive.list_files() if f.path not in seen]
+            if not new:
+                continue
+            seen.update(f.path for f in new)
+            batches = self.archive.select(query.since, query.until, query.filters, whitelist, among=new)
+            yield from self._emit(batches, query, context)
+            newest = self.archive.newest_ns(new)
+            if query.until is not None and newest is not None and newest > query.until:
+                return  # a flow later than until was stored: the range is complete
+
+    @staticmethod
+    def _emit(batches: Iterator[pa.RecordBatch], query: FlowRequest,
+              context: grpc.ServicerContext) -> Iterator[bytes]:
         from flowship.model.proto import to_flow_messages
 
-        batches = self.archive.select(query.since, query.until, query.filters, list(request.whitelist),
-                                      request.number, request.first)
         for batch in batches:
             for start in range(0, batch.num_rows, _CONVERT_ROWS):
                 if not context.is_active():
@@ -433,15 +477,20 @@ class _HistoryServicer:
         self.s = server
 
     def GetFlows(self, request, context) -> Iterator[bytes]:  # noqa: N802 - gRPC naming
-        if request.follow:
-            context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                          "follow is not served by flowship history: the archive holds stored flows only "
-                          "(ask the agent's or Cilium's Observer for live flows)")
+        if request.first and request.follow:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first cannot be specified with follow")
         try:
             query = FlowRequest(request, self.s.node_name)
         except ValueError as exc:  # FilterError is a ValueError too
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        yield from self.s.get_flows(request, query, context)
+        if not self.s._stream_slots.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"too many GetFlows streams: the limit is {self.s.config.max_workers - 2} "
+                          "(max_workers - 2, so that short calls always find a thread)")
+        try:
+            yield from self.s.get_flows(request, query, context)
+        finally:
+            self.s._stream_slots.release()
 
     def ServerStatus(self, request, context) -> observer_pb2.ServerStatusResponse:  # noqa: N802
         return self.s.status()

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -293,15 +295,62 @@ def test_whitelist_and_blacklist_together(server, archive, window) -> None:
     assert [r.flow.uuid for r in got] == expected
 
 
-def test_follow_is_refused_and_bad_filters_are_invalid_arguments(server) -> None:
-    with pytest.raises(grpc.RpcError) as follow:
-        get_flows(server, observer_pb2.GetFlowsRequest(follow=True))
-    assert follow.value.code() == grpc.StatusCode.UNIMPLEMENTED
+def test_bad_requests_are_invalid_arguments(server) -> None:
     from flowship.proto.flow import flow_pb2
 
+    with pytest.raises(grpc.RpcError) as first_and_follow:
+        get_flows(server, observer_pb2.GetFlowsRequest(follow=True, first=True, number=1))
+    assert first_and_follow.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(grpc.RpcError) as bad:
         get_flows(server, observer_pb2.GetFlowsRequest(whitelist=[flow_pb2.FlowFilter(http_status_code=["99"])]))
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "99" in (bad.value.details() or "")
+
+
+def test_streams_are_capped_so_short_calls_find_a_thread(archive) -> None:
+    from flowship.history import HistoryConfig, HistoryServer
+
+    srv = HistoryServer(HistoryConfig(archive=str(archive), address="127.0.0.1:0", max_workers=3))
+    port = srv.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = observer_pb2_grpc.ObserverStub(channel)
+            follower = stub.GetFlows(observer_pb2.GetFlowsRequest(follow=True, number=1), timeout=60)
+            next(follower)  # the stream is open and holds the one slot
+            with pytest.raises(grpc.RpcError) as refused:
+                next(stub.GetFlows(observer_pb2.GetFlowsRequest(number=1), timeout=30))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert stub.ServerStatus(observer_pb2.ServerStatusRequest(), timeout=30).num_flows > 0
+            follower.cancel()
+    finally:
+        srv.stop(0)
+
+
+def test_follow_continues_with_files_published_later(hubble_cli, tmp_path, fixture_files) -> None:
+    """``hubble observe -f --last 2``: the two newest stored flows, then the flows of files published later."""
+    export(tmp_path, fixture_files[:1], {"path": str(tmp_path / "archive")})
+    archive = tmp_path / "archive"
+    history = History("--archive", str(archive), "--listen", "127.0.0.1:0")
+    observer = subprocess.Popen([hubble_cli, "observe", "--server", history.address, "-o", "jsonpb", "-f",
+                                 "--last", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in observer.stdout or []], daemon=True).start()
+
+    def read(n: int) -> list[str]:
+        return [json.loads(lines.get(timeout=60))["flow"]["uuid"] for _ in range(n)]
+
+    try:
+        assert read(2) == sql_uuids(archive)[-2:]
+        later = tmp_path / "later.jsonl"
+        generated = generate_lines(later, 60)
+        later.write_bytes(b"\n".join(shift_times(generated, datetime.now(UTC) - timedelta(minutes=5))) + b"\n")
+        export(tmp_path, [later], {"path": str(archive)})
+        assert read(60) == sql_uuids(archive, "time > '2025-01-01'")
+        assert lines.empty()
+    finally:
+        observer.terminate()
+        observer.wait(10)
+        history.stop()
 
 
 # ---------------------------------------------------------------------------------------------
