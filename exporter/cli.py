@@ -1,4 +1,4 @@
-"""The ``flowship`` command: export, agent, validate, report, demo.
+"""The ``flowship`` command: export, agent, validate, report, history, demo.
 
 It sits above the core and the agent: the only module that imports both.
 """
@@ -254,14 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", metavar="ADDRESS",
                    help="host:port, :port (every interface: needs --tls-client-ca) or unix:PATH "
                         "(default 127.0.0.1:4255; 4244/4245 are Cilium's Hubble server and Relay)")
-    p.add_argument("--tls-cert", help="serve TLS with this certificate (PEM) ...")
-    p.add_argument("--tls-key", help="... and this key")
-    p.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mTLS)")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate (PEM) ...")
+    p.add_argument("--tls-key", metavar="FILE", help="... and this key")
+    p.add_argument("--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA (mTLS)")
     p.add_argument("--allow-unauthenticated", action="store_true",
                    help="serve a non-loopback address without client certificates")
-    p.add_argument("--s3-endpoint", help="S3-compatible server for s3:// archives, e.g. http://127.0.0.1:7070 "
+    p.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible server for s3:// archives, e.g. http://127.0.0.1:7070 "
                    "(credentials: the AWS default chain)")
-    p.add_argument("--s3-region", help="the bucket's region (default: AWS_REGION / the profile's, else us-east-1)")
+    p.add_argument("--s3-region", metavar="REGION", help="the bucket's region (default: AWS_REGION / the profile's, else us-east-1)")
     p.set_defaults(func=cmd_history)
 
     p = sub.add_parser("demo", help="namespace topology + traffic + capture; prints latency and drops (root)")

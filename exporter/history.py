@@ -272,12 +272,11 @@ class Archive:
         from) only narrows the scan; ``filters`` decides. ``among`` limits the query to those files.
         """
         files = self.files(since_ns, until_ns, among)
-        by_hour: dict[int | None, list[ArchiveFile]] = {}
+        by_hour: dict[int, list[ArchiveFile]] = {}
         for f in files:
-            by_hour.setdefault(f.hour, []).append(f)
-        if None in by_hour:  # files outside hour partitions: one group covering every time
-            by_hour = {0: files}
-        hours = sorted(by_hour)  # type: ignore[type-var]
+            by_hour.setdefault(-1 if f.hour is None else f.hour, []).append(f)
+        # hours oldest first; files outside hour partitions make one group covering every time
+        groups = [files] if -1 in by_hour else [by_hour[hour] for hour in sorted(by_hour)]
         scan_filter = _time_filter(since_ns, until_ns)
         narrowed = _pushdown(list(whitelist or []))
         if narrowed is not None:
@@ -286,8 +285,8 @@ class Archive:
             # newest first, hour after hour, until `number` matched; then sent oldest first
             newest: list[pa.RecordBatch] = []
             remaining = number
-            for hour in reversed(hours):
-                for batch in self._ordered(by_hour[hour], scan_filter, filters, newest_first=True):
+            for group in reversed(groups):
+                for batch in self._ordered(group, scan_filter, filters, newest_first=True):
                     batch = batch.slice(0, remaining)
                     newest.append(batch)
                     remaining -= batch.num_rows
@@ -300,8 +299,8 @@ class Archive:
                     yield batch.take(pa.array(range(batch.num_rows - 1, -1, -1)))
             return
         remaining = number
-        for hour in hours:
-            for batch in self._ordered(by_hour[hour], scan_filter, filters):
+        for group in groups:
+            for batch in self._ordered(group, scan_filter, filters):
                 if number:
                     batch = batch.slice(0, remaining)
                     remaining -= batch.num_rows
