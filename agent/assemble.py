@@ -39,6 +39,7 @@ from flowship.agent.l7_http import DEFAULT_HEADER_ALLOW, HttpPairer
 from flowship.metrics import Metrics
 from flowship.model.ids import community_ids, complete, connection_hashes, mix64
 from flowship.model.schema import FLOW_SCHEMA, TIMESTAMP, empty_flows
+from flowship.model.summary import fill_summary
 
 # Cilium monitor message types (pkg/monitor/api): drop, trace, access log (L7).
 EVENT_DROP, EVENT_TRACE, EVENT_L7 = 1, 4, 129
@@ -278,7 +279,7 @@ class Assembler:
         if self.enricher is not None:
             self.enricher.learn_dns(out)
             out = self.enricher.enrich(out)
-        out = complete(out)
+        out = fill_summary(complete(out))
         self.totals["rows"] += out.num_rows
         return out
 

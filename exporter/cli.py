@@ -1,4 +1,4 @@
-"""The ``flowship`` command: export, agent, validate, report, history, demo.
+"""The ``flowship`` command: export, agent, validate, report, compact, history, demo.
 
 It sits above the core and the agent: the only module that imports both.
 """
@@ -32,6 +32,7 @@ flowship exports network flows into long-term storage, SIEMs and analytics.
   flowship export  read flows from Hubble, Hubble files, Kafka or stdin and export them
   flowship validate [--config] FILE  check a config without running it
   flowship report latency|drops|all  answer the two questions from the Parquet output
+  flowship compact ARCHIVE  merge the small Parquet files of closed hours; --retention deletes old ones
   flowship history --archive PATH|s3://BUCKET/PREFIX  serve the stored flows to hubble observe
   flowship demo    build a small namespace topology, capture it, answer the two questions
 
@@ -82,6 +83,18 @@ def point_in_time(text: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def duration_or_zero(text: str) -> float:
+    """``--settle``: a duration, 0 allowed (every partition counts as closed)."""
+    try:
+        value = Duration.parse(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {Duration.expected} (or a number of seconds), got {text!r}") \
+            from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a duration >= 0, got {text!r}")
+    return float(value)
+
+
 def non_negative_int(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
@@ -113,8 +126,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         "stages": [f"{s.name} ({s.type})" for s in config.stages],
         "sinks": [f"{s.name} ({s.type})" + (f" + stages {[t.type for t in s.stages]}" if s.stages else "")
                   for s in config.sinks],
-        "hubble_metrics": "enabled (hubble_* series of the flows entering the pipeline, before the stages)"
-        if config.hubble_metrics.enabled else "disabled",
+        "hubble_metrics": ("enabled (hubble_* series of the flows entering the pipeline, before the stages): "
+                           + ", ".join(config.hubble_metrics.metrics)) if config.hubble_metrics.enabled else "disabled",
     }
     print(f"{args.config}: valid")
     print(json.dumps(report, indent=2))
@@ -145,6 +158,29 @@ def cmd_report(args: argparse.Namespace) -> int:
         print("Dropped / denied calls:")
         print(report.format_drops(report.dropped_calls(flows), args.limit))
     return EXIT_OK
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number > 0, got {text!r}")
+    return int(text)
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    from flowship import compact
+    from flowship.sinks.parquet_store import S3Config
+
+    sizes = {k: v for k, v in (("max_file_rows", args.max_file_rows), ("row_group_rows", args.row_group_rows)) if v}
+    options = compact.CompactOptions(settle=args.settle, retention=args.retention, dry_run=args.dry_run, **sizes)
+    try:
+        store = compact.open_archive(args.archive, S3Config(endpoint_url=args.s3_endpoint or "",
+                                                            region=args.s3_region or ""))
+        summary = compact.run(store, options, progress=lambda line: sys.stderr.write(f"flowship compact: {line}\n"))
+    except (OSError, RuntimeError, ValueError) as exc:
+        sys.stderr.write(f"flowship compact: {exc}\n")
+        return EXIT_FAILED
+    print(json.dumps(summary.as_dict(), indent=2))
+    return EXIT_FAILED if any(": no dt=" not in reason for reason in summary.skipped) else EXIT_OK
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -242,6 +278,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows per table, the largest first (default 20; 0 = all)")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("compact", help="merge the small Parquet files of closed hours; delete hours past retention",
+                       description="Rewrite the files of every closed hour partition of a parquet sink's "
+                                   "archive (a directory or s3://bucket/prefix) into few large files sorted by "
+                                   "time, safely against crashes (a journal under _flowship/compaction lets "
+                                   "the next run finish an interrupted one). With --retention, hours that ended "
+                                   "longer ago are deleted. Prints a JSON summary; exit 1 if a partition could "
+                                   "not be compacted (its files are kept). Run one compact at a time per archive.")
+    p.add_argument("archive", help="the parquet sink's path: a directory or s3://bucket/prefix")
+    p.add_argument("--settle", type=duration_or_zero, default=3600.0,
+                   help="an hour partition is closed this long after it ended (default 1h)")
+    p.add_argument("--retention", type=positive_duration, default=None,
+                   help="delete hour partitions that ended longer ago than this (e.g. 30d); default: keep all")
+    p.add_argument("--max-file-rows", type=positive_int, help="rows per output file (default 4194304)")
+    p.add_argument("--row-group-rows", type=positive_int,
+                   help="rows per row group, held in memory until written (default 262144)")
+    p.add_argument("--dry-run", action="store_true", help="say what would be compacted or deleted; change nothing")
+    p.add_argument("--s3-endpoint", help="an S3-compatible endpoint, http(s)://host:port (default: AWS)")
+    p.add_argument("--s3-region", help="the bucket's region (default: AWS_REGION or the profile's)")
+    p.set_defaults(func=cmd_compact)
     p = sub.add_parser("history", help="serve a parquet archive over the Hubble Observer API (hubble observe)",
                        description="Serve the flows a parquet sink stored (a directory or s3://BUCKET/PREFIX) as "
                                    "a Hubble Observer: hubble observe --server ADDRESS --since 24h ... reads "
@@ -259,9 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA (mTLS)")
     p.add_argument("--allow-unauthenticated", action="store_true",
                    help="serve a non-loopback address without client certificates")
-    p.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible server for s3:// archives, e.g. http://127.0.0.1:7070 "
-                   "(credentials: the AWS default chain)")
-    p.add_argument("--s3-region", metavar="REGION", help="the bucket's region (default: AWS_REGION / the profile's, else us-east-1)")
+    p.add_argument("--s3-endpoint", metavar="URL",
+                   help="S3-compatible server for s3:// archives, e.g. http://127.0.0.1:7070 "
+                        "(credentials: the AWS default chain)")
+    p.add_argument("--s3-region", metavar="REGION",
+                   help="the bucket's region (default: AWS_REGION / the profile's, else us-east-1)")
     p.set_defaults(func=cmd_history)
 
     p = sub.add_parser("demo", help="namespace topology + traffic + capture; prints latency and drops (root)")

@@ -488,6 +488,8 @@ class _HistoryServicer:
                           "(max_workers - 2, so that short calls always find a thread)")
         try:
             yield from self.s.get_flows(request, query, context)
+        except OSError as exc:  # S3 unreachable, a file deleted under the query (retention, compaction)
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"reading the archive failed: {exc}")
         finally:
             self.s._stream_slots.release()
 

@@ -258,7 +258,7 @@ class Pipeline:
         self._flows_in = {s.ctx.name: self.metrics.flows_in(s.ctx.name) for s in self.sources}
         self.metrics.ready = lambda: not self._failed.is_set()
         # hubble_* series of what enters the pipeline, before the shared stages (``hubble_metrics:``)
-        self.hubble_metrics = HubbleMetrics(self.metrics) if config.hubble_metrics.enabled else None
+        self.hubble_metrics = HubbleMetrics(self.metrics, config.hubble_metrics) if config.hubble_metrics.enabled else None
 
     def _branch(self, name: str, sink: Sink, stages: list[Stage]) -> Branch:
         branch = Branch(name, sink, stages, BoundedQueue(f"sink:{name}", self.config.queue_batches, self.metrics))

@@ -13,6 +13,9 @@ Credentials for S3 come the AWS way, through the AWS SDK's default chain that py
 ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` environment, the shared config and credentials files
 (``AWS_PROFILE``), web identity (``AWS_ROLE_ARN`` + ``AWS_WEB_IDENTITY_TOKEN_FILE``, as EKS's IRSA sets them)
 and the instance metadata service. The config never holds a key, so none can be logged.
+
+Beside publishing, both stores list, read, rename and delete what is under their root through one pyarrow
+filesystem interface: ``flowship compact`` (:mod:`flowship.compact`) works on either through them.
 """
 
 from __future__ import annotations
@@ -100,13 +103,65 @@ def s3_filesystem(config: S3Config, max_attempts: int = 3) -> Any:
     return fs.S3FileSystem(**options)
 
 
-class LocalStore:
+@dataclass
+class StoredFile:
+    key: str  # relative to the store's root, with / separators
+    size: int
+
+
+class ArchiveOps:
+    """What a store offers besides ``put``: listing, reading, renaming and deleting under its root."""
+
+    fs: Any  # a pyarrow.fs.FileSystem
+    base: str  # the root in that filesystem's terms
+
+    def path(self, key: str) -> str:
+        return f"{self.base}/{key}" if key else self.base
+
+    def list_files(self, under: str = "") -> list[StoredFile]:
+        """Every file below ``under`` (a key prefix), sorted by key."""
+        from pyarrow import fs
+
+        infos = self.fs.get_file_info(fs.FileSelector(self.path(under), recursive=True, allow_not_found=True))
+        cut = len(self.base) + 1
+        return sorted((StoredFile(i.path[cut:], i.size or 0) for i in infos if i.type == fs.FileType.File),
+                      key=lambda f: f.key)
+
+    def exists(self, key: str) -> bool:
+        from pyarrow import fs
+
+        return self.fs.get_file_info(self.path(key)).type == fs.FileType.File
+
+    def open_input(self, key: str) -> Any:
+        """A random-access file (S3: ranged reads), e.g. for ``pyarrow.parquet.ParquetFile``."""
+        return self.fs.open_input_file(self.path(key))
+
+    def read(self, key: str) -> bytes:
+        with self.fs.open_input_stream(self.path(key)) as src:
+            return src.read()
+
+    def delete(self, key: str) -> None:
+        self.fs.delete_file(self.path(key))
+
+    def delete_tree(self, under: str) -> None:
+        """Everything below a key prefix (a partition directory)."""
+        self.fs.delete_dir(self.path(under))
+
+    def rename(self, src: str, dst: str) -> None:
+        self.fs.move(self.path(src), self.path(dst))
+
+
+class LocalStore(ArchiveOps):
     """Files under a directory, published by fsync + rename."""
 
     def __init__(self, root: str, fsync: bool, log: Any) -> None:
+        from pyarrow import fs
+
         self.root = Path(root)
         self.fsync = fsync
         self.log = log
+        self.fs = fs.LocalFileSystem()
+        self.base = str(self.root.absolute())
 
     def describe(self, key: str) -> str:
         return str(self.root / key)
@@ -129,20 +184,36 @@ class LocalStore:
             if self.fsync:
                 os.fsync(fh.fileno())
         os.replace(tmp, final)
+        self._sync_dir(directory)
+        return final.stat().st_size
+
+    def _sync_dir(self, directory: Path) -> None:
         if self.fsync:
             dir_fd = os.open(directory, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-        return final.stat().st_size
+
+    def rename(self, src: str, dst: str) -> None:
+        """Atomic on one filesystem, and durable once the directory is synced."""
+        os.replace(self.root / src, self.root / dst)
+        self._sync_dir((self.root / dst).parent)
+
+    def delete(self, key: str) -> None:
+        (self.root / key).unlink(missing_ok=True)
+        self._sync_dir((self.root / key).parent)
 
     def close(self) -> None:
         pass
 
 
-class S3Store:
-    """Objects under ``s3://bucket/prefix``, each uploaded whole and retried until stored."""
+class S3Store(ArchiveOps):
+    """Objects under ``s3://bucket/prefix``, each uploaded whole and retried until stored.
+
+    ``rename`` is a server-side copy then a delete (S3 has no rename): the copy is complete before the
+    original goes, so a crash between the two leaves both, never neither.
+    """
 
     def __init__(self, path: str, config: S3Config, log: Any, on_retry: Any = None) -> None:
         location = s3_location(path)
@@ -154,6 +225,7 @@ class S3Store:
         self._rng = random.Random()
         # Retrying here, not in the SDK, keeps one policy (forever, with backoff) and one log line a try.
         self.fs = s3_filesystem(config, max_attempts=1)
+        self.base = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
 
     def describe(self, key: str) -> str:
         return f"{S3_SCHEME}{self.bucket}/{self._key(key)}"

@@ -157,3 +157,53 @@ def test_observe_with_client_certificates(hubble_cli, server, tmp_path) -> None:
         assert "code = Unavailable" in refused.stderr, refused.stderr  # the handshake was refused
     finally:
         srv.stop(0)
+
+
+@pytest.mark.kernel
+def test_agent_flows_read_like_hubble(hubble_cli, tmp_path) -> None:
+    """Flows the agent captured (demo topology) end with a Hubble-style summary in ``hubble observe``, not ``()``."""
+    import os
+    import re
+    import threading
+    import time
+
+    from flowship.agent import demo
+    from flowship.agent import topology as topo
+    from flowship.agent.source import AgentSource
+    from flowship.config import load_text
+    from flowship.pipeline.runtime import Pipeline
+
+    if os.geteuid() != 0:
+        pytest.fail("capturing with the agent needs root (network namespaces, eBPF): run the tests as root")
+    before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    with topo.Topology() as t:
+        t.start_services()
+        text = demo.CONFIG.format(out=tmp_path, node_ns=t.node, api_port=topo.API_PORT, db_port=topo.DB_PORT,
+                                  static=demo._static_map())
+        text = text.replace("observer:\n      enabled: false", "observer:\n      address: 127.0.0.1:0")
+        pipeline = Pipeline(load_text(text, "<test>"), Metrics())
+        source = next(s for s in pipeline.sources if isinstance(s, AgentSource))
+        runner = threading.Thread(target=pipeline.run, daemon=True)
+        runner.start()
+        try:
+            assert source.started.wait(30), "the agent did not start"
+            t.run_frontend()
+            time.sleep(2.0)
+            port = source.observer.port
+            compact = _hubble(hubble_cli, port, "observe", "--last", "500")
+            jsonpb = _hubble(hubble_cli, port, "observe", "-o", "jsonpb", "--last", "500")
+        finally:
+            pipeline.stop()
+            runner.join(60)
+    lines = [line for line in compact.splitlines() if line.strip()]
+    assert len(lines) > 20, compact
+    assert not [line for line in lines if line.rstrip().endswith("()")], compact
+    summaries = [json.loads(line)["flow"].get("Summary", "") for line in jsonpb.splitlines() if line.strip()]
+    assert all(summaries), [s for s in summaries if not s]
+    assert any(re.fullmatch(r"TCP Flags: SYN", s) for s in summaries)
+    assert any(s.startswith("TCP Flags: SYN, ACK") for s in summaries)
+    assert any(re.fullmatch(r"HTTP/1\.1 GET http://\S+", s) for s in summaries), summaries
+    assert any(re.fullmatch(r"HTTP/1\.1 \d{3} \d+ms \(GET http://\S+\)", s) for s in summaries), summaries
+    assert any(s.startswith("DNS Query ") for s in summaries) and any(s.startswith("DNS Answer ") for s in summaries)
+    left = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()) - before
+    assert not [n for n in left if n.startswith(("fs-node-", "fs-frontend-"))], left

@@ -1,4 +1,9 @@
-"""The deployment manifests parse, and the flowship configs inside them validate and fit the manifests."""
+"""The plain manifests parse, and the flowship configs inside them validate and fit the manifests.
+
+deploy/kubernetes/flowship.yaml is rendered from the Helm chart (deploy/dev/render-manifests); the chart with
+every example values file is checked by tests/integration/test_helm_chart.py, which needs helm. These tests
+read the committed file and need nothing but flowship.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ def _one(kind: str, name: str) -> dict:
 
 def test_manifests_parse_and_embedded_configs_validate(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NODE_NAME", "node-1")
+    assert [name for name, _ in _docs()][:1] == ["flowship.yaml"] and _docs()[0][1]["kind"] == "Namespace"
     seen = []
     for name, doc in _docs():
         assert doc and doc.get("kind") and doc.get("apiVersion"), f"{name}: not a Kubernetes object"
@@ -41,7 +47,7 @@ def test_manifests_parse_and_embedded_configs_validate(monkeypatch: pytest.Monke
 
 def _agent_config(monkeypatch: pytest.MonkeyPatch, node: str = "node-1") -> PipelineConfig:
     monkeypatch.setenv("NODE_NAME", node)
-    return load_text(_one("ConfigMap", "flowship-agent")["data"]["flowship.yaml"], "agent-daemonset.yaml")
+    return load_text(_one("ConfigMap", "flowship-agent")["data"]["flowship.yaml"], "deploy/kubernetes/flowship.yaml")
 
 
 def test_daemonset_node_name_is_the_kubernetes_node_name(monkeypatch: pytest.MonkeyPatch) -> None:

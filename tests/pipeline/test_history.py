@@ -29,7 +29,7 @@ from flowgen_input import generate_lines
 from flowship.proto.observer import observer_pb2, observer_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO / "tests" / "sinks"), str(REPO / "tests" / "agent")]  # S3Server, make_pki
+sys.path.insert(0, str(REPO / "tests" / "agent"))  # make_pki
 
 GENERATED = 4000
 
@@ -417,7 +417,7 @@ def test_an_archive_on_s3(hubble_cli, tmp_path, fixture_files) -> None:
     """The aws layout on a private versitygw: the same answers as DuckDB over the objects read with pyarrow."""
     import pyarrow.dataset as ds
     from pyarrow import fs
-    from test_sink_parquet_s3 import S3Server, aws_env
+    from s3server import S3Server, aws_env
 
     s3 = S3Server(tmp_path / "s3-server")
     s3.servers("start")

@@ -37,3 +37,19 @@ def test_hubble_metrics_keys_are_checked(tmp_path, fixture_lines):
         assert any(p.startswith("c.yaml: hubble_metrics.rate: unknown key") for p in exc.problems)
     else:
         raise AssertionError("invalid hubble_metrics accepted")
+
+
+def test_hubble_metrics_handlers_are_configurable(tmp_path, fixture_lines):
+    """``metrics:`` picks Cilium's handlers and their context options; the rest write nothing."""
+    lines = fixture_lines[:200]
+    extra = "hubble_metrics:\n  metrics: ['drop:sourceContext=pod', flow]\n"
+    config = load_text(_config(tmp_path, lines, extra), "d.yaml")
+    assert config.hubble_metrics.metrics == ["drop:sourceContext=pod", "flow"]
+    metrics = Metrics()
+    assert Pipeline(config, metrics).run().exit_code == 0
+    text = metrics.exposition().decode()
+    assert metrics.value("hubble_flows_processed_total") == len(lines)
+    assert "hubble_tcp_flags_total" not in text and "hubble_port_distribution_total" not in text
+    assert "_created" not in text
+    default = load_text(_config(tmp_path, lines), "e.yaml")
+    assert default.hubble_metrics.metrics == ["dns", "drop", "tcp", "flow", "port-distribution", "icmp", "httpV2"]
