@@ -25,39 +25,42 @@ after the pipeline's shared stages.
 
 from __future__ import annotations
 
-import errno
-import ipaddress
-import os
 import socket
-import stat
 import threading
 import time
 from collections import deque
 from collections.abc import Generator, Iterator
-from concurrent import futures
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pyarrow as pa
 import structlog
-from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from flowship.components import Context, Sink
 from flowship.config import Duration
 from flowship.metrics import Metrics
+from flowship.observer_server import (
+    VERSION,
+    FlowRequest,
+    ObserverTLSConfig,
+    address_problems,
+    client_id,
+    flow_response,
+    health_handler,
+    is_private,
+    listen,
+    new_grpc_server,
+    observer_handler,
+    unix_path,
+)
 from flowship.pipeline.envelope import Envelope
 from flowship.proto.flow import flow_pb2
 from flowship.proto.observer import observer_pb2, observer_pb2_grpc
 
-try:
-    from importlib.metadata import version as _dist_version
-
-    VERSION = _dist_version("flowship")
-except Exception:  # noqa: BLE001 - running from a source tree
-    VERSION = "0.1.0"
+__all__ = ["DEFAULT_ADDRESS", "VERSION", "FlowRing", "ObserverConfig", "ObserverServer", "ObserverSink",
+           "ObserverTLSConfig", "is_private", "unix_path"]
 
 _LOST_SOURCE = flow_pb2.LostEventSource.Value("HUBBLE_RING_BUFFER")
 _NAMESPACE_TTL_NS = 3600 * 10**9  # Hubble forgets namespaces not seen for an hour
@@ -67,41 +70,6 @@ _NAMESPACE_TTL_NS = 3600 * 10**9  # Hubble forgets namespaces not seen for an ho
 # nothing collides with Cilium's Hubble server (4244), Relay (4245) or metrics (9962-9965) on a node that
 # runs both with hostNetwork, and file permissions (0600, in a 0700 directory) decide who reads flows.
 DEFAULT_ADDRESS = "unix:///run/flowship/hubble.sock"
-
-
-@dataclass
-class ObserverTLSConfig:
-    """Server TLS; with ``client_ca_file`` clients must present a certificate (mTLS)."""
-
-    cert_file: str
-    key_file: str
-    client_ca_file: str | None = None
-
-    def validate(self) -> list[str]:
-        return [f"{key}: file not found: {getattr(self, key)}"
-                for key in ("cert_file", "key_file", "client_ca_file")
-                if getattr(self, key) and not Path(getattr(self, key)).is_file()]
-
-
-def unix_path(address: str) -> str | None:
-    """The socket path of a ``unix:PATH`` / ``unix:///PATH`` address, else None."""
-    if not address.startswith("unix:"):
-        return None
-    rest = address[len("unix:"):]
-    return "/" + rest.lstrip("/") if rest.startswith("//") else rest
-
-
-def is_private(address: str) -> bool:
-    """True for a unix socket or a loopback address: only this machine can connect."""
-    if unix_path(address) is not None:
-        return True
-    host = address.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # every interface (":4244", "0.0.0.0"), or a name that may resolve anywhere
 
 
 @dataclass
@@ -126,17 +94,7 @@ class ObserverConfig:
         problems = []
         if not (0 < self.max_flows <= 65535 and (self.max_flows + 1) & self.max_flows == 0):
             problems.append(f"max_flows: expected 2^n-1 between 1 and 65535 (e.g. 4095), got {self.max_flows}")
-        path = unix_path(self.address)
-        if path is not None and not path:
-            problems.append(f"address: expected unix:PATH with a path, got {self.address!r}")
-        if path is None and ":" not in self.address:
-            problems.append(f"address: expected unix:PATH, host:port or :port, got {self.address!r}")
-        mtls = self.tls is not None and bool(self.tls.client_ca_file)
-        if self.enabled and not is_private(self.address) and not mtls and not self.allow_unauthenticated:
-            problems.append(
-                f"address: {self.address!r} is reachable from other machines, and the Observer serves every "
-                "flow (URLs, headers, addresses) to whoever connects: set tls with client_ca_file (mTLS) to "
-                "expose it, use a loopback address or unix:PATH, or set allow_unauthenticated: true")
+        problems.extend(address_problems(self.address, self.tls, self.allow_unauthenticated, self.enabled))
         if self.max_streams < 1:
             problems.append(f"max_streams: expected at least 1, got {self.max_streams}")
         if self.max_streams_per_client < 1:
@@ -150,13 +108,6 @@ class ObserverConfig:
 # ---------------------------------------------------------------------------------------------
 # The ring
 # ---------------------------------------------------------------------------------------------
-
-def _response(msg: flow_pb2.Flow, node_name: str) -> observer_pb2.GetFlowsResponse:
-    out = observer_pb2.GetFlowsResponse(flow=msg, node_name=msg.node_name or node_name)
-    if msg.HasField("time"):
-        out.time.CopyFrom(msg.time)
-    return out
-
 
 class _Entry:
     """One published batch (or its newest part) with the sequence number of its first row."""
@@ -198,7 +149,7 @@ class _Entry:
         start, messages = self.messages()
         with self._lock:
             if self._encoded is None or len(self._encoded) != len(messages):
-                self._encoded = [_response(m, node_name).SerializeToString() for m in messages]
+                self._encoded = [flow_response(m, node_name).SerializeToString() for m in messages]
             return self.start, self._encoded
 
     def drop_front(self, n: int) -> None:
@@ -278,31 +229,8 @@ class FlowRing:
 # Request evaluation
 # ---------------------------------------------------------------------------------------------
 
-def _ts_ns(ts: timestamp_pb2.Timestamp) -> int:
-    return ts.seconds * 1_000_000_000 + ts.nanos
-
-
-class _Query:
-    """A compiled GetFlowsRequest: which rows match, and how to shape each response."""
-
-    def __init__(self, request: observer_pb2.GetFlowsRequest, node_name: str) -> None:
-        from flowship.model.flowfilter import compile_filter_set
-
-        self.filters = None
-        if request.whitelist or request.blacklist:
-            self.filters = compile_filter_set(list(request.whitelist), list(request.blacklist))
-        self.since = _ts_ns(request.since) if request.HasField("since") else None
-        self.until = _ts_ns(request.until) if request.HasField("until") else None
-        self.mask: field_mask_pb2.FieldMask | None = None
-        if request.HasField("field_mask") and request.field_mask.paths:
-            # Paths of fields newer Cilium versions define (the hubble CLI asks for e.g.
-            # ingress_allowed_by) select nothing here; a mask with no known path is an error.
-            known = [p for p in request.field_mask.paths
-                     if field_mask_pb2.FieldMask(paths=[p]).IsValidForDescriptor(flow_pb2.Flow.DESCRIPTOR)]
-            if not known:
-                raise ValueError(f"invalid field_mask paths: {list(request.field_mask.paths)}")
-            self.mask = field_mask_pb2.FieldMask(paths=known)
-        self.node_name = node_name
+class _Query(FlowRequest):
+    """A compiled GetFlowsRequest evaluated on the ring's entries."""
 
     def seqs(self, entry: _Entry, lo_seq: int, hi_seq: int) -> np.ndarray:
         """Sequence numbers in [lo_seq, hi_seq) of the entry that pass time bounds and filters."""
@@ -329,13 +257,6 @@ class _Query:
         idx = min(len(times), hi_seq - start) - 1
         return idx >= 0 and times[idx] > self.until
 
-    def response(self, msg: flow_pb2.Flow) -> bytes:
-        """A serialized GetFlowsResponse with the field mask applied."""
-        masked = flow_pb2.Flow()
-        assert self.mask is not None
-        self.mask.MergeMessage(msg, masked)
-        return _response(masked, self.node_name).SerializeToString()
-
 
 # ---------------------------------------------------------------------------------------------
 # The service
@@ -350,7 +271,7 @@ class _Servicer(observer_pb2_grpc.ObserverServicer):
             query = _Query(request, self.s.node_name)
         except ValueError as exc:  # FilterError is a ValueError too
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        client = _client_id(context)
+        client = client_id(context)
         refused = self.s._admit(client)
         if refused:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
@@ -367,107 +288,6 @@ class _Servicer(observer_pb2_grpc.ObserverServicer):
 
     def GetNamespaces(self, request, context) -> observer_pb2.GetNamespacesResponse:  # noqa: N802
         return observer_pb2.GetNamespacesResponse(namespaces=self.s.namespaces())
-
-
-def _client_id(context: grpc.ServicerContext) -> str:
-    """Who a stream counts against: the client certificate's CN under mTLS, else the peer's address.
-
-    The port is left out (each connection has its own), so one host's connections share a limit; over
-    a unix socket every local client is one peer.
-    """
-    auth = context.auth_context() or {}
-    names = auth.get("x509_common_name") or []
-    if names:
-        return "cn:" + names[0].decode(errors="replace")
-    peer = context.peer() or "unknown"
-    kind, _, rest = peer.partition(":")
-    if kind in ("ipv4", "ipv6"):
-        return kind + ":" + rest.rpartition(":")[0]
-    return kind
-
-
-def _observer_handler(servicer: _Servicer) -> grpc.GenericRpcHandler:
-    """observer.Observer with GetFlows answering pre-serialized bytes (no per-response copy)."""
-    ob = observer_pb2
-    return grpc.method_handlers_generic_handler("observer.Observer", {
-        "GetFlows": grpc.unary_stream_rpc_method_handler(
-            servicer.GetFlows, request_deserializer=ob.GetFlowsRequest.FromString),
-        "GetNodes": grpc.unary_unary_rpc_method_handler(
-            servicer.GetNodes, request_deserializer=ob.GetNodesRequest.FromString,
-            response_serializer=ob.GetNodesResponse.SerializeToString),
-        "GetNamespaces": grpc.unary_unary_rpc_method_handler(
-            servicer.GetNamespaces, request_deserializer=ob.GetNamespacesRequest.FromString,
-            response_serializer=ob.GetNamespacesResponse.SerializeToString),
-        "ServerStatus": grpc.unary_unary_rpc_method_handler(
-            servicer.ServerStatus, request_deserializer=ob.ServerStatusRequest.FromString,
-            response_serializer=ob.ServerStatusResponse.SerializeToString),
-    })
-
-
-def _health_handler() -> grpc.GenericRpcHandler:
-    """grpc.health.v1.Health/Check answering SERVING (``hubble status`` asks it first).
-
-    Written out by hand: HealthCheckResponse{status: SERVING} is the two bytes
-    ``08 01``; the request (a service name) needs no decoding.
-    """
-    serving = b"\x08\x01"
-
-    def check(request: bytes, context: grpc.ServicerContext) -> bytes:
-        return serving
-
-    return grpc.method_handlers_generic_handler("grpc.health.v1.Health", {
-        "Check": grpc.unary_unary_rpc_method_handler(check),
-    })
-
-
-def _bind_reason(address: str) -> str:
-    """Why a TCP address cannot be bound, found by trying it (gRPC's own error omits the reason)."""
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]") or "::"
-    try:
-        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-    except (OSError, ValueError) as exc:
-        return f"cannot resolve it ({exc})"
-    family, _, _, _, sockaddr = infos[0]
-    probe = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        probe.bind(sockaddr)
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            return "the address is already in use by another process"
-        return exc.strerror or str(exc)
-    finally:
-        probe.close()
-    return "gRPC could not bind it"
-
-
-def _unix_in_use(path: str) -> str | None:
-    """Why ``path`` cannot become the socket: another process serves it, or it is not a socket.
-
-    A socket file nobody listens on is left over from a process that died; it is replaced.
-    """
-    if not os.path.lexists(path):
-        return None
-    if not stat.S_ISSOCK(os.lstat(path).st_mode):
-        return "the path exists and is not a socket"
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except OSError:
-        return None  # stale
-    finally:
-        probe.close()
-    return "another process is serving this socket (a second agent?)"
-
-
-def _unix_bind_reason(path: str) -> str:
-    parent = Path(path).parent
-    if not parent.is_dir():
-        return f"the directory {parent} does not exist"
-    if not os.access(parent, os.W_OK):
-        return f"the directory {parent} is not writable by this user"
-    return "gRPC could not bind it"
 
 
 class ObserverServer:
@@ -506,56 +326,14 @@ class ObserverServer:
         if problems:
             raise ValueError(f"{self.config_key}." + f"\n{self.config_key}.".join(problems))
         cfg = self.config
-        # Streams are capped below max_workers, so short calls always find a thread; past
-        # max_workers * 2 calls waiting, gRPC itself answers RESOURCE_EXHAUSTED instead of queueing.
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_workers,
-                                                        thread_name_prefix="observer"),
-                             options=[
-                                 ("grpc.so_reuseport", 0),
-                                 # A follower whose client vanished without closing (a node gone, a
-                                 # partition) would hold its stream forever: pings find it.
-                                 ("grpc.keepalive_time_ms", int(float(cfg.keepalive) * 1000)),
-                                 ("grpc.keepalive_timeout_ms", int(float(cfg.keepalive_timeout) * 1000)),
-                                 ("grpc.http2.ping_timeout_ms", int(float(cfg.keepalive_timeout) * 1000)),
-                                 ("grpc.http2.max_pings_without_data", 0),
-                                 # clients' own keepalive pings (the hubble source's every 30 s) are welcome
-                                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-                             ],
-                             maximum_concurrent_rpcs=cfg.max_workers * 2)
-        server.add_generic_rpc_handlers((_observer_handler(_Servicer(self)), _health_handler()))
-        address = cfg.address
-        if address.startswith(":"):
-            address = "[::]" + address
-        path = unix_path(address)
-        if path is not None:
-            parent = Path(path).parent
-            if not parent.exists():
-                parent.mkdir(parents=True, mode=0o700)
-            busy = _unix_in_use(path)
-            if busy:  # gRPC would unlink the file and take the name from the process serving it
-                raise OSError(f"{self.config_key}.address: cannot listen on {cfg.address}: {busy}")
+        # Streams are capped below max_workers, so short calls always find a thread.
+        server = new_grpc_server(cfg.max_workers, float(cfg.keepalive), float(cfg.keepalive_timeout))
+        server.add_generic_rpc_handlers((observer_handler(_Servicer(self)), health_handler()))
+        key = self.config_key
+        port = listen(server, cfg.address, cfg.tls, f"{key}.address",
+                      tcp_hint=f"(on a node that runs Cilium, 4244 is its Hubble server and 4245 Hubble Relay; "
+                               f"choose another port, a unix:PATH, or set {key}.enabled: false)")
         tls = cfg.tls
-        try:
-            if tls is not None:
-                creds = grpc.ssl_server_credentials(
-                    [(Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes())],
-                    root_certificates=Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None,
-                    require_client_auth=tls.client_ca_file is not None)
-                port = server.add_secure_port(address, creds)
-            else:
-                port = server.add_insecure_port(address)
-        except RuntimeError:  # grpc >= 1.5x: "Failed to bind to address ..."
-            port = 0
-        if port == 0 and path is None:
-            raise OSError(f"{self.config_key}.address: cannot listen on {cfg.address}: {_bind_reason(address)} "
-                          f"(on a node that runs Cilium, 4244 is its Hubble server and 4245 Hubble Relay; "
-                          f"choose another port, a unix:PATH, or set {self.config_key}.enabled: false)")
-        if path is not None:
-            if port == 0:
-                raise OSError(f"{self.config_key}.address: cannot listen on {cfg.address}: "
-                              f"{_unix_bind_reason(path)}")
-            os.chmod(path, 0o600)  # flows are private to this user (the parent directory is too, when ours)
-            port = 0
         server.start()
         self._server = server
         self.port = port

@@ -1,4 +1,4 @@
-"""The ``flowship`` command: export, agent, validate, report, compact, demo.
+"""The ``flowship`` command: export, agent, validate, report, compact, history, demo.
 
 It sits above the core and the agent: the only module that imports both.
 """
@@ -18,7 +18,7 @@ from flowship import logs
 from flowship.config import ConfigError, PipelineConfig, load_file, load_text, secret_problems
 from flowship.defaults import AGENT_DEFAULT, EXPORT_DEFAULT
 from flowship.metrics import parse_listen_address
-from flowship.pipeline.launch import EXIT_CODES, EXIT_CONFIG, EXIT_FAILED, run_pipeline
+from flowship.pipeline.launch import EXIT_CODES, EXIT_CONFIG, EXIT_FAILED, EXIT_USAGE, run_pipeline
 from flowship.units import Duration
 
 EXIT_OK = 0
@@ -33,6 +33,7 @@ flowship exports network flows into long-term storage, SIEMs and analytics.
   flowship validate [--config] FILE  check a config without running it
   flowship report latency|drops|all  answer the two questions from the Parquet output
   flowship compact ARCHIVE  merge the small Parquet files of closed hours; --retention deletes old ones
+  flowship history --archive PATH|s3://BUCKET/PREFIX  serve the stored flows to hubble observe
   flowship demo    build a small namespace topology, capture it, answer the two questions
 
 """ + EXIT_CODES
@@ -182,6 +183,37 @@ def cmd_compact(args: argparse.Namespace) -> int:
     return EXIT_FAILED if any(": no dt=" not in reason for reason in summary.skipped) else EXIT_OK
 
 
+def cmd_history(args: argparse.Namespace) -> int:
+    """Serve an archive; a wrong archive or option exits 2 (usage), a failure to listen 1."""
+    # gRPC's core logs a failed bind itself, before flowship says why in one line: keep errors to that line.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    from flowship.history import DEFAULT_ADDRESS, ArchiveError, HistoryConfig, serve
+    from flowship.observer_server import ObserverTLSConfig
+    from flowship.sinks.parquet_store import S3Config
+
+    def fail(code: int, message: str) -> int:
+        sys.stderr.write(f"flowship history: {message}\n")
+        return code
+
+    tls = None
+    if args.tls_cert or args.tls_key or args.tls_client_ca:
+        if not (args.tls_cert and args.tls_key):
+            return fail(EXIT_USAGE, "--tls-cert and --tls-key go together (--tls-client-ca needs both)")
+        tls = ObserverTLSConfig(args.tls_cert, args.tls_key, args.tls_client_ca)
+    config = HistoryConfig(archive=args.archive, address=args.listen or DEFAULT_ADDRESS, tls=tls,
+                           allow_unauthenticated=args.allow_unauthenticated,
+                           s3=S3Config(endpoint_url=args.s3_endpoint or "", region=args.s3_region or ""))
+    problems = config.validate()
+    if problems:
+        return fail(EXIT_USAGE, "; ".join(p.replace("address: ", "--listen: ", 1) for p in problems))
+    try:
+        return serve(config)
+    except ArchiveError as exc:
+        return fail(EXIT_USAGE, f"--archive {exc}")
+    except OSError as exc:
+        return fail(EXIT_FAILED, str(exc))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flowship.agent.demo import run_demo
 
@@ -265,6 +297,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s3-endpoint", help="an S3-compatible endpoint, http(s)://host:port (default: AWS)")
     p.add_argument("--s3-region", help="the bucket's region (default: AWS_REGION or the profile's)")
     p.set_defaults(func=cmd_compact)
+    p = sub.add_parser("history", help="serve a parquet archive over the Hubble Observer API (hubble observe)",
+                       description="Serve the flows a parquet sink stored (a directory or s3://BUCKET/PREFIX) as "
+                                   "a Hubble Observer: hubble observe --server ADDRESS --since 24h ... reads "
+                                   "them. Runs until SIGTERM/SIGINT. See docs/history.md.",
+                       epilog="Exit codes: 0 stopped by a signal; 1 cannot listen; 2 a wrong option or an archive "
+                              "that cannot be read (missing directory or bucket).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archive", required=True, metavar="PATH|s3://BUCKET/PREFIX",
+                   help="the parquet sink's path (the folder holding flows/)")
+    p.add_argument("--listen", metavar="ADDRESS",
+                   help="host:port, :port (every interface: needs --tls-client-ca) or unix:PATH "
+                        "(default 127.0.0.1:4255; 4244/4245 are Cilium's Hubble server and Relay)")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate (PEM) ...")
+    p.add_argument("--tls-key", metavar="FILE", help="... and this key")
+    p.add_argument("--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA (mTLS)")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="serve a non-loopback address without client certificates")
+    p.add_argument("--s3-endpoint", metavar="URL",
+                   help="S3-compatible server for s3:// archives, e.g. http://127.0.0.1:7070 "
+                        "(credentials: the AWS default chain)")
+    p.add_argument("--s3-region", metavar="REGION",
+                   help="the bucket's region (default: AWS_REGION / the profile's, else us-east-1)")
+    p.set_defaults(func=cmd_history)
 
     p = sub.add_parser("demo", help="namespace topology + traffic + capture; prints latency and drops (root)")
     common(p)

@@ -82,6 +82,27 @@ def s3_path_problem(path: str) -> str | None:
     return None
 
 
+def s3_filesystem(config: S3Config, max_attempts: int = 3) -> Any:
+    """pyarrow's S3 filesystem for ``config``, with credentials from the AWS default chain."""
+    from pyarrow import fs  # the S3 part of Arrow initializes the AWS SDK: only when a sink needs it
+
+    options: dict[str, Any] = {
+        "request_timeout": float(config.request_timeout),
+        "connect_timeout": min(10.0, float(config.request_timeout)),
+        "retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=max_attempts),
+    }
+    if config.endpoint_url:
+        parts = urlsplit(config.endpoint_url)
+        options["endpoint_override"] = parts.netloc
+        options["scheme"] = parts.scheme
+        options["region"] = config.region or "us-east-1"
+    elif config.region:
+        options["region"] = config.region
+    if config.role_arn:
+        options["role_arn"] = config.role_arn
+    return fs.S3FileSystem(**options)
+
+
 @dataclass
 class StoredFile:
     key: str  # relative to the store's root, with / separators
@@ -202,28 +223,9 @@ class S3Store(ArchiveOps):
         self.log = log
         self.on_retry = on_retry  # called with the error kind for each failed attempt (metrics)
         self._rng = random.Random()
-        self.fs = self._filesystem()
+        # Retrying here, not in the SDK, keeps one policy (forever, with backoff) and one log line a try.
+        self.fs = s3_filesystem(config, max_attempts=1)
         self.base = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
-
-    def _filesystem(self) -> Any:
-        from pyarrow import fs  # the S3 part of Arrow initializes the AWS SDK: only when a sink needs it
-
-        options: dict[str, Any] = {
-            "request_timeout": float(self.config.request_timeout),
-            "connect_timeout": min(10.0, float(self.config.request_timeout)),
-            # Retrying here, not in the SDK, keeps one policy (forever, with backoff) and one log line a try.
-            "retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=1),
-        }
-        if self.config.endpoint_url:
-            parts = urlsplit(self.config.endpoint_url)
-            options["endpoint_override"] = parts.netloc
-            options["scheme"] = parts.scheme
-            options["region"] = self.config.region or "us-east-1"
-        elif self.config.region:
-            options["region"] = self.config.region
-        if self.config.role_arn:
-            options["role_arn"] = self.config.role_arn
-        return fs.S3FileSystem(**options)
 
     def describe(self, key: str) -> str:
         return f"{S3_SCHEME}{self.bucket}/{self._key(key)}"

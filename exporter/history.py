@@ -1,0 +1,529 @@
+"""Flow history through the Hubble API: ``observer.Observer`` served over a ``parquet`` sink's archive.
+
+``flowship history --archive PATH|s3://BUCKET/PREFIX`` answers ``hubble observe``, Hubble UI's backend and
+any other Observer client from the stored flows, the way a Cilium node answers from its ring: GetFlows with
+``since``/``until``/``number``/``first``, whitelist and blacklist FlowFilters, ``field_mask``; ServerStatus,
+GetNodes and GetNamespaces. See docs/history.md.
+
+How a GetFlows call is answered:
+
+1. **Partition pruning.** The archive is listed once per call and only files whose hour partition
+   (``dt=/hour=`` or the aws layout's ``year=/month=/day=/hour=``) overlaps [since, until] are kept.
+2. **Push-down.** Each hour's files are scanned with pyarrow.dataset — the local filesystem or pyarrow's
+   S3 filesystem, so S3 needs no DuckDB extension download — with the time range and a conservative
+   superset of the whitelist (verdicts, namespaces of ``source_pod``/``destination_pod``) as the scan
+   filter: Parquet row-group statistics skip what cannot match.
+3. **Order.** DuckDB sorts the scanned rows by (time, uuid) — spilling to disk for a large hour instead of
+   holding it in memory — and streams them back as Arrow batches. Hours do not overlap, so hour after hour
+   is time order across the whole archive.
+4. **The exact answer** comes from the one FlowFilter compiler the ``filter`` stage and the agent's
+   Observer use (:func:`flowship.model.flowfilter.compile_filter_set`), evaluated on those batches.
+
+``number`` with ``first`` is the first n matching flows at or after ``since``; ``number`` without
+``first`` is the last n at or before ``until`` (the newest hours are read first and reading stops once n
+matched); no ``number`` is every matching flow in the range. ``follow`` continues with the files the sink
+publishes after the call started: the archive is listed every ``follow_poll`` and each new file's matching
+flows are sent, in time order within what one listing found.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import structlog
+from pyarrow import fs
+
+from flowship.model.flowfilter import FilterSet
+from flowship.model.schema import FLOW_SCHEMA
+from flowship.observer_server import (
+    VERSION,
+    FlowRequest,
+    ObserverTLSConfig,
+    address_problems,
+    health_handler,
+    listen,
+    new_grpc_server,
+    observer_handler,
+)
+from flowship.proto.flow import flow_pb2
+from flowship.proto.observer import observer_pb2
+from flowship.sinks.parquet_store import S3Config, s3_filesystem, s3_location
+
+# Not Cilium's Hubble server (4244) nor Hubble Relay (4245): both can run on the same machine.
+DEFAULT_ADDRESS = "127.0.0.1:4255"
+HOUR_NS = 3600 * 1_000_000_000
+_TIME_TYPE = FLOW_SCHEMA.field("time").type
+_SUMMARY_COLUMNS = ["time", "node_name", "src_cluster", "src_namespace", "dst_cluster", "dst_namespace"]
+_CONVERT_ROWS = 1024  # rows converted to Flow messages at a time (and between client checks)
+_SPILL_DIR = os.path.join(tempfile.gettempdir(), "flowship-history")  # DuckDB's sorts bigger than memory
+
+
+class ArchiveError(ValueError):
+    """The archive cannot be read: a missing directory or bucket, a path that is not a parquet sink's."""
+
+
+@dataclass(frozen=True)
+class ArchiveFile:
+    path: str  # as the archive's filesystem names it
+    hour: int | None  # hours since the epoch, from the partition folders; None when they say nothing
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class FileSummary:
+    """What ServerStatus, GetNodes and GetNamespaces need from one file (read once, then cached)."""
+
+    rows: int
+    oldest_ns: int | None
+    newest_ns: int | None
+    nodes: dict[str, int]
+    namespaces: set[tuple[str, str]]
+
+
+@dataclass
+class ArchiveSummary:
+    files: int = 0
+    flows: int = 0
+    oldest_ns: int | None = None
+    newest_ns: int | None = None
+    nodes: dict[str, int] = field(default_factory=dict)
+    namespaces: set[tuple[str, str]] = field(default_factory=set)
+
+
+def partition_hour(parts: list[str]) -> int | None:
+    """Hours since the epoch named by a file's folders (``dt=2026-12-01/hour=13`` or year=/month=/day=/hour=)."""
+    keys = dict(p.split("=", 1) for p in parts if "=" in p)
+    try:
+        if "dt" in keys and "hour" in keys:
+            day = datetime.strptime(keys["dt"], "%Y-%m-%d").replace(tzinfo=UTC)
+        elif {"year", "month", "day", "hour"} <= keys.keys():
+            day = datetime(int(keys["year"]), int(keys["month"]), int(keys["day"]), tzinfo=UTC)
+        else:
+            return None
+        return int(day.timestamp()) // 3600 + int(keys["hour"])
+    except ValueError:
+        return None
+
+
+def _pushdown(whitelist: list[flow_pb2.FlowFilter]) -> ds.Expression | None:
+    """A scan filter every flow the whitelist matches passes (a superset): verdicts and namespaces.
+
+    None when some whitelist filter constrains neither, since then any flow may match. The compiler
+    decides afterwards; this only lets the Parquet scan skip row groups and rows early.
+    """
+    if not whitelist:
+        return None
+    alternatives = []
+    for spec in whitelist:
+        terms = []
+        if spec.verdict:
+            terms.append(ds.field("verdict").isin([flow_pb2.Verdict.Name(v) for v in spec.verdict]))
+        for values, column in ((spec.source_pod, "src_namespace"), (spec.destination_pod, "dst_namespace")):
+            namespaces = set()
+            for value in values:
+                ns = value.split("/")[0] if "/" in value else ("default" if value else "")
+                namespaces.add(ns)
+            if values and "" not in namespaces:  # the compiler's "[namespace/][prefix]" rule
+                terms.append(ds.field(column).isin(sorted(namespaces)))
+        if not terms:
+            return None
+        expr = terms[0]
+        for term in terms[1:]:
+            expr = expr & term
+        alternatives.append(expr)
+    out = alternatives[0]
+    for expr in alternatives[1:]:
+        out = out | expr
+    return out
+
+
+class Archive:
+    """The flows a ``parquet`` sink stored under a directory or ``s3://bucket/prefix``."""
+
+    def __init__(self, location: str, s3: S3Config | None = None) -> None:
+        self.location = location
+        bucket_prefix = s3_location(location)
+        if bucket_prefix is not None:
+            bucket, prefix = bucket_prefix
+            self.fs: fs.FileSystem = s3_filesystem(s3 or S3Config())
+            self.root = f"{bucket}/{prefix}" if prefix else bucket
+        else:
+            self.fs = fs.LocalFileSystem()
+            self.root = location.rstrip("/") or "/"
+        self._summaries: dict[ArchiveFile, FileSummary] = {}
+        self._lock = threading.Lock()
+
+    def check(self) -> None:
+        """Raises ArchiveError when the location does not exist or is not a directory (a bucket, a prefix)."""
+        try:
+            info = self.fs.get_file_info(self.root)
+        except OSError as exc:
+            raise ArchiveError(f"{self.location}: cannot be read: {exc}") from None
+        if info.type == fs.FileType.NotFound and s3_location(self.location) is None:
+            raise ArchiveError(f"{self.location}: no such directory (give the parquet sink's path)")
+        if info.type == fs.FileType.File:
+            raise ArchiveError(f"{self.location}: is a file, not a parquet sink's directory")
+        if s3_location(self.location) is not None:
+            bucket = self.root.split("/")[0]
+            try:
+                exists = self.fs.get_file_info(bucket).type != fs.FileType.NotFound
+            except OSError as exc:
+                raise ArchiveError(f"{self.location}: cannot be read: {exc}") from None
+            if not exists:
+                raise ArchiveError(f"{self.location}: the bucket {bucket!r} does not exist")
+
+    def _flows_root(self) -> str:
+        flows = f"{self.root.rstrip('/')}/flows"
+        return flows if self.fs.get_file_info(flows).type == fs.FileType.Directory else self.root
+
+    def list_files(self) -> list[ArchiveFile]:
+        """Every published Parquet file (a directory walk, or one recursive S3 listing)."""
+        root = self._flows_root()
+        selector = fs.FileSelector(root, recursive=True, allow_not_found=True)
+        out = []
+        for info in self.fs.get_file_info(selector):
+            name = info.base_name
+            if info.type != fs.FileType.File or not name.endswith(".parquet") or name.startswith("."):
+                continue  # .<name>.tmp is a file being written
+            hour = partition_hour(info.path[len(root):].split("/")[:-1])
+            out.append(ArchiveFile(info.path, hour, info.size or 0, info.mtime_ns or 0))
+        return out
+
+    def files(self, since_ns: int | None = None, until_ns: int | None = None,
+              among: list[ArchiveFile] | None = None) -> list[ArchiveFile]:
+        """Published files (or those of ``among``) whose hour partition may hold flows in [since, until]."""
+        def overlaps(hour: int | None) -> bool:
+            if hour is None:
+                return True
+            return ((since_ns is None or (hour + 1) * HOUR_NS > since_ns)
+                    and (until_ns is None or hour * HOUR_NS <= until_ns))
+
+        return [f for f in (self.list_files() if among is None else among) if overlaps(f.hour)]
+
+    # -- summaries ---------------------------------------------------------------------------
+    def summary(self) -> ArchiveSummary:
+        """Flows stored, their time span, nodes and namespaces; files already summarized are not read again."""
+        files = self.list_files()
+        out = ArchiveSummary(files=len(files))
+        known = {f: self._summary_of(f) for f in files}
+        with self._lock:
+            self._summaries = known  # files gone from the archive are forgotten
+        for s in known.values():
+            out.flows += s.rows
+            if s.oldest_ns is not None:
+                out.oldest_ns = s.oldest_ns if out.oldest_ns is None else min(out.oldest_ns, s.oldest_ns)
+                assert s.newest_ns is not None
+                out.newest_ns = s.newest_ns if out.newest_ns is None else max(out.newest_ns, s.newest_ns)
+            for node, count in s.nodes.items():
+                out.nodes[node] = out.nodes.get(node, 0) + count
+            out.namespaces |= s.namespaces
+        return out
+
+    def newest_ns(self, files: list[ArchiveFile]) -> int | None:
+        """The time of the newest flow in ``files``."""
+        times = [s.newest_ns for s in map(self._summary_of, files) if s.newest_ns is not None]
+        return max(times) if times else None
+
+    def _summary_of(self, f: ArchiveFile) -> FileSummary:
+        with self._lock:
+            known = self._summaries.get(f)
+        if known is None:
+            known = self._summarize(f)
+            with self._lock:
+                self._summaries[f] = known
+        return known
+
+    def _summarize(self, f: ArchiveFile) -> FileSummary:
+        table = pq.read_table(f.path, columns=_SUMMARY_COLUMNS, filesystem=self.fs)
+        times = table.column("time").cast(pa.int64()).to_numpy(zero_copy_only=False)
+        counts = table.column("node_name").value_counts().to_pylist() if table.num_rows else []
+        nodes = {c["values"]: c["counts"] for c in counts if c["values"]}
+        namespaces: set[tuple[str, str]] = set()
+        for side in ("src", "dst"):
+            pairs = table.select([f"{side}_cluster", f"{side}_namespace"]).group_by(
+                [f"{side}_cluster", f"{side}_namespace"]).aggregate([])
+            for cluster, ns in zip(pairs.column(0).to_pylist(), pairs.column(1).to_pylist(), strict=True):
+                if ns:
+                    namespaces.add((cluster or "", ns))
+        return FileSummary(table.num_rows, int(times.min()) if len(times) else None,
+                           int(times.max()) if len(times) else None, nodes, namespaces)
+
+    # -- queries -----------------------------------------------------------------------------
+    def select(self, since_ns: int | None, until_ns: int | None, filters: FilterSet | None = None,
+               whitelist: list[flow_pb2.FlowFilter] | None = None, number: int = 0,
+               first: bool = False, among: list[ArchiveFile] | None = None) -> Iterator[pa.RecordBatch]:
+        """Matching flows in time order (time, then uuid): all of them, the first ``number`` or the last.
+
+        ``since`` and ``until`` are inclusive. ``whitelist`` (the same filters ``filters`` was compiled
+        from) only narrows the scan; ``filters`` decides. ``among`` limits the query to those files.
+        """
+        files = self.files(since_ns, until_ns, among)
+        by_hour: dict[int, list[ArchiveFile]] = {}
+        for f in files:
+            by_hour.setdefault(-1 if f.hour is None else f.hour, []).append(f)
+        # hours oldest first; files outside hour partitions make one group covering every time
+        groups = [files] if -1 in by_hour else [by_hour[hour] for hour in sorted(by_hour)]
+        scan_filter = _time_filter(since_ns, until_ns)
+        narrowed = _pushdown(list(whitelist or []))
+        if narrowed is not None:
+            scan_filter = narrowed if scan_filter is None else scan_filter & narrowed
+        if number and not first:
+            # newest first, hour after hour, until `number` matched; then sent oldest first
+            newest: list[pa.RecordBatch] = []
+            remaining = number
+            for group in reversed(groups):
+                for batch in self._ordered(group, scan_filter, filters, newest_first=True):
+                    batch = batch.slice(0, remaining)
+                    newest.append(batch)
+                    remaining -= batch.num_rows
+                    if remaining == 0:
+                        break
+                if remaining == 0:
+                    break
+            for batch in reversed(newest):
+                if batch.num_rows:
+                    yield batch.take(pa.array(range(batch.num_rows - 1, -1, -1)))
+            return
+        remaining = number
+        for group in groups:
+            for batch in self._ordered(group, scan_filter, filters):
+                if number:
+                    batch = batch.slice(0, remaining)
+                    remaining -= batch.num_rows
+                if batch.num_rows:
+                    yield batch
+                if number and remaining == 0:
+                    return
+
+    def _ordered(self, files: list[ArchiveFile], scan_filter: ds.Expression | None, filters: FilterSet | None,
+                 newest_first: bool = False) -> Iterator[pa.RecordBatch]:
+        """One hour's matching flows sorted by (time, uuid): pyarrow scans, DuckDB orders, the compiler filters.
+
+        Batches are matched as they are read, so a caller that stops early (``--last 20``) leaves the rest
+        of the hour unconverted; DuckDB spills a sort bigger than its memory limit to a temporary directory.
+        """
+        import duckdb
+
+        dataset = ds.dataset([f.path for f in files], schema=FLOW_SCHEMA, format="parquet", filesystem=self.fs)
+        scanned = dataset.scanner(filter=scan_filter).to_reader()
+        con = duckdb.connect(config={"threads": 2, "temp_directory": _SPILL_DIR})
+        order = "DESC" if newest_first else "ASC"
+        try:
+            con.register("flows", scanned)
+            ordered = con.sql(f"SELECT * FROM flows ORDER BY time {order}, uuid {order}").to_arrow_reader(64 * 1024)
+            for batch in ordered:
+                batch = pa.RecordBatch.from_arrays(batch.columns, schema=FLOW_SCHEMA)  # DuckDB says Etc/UTC
+                if filters is not None:
+                    batch = batch.filter(pa.array(filters.mask(batch), type=pa.bool_()))
+                yield batch
+        finally:
+            con.close()
+
+
+def _time_filter(since_ns: int | None, until_ns: int | None) -> ds.Expression | None:
+    expr = None
+    if since_ns is not None:
+        expr = ds.field("time") >= pa.scalar(since_ns, type=_TIME_TYPE)
+    if until_ns is not None:
+        upper = ds.field("time") <= pa.scalar(until_ns, type=_TIME_TYPE)
+        expr = upper if expr is None else expr & upper
+    return expr
+
+
+# ---------------------------------------------------------------------------------------------
+# The server
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class HistoryConfig:
+    """``flowship history``'s options."""
+
+    archive: str
+    address: str = DEFAULT_ADDRESS  # host:port, :port (every interface, needs mTLS) or unix:PATH
+    tls: ObserverTLSConfig | None = None
+    allow_unauthenticated: bool = False  # serve a non-loopback address without client certificates
+    s3: S3Config = field(default_factory=S3Config)
+    max_workers: int = 16  # concurrent calls; past twice as many waiting, gRPC answers RESOURCE_EXHAUSTED
+    follow_poll: float = 1.0  # seconds between listings of the archive for a follow stream
+    server_name: str | None = None  # the name in GetNodes' TLS info
+
+    def validate(self) -> list[str]:
+        problems = address_problems(self.address, self.tls, self.allow_unauthenticated)
+        if self.tls is not None:
+            problems.extend(f"tls.{p}" for p in self.tls.validate())
+        problems.extend(f"s3.{p}" for p in self.s3.validate())
+        return problems
+
+
+class HistoryServer:
+    """observer.Observer over an :class:`Archive`."""
+
+    def __init__(self, config: HistoryConfig, node_name: str | None = None, log: Any = None) -> None:
+        self.config = config
+        self.archive = Archive(config.archive, config.s3)
+        self.node_name = node_name or socket.gethostname()
+        self.log = log or structlog.get_logger().bind(component="history")
+        self.started_ns = time.monotonic_ns()
+        self.port: int | None = None
+        self._server: grpc.Server | None = None
+        self._stopping = threading.Event()  # ends follow streams
+        # GetFlows streams hold a thread each: two are kept for ServerStatus and the other short calls
+        self._stream_slots = threading.BoundedSemaphore(max(1, config.max_workers - 2))
+
+    def start(self, where: str = "address") -> int:
+        """Checks the archive, binds and serves; returns the port (0 for a unix socket)."""
+        self.archive.check()
+        server = new_grpc_server(self.config.max_workers, 60.0, 20.0)
+        server.add_generic_rpc_handlers((observer_handler(_HistoryServicer(self)), health_handler()))
+        self.port = listen(server, self.config.address, self.config.tls, where,
+                           tcp_hint="(4244 is Cilium's Hubble server and 4245 Hubble Relay; choose another port)")
+        server.start()
+        self._server = server
+        return self.port
+
+    def stop(self, grace: float | None = 2.0) -> None:
+        self._stopping.set()
+        if self._server is not None:
+            self._server.stop(grace).wait(grace)
+            self._server = None
+
+    def get_flows(self, request: observer_pb2.GetFlowsRequest, query: FlowRequest,
+                  context: grpc.ServicerContext) -> Iterator[bytes]:
+        """The stored part (as Hubble: none for a follow without number or since), then, following, new files."""
+        whitelist = list(request.whitelist)
+        listed = self.archive.list_files()
+        if request.number or not request.follow or query.since is not None:
+            batches = self.archive.select(query.since, query.until, query.filters, whitelist, request.number,
+                                          request.first, among=listed)
+            yield from self._emit(batches, query, context)
+        if not request.follow:
+            return
+        seen = {f.path for f in listed}
+        while context.is_active() and not self._stopping.wait(float(self.config.follow_poll)):
+            new = [f for f in self.archive.list_files() if f.path not in seen]
+            if not new:
+                continue
+            seen.update(f.path for f in new)
+            batches = self.archive.select(query.since, query.until, query.filters, whitelist, among=new)
+            yield from self._emit(batches, query, context)
+            newest = self.archive.newest_ns(new)
+            if query.until is not None and newest is not None and newest > query.until:
+                return  # a flow later than until was stored: the range is complete
+
+    @staticmethod
+    def _emit(batches: Iterator[pa.RecordBatch], query: FlowRequest,
+              context: grpc.ServicerContext) -> Iterator[bytes]:
+        from flowship.model.proto import to_flow_messages
+
+        for batch in batches:
+            for start in range(0, batch.num_rows, _CONVERT_ROWS):
+                if not context.is_active():
+                    return
+                for msg in to_flow_messages(batch.slice(start, _CONVERT_ROWS)):
+                    yield query.response(msg)
+
+    def status(self) -> observer_pb2.ServerStatusResponse:
+        s = self.archive.summary()
+        span_s = ((s.newest_ns or 0) - (s.oldest_ns or 0)) / 1e9
+        return observer_pb2.ServerStatusResponse(
+            num_flows=s.flows, max_flows=s.flows, seen_flows=s.flows,
+            uptime_ns=time.monotonic_ns() - self.started_ns, version=f"{VERSION} ({_span(s)})",
+            flows_rate=s.flows / span_s if span_s > 0 else 0.0,
+            num_connected_nodes={"value": len(s.nodes)}, num_unavailable_nodes={"value": 0})
+
+    def nodes(self) -> list[observer_pb2.Node]:
+        tls = self.config.tls
+        s = self.archive.summary()
+        return [observer_pb2.Node(
+            name=name, version=VERSION, address=self.config.address,
+            state=observer_pb2.NodeState.Value("NODE_CONNECTED"),
+            tls=observer_pb2.TLS(enabled=tls is not None, server_name=self.config.server_name or ""),
+            uptime_ns=time.monotonic_ns() - self.started_ns, num_flows=count, max_flows=count, seen_flows=count)
+            for name, count in sorted(s.nodes.items())]
+
+    def namespaces(self) -> list[observer_pb2.Namespace]:
+        return [observer_pb2.Namespace(cluster=c, namespace=ns) for c, ns in sorted(self.archive.summary().namespaces)]
+
+
+def _span(s: ArchiveSummary) -> str:
+    """``history of N flows from OLDEST to NEWEST`` (RFC 3339, UTC), for ServerStatus and the start log."""
+    if s.oldest_ns is None or s.newest_ns is None:
+        return "history: no flows stored yet"
+
+    def iso(ns: int) -> str:
+        seconds, nanos = divmod(ns, 10**9)
+        return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{nanos:09d}Z"
+
+    return f"history of {s.flows} flows from {iso(s.oldest_ns)} to {iso(s.newest_ns)}"
+
+
+class _HistoryServicer:
+    def __init__(self, server: HistoryServer) -> None:
+        self.s = server
+
+    def GetFlows(self, request, context) -> Iterator[bytes]:  # noqa: N802 - gRPC naming
+        if request.first and request.follow:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first cannot be specified with follow")
+        try:
+            query = FlowRequest(request, self.s.node_name)
+        except ValueError as exc:  # FilterError is a ValueError too
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if not self.s._stream_slots.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"too many GetFlows streams: the limit is {self.s.config.max_workers - 2} "
+                          "(max_workers - 2, so that short calls always find a thread)")
+        try:
+            yield from self.s.get_flows(request, query, context)
+        except OSError as exc:  # S3 unreachable, a file deleted under the query (retention, compaction)
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"reading the archive failed: {exc}")
+        finally:
+            self.s._stream_slots.release()
+
+    def ServerStatus(self, request, context) -> observer_pb2.ServerStatusResponse:  # noqa: N802
+        return self.s.status()
+
+    def GetNodes(self, request, context) -> observer_pb2.GetNodesResponse:  # noqa: N802
+        return observer_pb2.GetNodesResponse(nodes=self.s.nodes())
+
+    def GetNamespaces(self, request, context) -> observer_pb2.GetNamespacesResponse:  # noqa: N802
+        return observer_pb2.GetNamespacesResponse(namespaces=self.s.namespaces())
+
+
+def serve(config: HistoryConfig, where: str = "--listen") -> int:
+    """Runs the server until SIGTERM/SIGINT; prints ``listening on ADDRESS`` once clients can connect.
+
+    Raises ArchiveError for an unreadable archive and OSError when the address cannot be bound.
+    """
+    log = structlog.get_logger().bind(component="history")
+    server = HistoryServer(config, log=log)
+    port = server.start(where)
+    shown = config.address
+    if port and config.address.rpartition(":")[2] == "0":
+        shown = f"{config.address.rpartition(':')[0]}:{port}"
+    summary = server.archive.summary()
+    log.info("history listening", address=shown, archive=config.archive, files=summary.files,
+             flows=summary.flows, span=_span(summary), tls=config.tls is not None)
+    print(f"listening on {shown}", flush=True)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        while not stop.wait(3600):
+            pass
+    finally:
+        server.stop()
+    return 0
