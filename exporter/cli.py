@@ -57,16 +57,20 @@ def listen_address(text: str) -> str:
     return text
 
 
-def positive_duration(text: str) -> float:
-    """``--duration``: seconds, or text with a unit as in configs (``20s``, ``5m``, ``1h``)."""
+def _duration(text: str) -> float:
     try:
-        value = Duration.parse(text)
+        return float(Duration.parse(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {Duration.expected} (or a number of seconds), got {text!r}") \
             from None
+
+
+def positive_duration(text: str) -> float:
+    """``--duration``: seconds, or text with a unit as in configs (``20s``, ``5m``, ``1h``)."""
+    value = _duration(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a duration > 0, got {text!r}")
-    return float(value)
+    return value
 
 
 def point_in_time(text: str) -> datetime:
@@ -85,14 +89,10 @@ def point_in_time(text: str) -> datetime:
 
 def duration_or_zero(text: str) -> float:
     """``--settle``: a duration, 0 allowed (every partition counts as closed)."""
-    try:
-        value = Duration.parse(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {Duration.expected} (or a number of seconds), got {text!r}") \
-            from None
+    value = _duration(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a duration >= 0, got {text!r}")
-    return float(value)
+    return value
 
 
 def non_negative_int(text: str) -> int:

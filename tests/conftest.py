@@ -34,3 +34,16 @@ def fixture_lines(fixture_files: list[Path]) -> list[bytes]:
 def flowship_cmd() -> list[str]:
     """How to run the CLI from tests: the installed entry point's module."""
     return [sys.executable, "-m", "flowship.cli"]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory):
+    """A private S3 server (versitygw) for one test module: tests/s3server.py."""
+    from s3server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3-server"))
+    server.servers("start")
+    try:
+        yield server
+    finally:
+        server.servers("stop")

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -270,16 +269,6 @@ def test_export_then_compact_with_the_aws_layout(tmp_path: Path):
 # ---------------------------------------------------------------------------------------------
 # S3
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    server = S3Server(tmp_path_factory.mktemp("s3-server"))
-    server.servers("start")
-    try:
-        yield server
-    finally:
-        server.servers("stop")
 
 
 def s3_uuids(server: S3Server, bucket: str) -> Counter:

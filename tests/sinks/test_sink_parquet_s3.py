@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +27,6 @@ from flowship.config import ConfigError, parse
 from flowship.sinks.parquet import ParquetSinkConfig, partition_dir
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    server = S3Server(tmp_path_factory.mktemp("s3-server"))
-    server.servers("start")
-    try:
-        yield server
-    finally:
-        server.servers("stop")
 
 
 def objects(server: S3Server, bucket: str) -> list[fs.FileInfo]:
