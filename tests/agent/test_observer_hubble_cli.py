@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from gotools import go_tool
 
 from flowship.agent.observer import ObserverConfig, ObserverServer
 from flowship.metrics import Metrics
@@ -22,12 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def hubble_cli() -> str:
-    script = REPO / "deploy" / "dev" / "build-hubble-cli"
-    proc = subprocess.run([str(script)], capture_output=True, text=True, timeout=1500)
-    if proc.returncode != 0:
-        pytest.fail(f"could not build the hubble CLI (run {script} to see why; it needs Go and the Go module "
-                    f"proxy):\n{proc.stderr[-3000:]}")
-    return proc.stdout.strip().splitlines()[-1]
+    return go_tool("build-hubble-cli")
 
 
 @pytest.fixture(scope="module")

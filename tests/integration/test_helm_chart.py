@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
+from gotools import go_tool
 
 from flowship.cli import build_parser
 
@@ -38,24 +39,14 @@ Obj = dict[str, Any]
 pytestmark = pytest.mark.timeout(1800)  # the first test builds helm (minutes on a busy machine)
 
 
-def _build(script: str) -> str:
-    """Build (or find cached) a Go tool through its deploy/dev script; fail loudly when that cannot work."""
-    path = REPO / "deploy" / "dev" / script
-    proc = subprocess.run([str(path)], capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0:
-        pytest.fail(f"could not build with {path} (it needs Go: go on PATH, /usr/local/go/bin/go or GO=..., "
-                    f"and the Go module proxy):\n{proc.stderr[-3000:]}", pytrace=False)
-    return proc.stdout.strip().splitlines()[-1]
-
-
 @cache
 def helm() -> str:
-    return _build("build-helm")
+    return go_tool("build-helm")
 
 
 @cache
 def kube_strict() -> str:
-    return _build("build-kube-strict")
+    return go_tool("build-kube-strict")
 
 
 def run_helm(*args: str) -> subprocess.CompletedProcess[str]:

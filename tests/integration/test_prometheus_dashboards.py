@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from gotools import go_tool
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -230,12 +231,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def prometheus_bin() -> str:
-    script = REPO / "deploy" / "dev" / "build-prometheus"
-    proc = subprocess.run([str(script)], capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        pytest.fail(f"could not build Prometheus (run {script} to see why; it needs Go and the Go module proxy):\n"
-                    f"{proc.stderr[-3000:]}")
-    return proc.stdout.strip().splitlines()[-1]
+    return go_tool("build-prometheus")
 
 
 def _feed(path: Path, lines: list[bytes], stop: threading.Event) -> None:

@@ -25,6 +25,7 @@ import orjson
 import pytest
 import yaml
 from flowgen_input import generate_lines
+from gotools import go_tool
 
 from flowship.proto.observer import observer_pb2, observer_pb2_grpc
 
@@ -91,11 +92,7 @@ class History:
 
 @pytest.fixture(scope="module")
 def hubble_cli() -> str:
-    script = REPO / "deploy" / "dev" / "build-hubble-cli"
-    proc = subprocess.run([str(script)], capture_output=True, text=True, timeout=1500)
-    if proc.returncode != 0:
-        pytest.fail(f"could not build the hubble CLI (run {script}):\n{proc.stderr[-3000:]}")
-    return proc.stdout.strip().splitlines()[-1]
+    return go_tool("build-hubble-cli")
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from gotools import go_tool
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sinks"))
 
 import devservers  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-HUBBLE_CLI = REPO / "deploy" / "dev" / "build-hubble-cli"
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,9 @@ WALK: dict[str, Step] = {
     "flowship report all --parquet ./flows": Step("as written"),
     "flowship report drops --since 1h --namespace production": Step("as written"),
     "flowship compact ./flows --retention 30d": Step("as written"),
+    "flowship history --archive ./flows": Step("as written (in the background, stopped with SIGTERM)"),
+    "hubble observe --server 127.0.0.1:4255 --since 24h -n production --verdict DROPPED": Step(
+        "as written, with the real hubble CLI (built by deploy/dev/build-hubble-cli) as `hubble`"),
     "flowship --version": Step("as written"),
     "helm install flowship deploy/helm/flowship -n flowship --create-namespace -f "
     "deploy/helm/flowship/examples/kafka-to-opensearch.yaml": Step(
@@ -152,9 +155,7 @@ def test_walk_through_the_readme(tmp_path: Path, fixture_files: list[Path], kafk
     assert list((work / "hubble-parquet").rglob("*.parquet")), "no Parquet from the followed Hubble files"
 
     # hubble observe into flowship export: the real CLI, reading recorded flows instead of a server.
-    build = subprocess.run([str(HUBBLE_CLI)], capture_output=True, text=True, timeout=1800)
-    assert build.returncode == 0, f"deploy/dev/build-hubble-cli failed:\n{build.stderr[-2000:]}"
-    hubble = build.stdout.strip().splitlines()[-1]
+    hubble = go_tool("build-hubble-cli")
     (work / "observe").mkdir()
     (work / "observe" / "recorded.jsonl").write_bytes(recorded)
     command = f"{shlex.quote(hubble)} observe --input-file recorded.jsonl -o jsonpb | flowship export"
@@ -169,6 +170,30 @@ def test_walk_through_the_readme(tmp_path: Path, fixture_files: list[Path], kafk
     (work / "cluster-agent.yaml").write_text(yaml.safe_dump(agent, sort_keys=False))
     ok(sh("flowship agent --config cluster-agent.yaml --duration 3s --no-progress", work,
           env={"NODE_NAME": "walk-node"}), "flowship agent --config configs/cluster-agent-to-kafka.yaml")
+
+    # The archive served to hubble observe (as written: the recorded flows are older than 24h, so the README's
+    # query answers nothing; a query over their time shows that the server answers).
+    server = subprocess.Popen(["bash", "-c", "exec flowship history --archive ./flows"], cwd=work,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        bin_dir = work / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "hubble").symlink_to(hubble)
+        path = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+        observe = "hubble observe --server 127.0.0.1:4255 --since 24h -n production --verdict DROPPED"
+        deadline = time.monotonic() + 60
+        while True:
+            proc = sh(observe, work, env=path, timeout=120)
+            if proc.returncode == 0 or time.monotonic() > deadline or server.poll() is not None:
+                break
+            time.sleep(0.5)  # the server is still starting
+        ok(proc, observe)
+        old = ok(sh("hubble observe --server 127.0.0.1:4255 --since 2000-01-01T00:00:00Z --last 5 -o jsonpb", work,
+                    env=path), "hubble observe --last 5")
+        assert len(old.splitlines()) == 5, old
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=60)
 
     # Questions over ./flows, then maintenance, then the version.
     report = ok(sh("flowship report all --parquet ./flows", work), "flowship report all --parquet ./flows")
