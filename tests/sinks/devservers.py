@@ -153,6 +153,17 @@ def logsql_query(base: str, logsql: str, limit: int = 0) -> list[dict]:
     return [json.loads(line) for line in body.splitlines() if line.strip()]
 
 
+def logsql_wait_rows(base: str, logsql: str, want: int = 1, timeout: float = 30.0) -> list[dict]:
+    """The rows of a LogsQL query, polled until there are ``want``: a filter can find fresh entries later than
+    a count over the same stream does (both pass through VictoriaLogs' asynchronous ingestion)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = logsql_query(base, logsql)
+        if len(rows) >= want or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.5)
+
+
 def logsql_wait_count(base: str, where: str, want: int, timeout: float = 30.0) -> int:
     """Entries matching the LogsQL filter ``where``, polled until there are ``want`` (ingestion is asynchronous)."""
     deadline = time.monotonic() + timeout

@@ -10,7 +10,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from devservers import logsql_query, logsql_wait_count
+from devservers import logsql_query, logsql_wait_count, logsql_wait_rows
 from fakes import FakeFaultServer
 from helpers import aggregate_rows, make_ctx
 
@@ -85,7 +85,7 @@ def test_hubble_records_arrive_in_victorialogs(victorialogs_server, all_flows, r
     assert {r["flow.verdict"]: int(r["c"]) for r in rows} == want
     i = 3
     uuid = all_flows.column("uuid")[i].as_py()
-    (hit,) = logsql_query(victorialogs_server, f'job:="{job}" _msg:="{uuid}"')
+    (hit,) = logsql_wait_rows(victorialogs_server, f'job:="{job}" _msg:="{uuid}"')
     line = orjson.loads(hubble_encode.encode_lines(all_flows)[i])
     assert hit["_msg"] == uuid
     assert hit["node_name"] == line["node_name"] == all_flows.column("node_name")[i].as_py()
@@ -105,7 +105,7 @@ def test_ecs_documents_gzip_and_aggregates_arrive(victorialogs_server, fixture_b
     assert logsql_wait_count(victorialogs_server, f'job:="{job}"', total) == total
     docs = ecs_encode.to_documents(flows)
     uuid = flows.column("uuid")[0].as_py()
-    (hit,) = logsql_query(victorialogs_server, f'job:="{job}" event.id:="{uuid}"')
+    (hit,) = logsql_wait_rows(victorialogs_server, f'job:="{job}" event.id:="{uuid}"')
     assert hit["source.ip"] == docs[0]["source"]["ip"]
     assert hit["destination.port"] == str(docs[0]["destination"]["port"])
 
