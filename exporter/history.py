@@ -69,6 +69,7 @@ _TIME_TYPE = FLOW_SCHEMA.field("time").type
 _SUMMARY_COLUMNS = ["time", "node_name", "src_cluster", "src_namespace", "dst_cluster", "dst_namespace"]
 _CONVERT_ROWS = 1024  # rows converted to Flow messages at a time (and between client checks)
 _SPILL_DIR = os.path.join(tempfile.gettempdir(), "flowship-history")  # DuckDB's sorts bigger than memory
+_SORT_IN_MEMORY_ROWS = 262_144  # an hour's scanned rows up to this many are ordered by Arrow; more go to DuckDB
 
 
 class ArchiveError(ValueError):
@@ -311,25 +312,52 @@ class Archive:
 
     def _ordered(self, files: list[ArchiveFile], scan_filter: ds.Expression | None, filters: FilterSet | None,
                  newest_first: bool = False) -> Iterator[pa.RecordBatch]:
-        """One hour's matching flows sorted by (time, uuid): pyarrow scans, DuckDB orders, the compiler filters.
+        """One hour's matching flows sorted by (time, uuid): pyarrow scans, the compiler filters, Arrow or DuckDB
+        orders.
 
-        Batches are matched as they are read, so a caller that stops early (``--last 20``) leaves the rest
-        of the hour unconverted; DuckDB spills a sort bigger than its memory limit to a temporary directory.
+        What the scan keeps of an hour is usually small (the pushed-down filter narrows it): up to
+        ``_SORT_IN_MEMORY_ROWS`` rows are filtered and sorted in memory by Arrow, which costs no per-hour set-up;
+        a bigger hour goes to DuckDB, whose sort spills to a temporary directory past its memory limit. Batches are
+        matched as they are produced, so a caller that stops early (``--last 20``) leaves the rest unconverted.
         """
-        import duckdb
+        import pyarrow.compute as pc
 
         dataset = ds.dataset([f.path for f in files], schema=FLOW_SCHEMA, format="parquet", filesystem=self.fs)
         scanned = dataset.scanner(filter=scan_filter).to_reader()
-        con = duckdb.connect(config={"threads": 2, "temp_directory": _SPILL_DIR})
-        order = "DESC" if newest_first else "ASC"
-        try:
-            con.register("flows", scanned)
-            ordered = con.sql(f"SELECT * FROM flows ORDER BY time {order}, uuid {order}").to_arrow_reader(64 * 1024)
-            for batch in ordered:
-                batch = pa.RecordBatch.from_arrays(batch.columns, schema=FLOW_SCHEMA)  # DuckDB says Etc/UTC
+        order = "descending" if newest_first else "ascending"
+        held: list[pa.RecordBatch] = []
+        rows = 0
+        for batch in scanned:
+            if filters is not None:
+                batch = batch.filter(pa.array(filters.mask(batch), type=pa.bool_()))
+            held.append(batch)
+            rows += batch.num_rows
+            if rows > _SORT_IN_MEMORY_ROWS:
+                break
+        else:
+            table = pa.Table.from_batches(held, schema=FLOW_SCHEMA)
+            if table.num_rows:
+                table = table.take(pc.sort_indices(table, sort_keys=[("time", order), ("uuid", order)]))
+                yield from table.to_batches(max_chunksize=64 * 1024)
+            return
+        import duckdb
+
+        def rest() -> Iterator[pa.RecordBatch]:
+            yield from held
+            for batch in scanned:
                 if filters is not None:
                     batch = batch.filter(pa.array(filters.mask(batch), type=pa.bool_()))
                 yield batch
+
+        reader = pa.RecordBatchReader.from_batches(FLOW_SCHEMA, rest())
+        con = duckdb.connect(config={"threads": 2, "temp_directory": _SPILL_DIR})
+        direction = "DESC" if newest_first else "ASC"
+        try:
+            con.register("flows", reader)
+            ordered = con.sql(f"SELECT * FROM flows ORDER BY time {direction}, uuid {direction}") \
+                .to_arrow_reader(64 * 1024)
+            for batch in ordered:
+                yield pa.RecordBatch.from_arrays(batch.columns, schema=FLOW_SCHEMA)  # DuckDB says Etc/UTC
         finally:
             con.close()
 

@@ -534,3 +534,28 @@ def test_the_pushed_down_scan_filter_never_loses_a_match(archive, specs) -> None
     expr = _pushdown(messages)
     kept = set(table.filter(expr).column("uuid").to_pylist()) if expr is not None else set(table["uuid"].to_pylist())
     assert matched and matched <= kept
+
+
+@pytest.mark.parametrize("newest_first", [False, True])
+def test_hours_too_big_to_sort_in_memory_come_in_the_same_order_through_duckdb(archive, monkeypatch,
+                                                                                newest_first) -> None:
+    """An hour past the in-memory sort limit is ordered by DuckDB (spilling): the same flows, the same order."""
+    from google.protobuf.json_format import ParseDict
+
+    import flowship.history as history
+    from flowship.model.flowfilter import compile_filter_set
+    from flowship.proto.flow import flow_pb2
+
+    store = history.Archive(str(archive))
+    whitelist = [ParseDict({"verdict": ["FORWARDED", "DROPPED"]}, flow_pb2.FlowFilter())]
+    filters = compile_filter_set(whitelist)
+    files = store.files(None, None)
+
+    def uuids() -> list[str]:
+        return [u for b in store._ordered(files, None, filters, newest_first=newest_first)
+                for u in b.column("uuid").to_pylist()]
+
+    in_memory = uuids()
+    monkeypatch.setattr(history, "_SORT_IN_MEMORY_ROWS", 10)
+    assert len(in_memory) > 100
+    assert uuids() == in_memory
