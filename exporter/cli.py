@@ -145,7 +145,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from flowship import report
 
     try:
-        flows = report.load_flows(args.parquet, since=args.since, until=args.until, namespace=args.namespace)
+        from flowship.sinks.parquet_store import S3Config
+
+        s3 = S3Config(endpoint_url=args.s3_endpoint or "", region=args.s3_region or "")
+        flows = report.load_flows(args.parquet, since=args.since, until=args.until, namespace=args.namespace, s3=s3)
     except (OSError, ValueError) as exc:
         sys.stderr.write(f"flowship report: {getattr(exc, 'strerror', None) or exc}\n")
         return EXIT_FAILED
@@ -269,7 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "port and reason. Each table shows its top rows (--limit) and says how many "
                                    "more there are.")
     p.add_argument("question", choices=REPORT_QUESTIONS, help="latency, drops, or all (both)")
-    p.add_argument("--parquet", default="./flows", help="the parquet sink's path (default ./flows)")
+    p.add_argument("--parquet", default="./flows",
+                   help="the parquet sink's path, a directory or s3://bucket/prefix (default ./flows)")
+    p.add_argument("--s3-endpoint", help="an S3-compatible endpoint, http(s)://host:port (default: AWS)")
+    p.add_argument("--s3-region", help="the bucket's region (default: AWS_REGION or the profile's)")
     p.add_argument("--since", type=point_in_time, help="only flows at or after this time "
                    "(RFC 3339, e.g. 2026-12-02T10:00:00Z, or a duration ago: 1h, 30m)")
     p.add_argument("--until", type=point_in_time, help="only flows before this time (same forms as --since)")

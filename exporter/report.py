@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -35,18 +36,28 @@ SYN, ACK = TCP_FLAG_BITS["SYN"], TCP_FLAG_BITS["ACK"]
 
 
 def load_flows(path: str | Path, columns: list[str] | None = None, *, since: datetime | None = None,
-               until: datetime | None = None, namespace: str | None = None) -> pa.Table:
+               until: datetime | None = None, namespace: str | None = None, s3: Any = None) -> pa.Table:
     """The flows under a parquet sink's ``path`` (the ``flows/`` dataset), optionally only some of them.
 
-    ``since`` (inclusive) and ``until`` (exclusive) bound the flows' time; ``namespace`` keeps flows with
+    ``path`` is a directory or ``s3://bucket/prefix`` (``s3``: its :class:`S3Config`, credentials from the AWS
+    chain). ``since`` (inclusive) and ``until`` (exclusive) bound the flows' time; ``namespace`` keeps flows with
     it on either side. The filter is pushed down to the Parquet scan, so a narrow window reads little.
     """
-    root = Path(path)
-    if not root.exists():
-        raise FileNotFoundError(f"{path}: no such directory (give the parquet sink's path with --parquet)")
-    if (root / "flows").is_dir():
-        root = root / "flows"
-    files = [str(p) for p in root.rglob("*.parquet") if not p.name.startswith(".")]
+    filesystem = None
+    if str(path).startswith("s3://"):
+        from flowship.history import Archive
+
+        archive = Archive(str(path), s3)
+        archive.check()
+        files = [f.path for f in archive.list_files()]
+        filesystem = archive.fs
+    else:
+        root = Path(path)
+        if not root.exists():
+            raise FileNotFoundError(f"{path}: no such directory (give the parquet sink's path with --parquet)")
+        if (root / "flows").is_dir():
+            root = root / "flows"
+        files = [str(p) for p in root.rglob("*.parquet") if not p.name.startswith(".")]
     if not files:
         raise FileNotFoundError(f"no Parquet flow files under {path}")
     where = None
@@ -58,7 +69,7 @@ def load_flows(path: str | Path, columns: list[str] | None = None, *, since: dat
     if namespace:
         expr = (ds.field("src_namespace") == namespace) | (ds.field("dst_namespace") == namespace)
         where = expr if where is None else where & expr
-    return ds.dataset(files, format="parquet").to_table(columns=columns, filter=where)
+    return ds.dataset(files, format="parquet", filesystem=filesystem).to_table(columns=columns, filter=where)
 
 
 def _endpoint_name(table: pa.Table, side: str) -> pa.Array:

@@ -128,6 +128,17 @@ def test_export_to_s3_stores_every_flow_once_under_the_aws_layout(tmp_path: Path
     assert all("/month=" in k and "/day=" in k and "/hour=" in k and k.split("/")[-1].startswith("node-a-")
                for k in keys)
     assert SECRET_KEY not in log.read_text()
+    # the archive answers flowship report where it lies
+    report = subprocess.run([sys.executable, "-m", "flowship.cli", "report", "all", "--parquet",
+                             f"s3://{bucket}/archive", "--s3-endpoint", s3.endpoint, "--limit", "0"],
+                            capture_output=True, text=True, timeout=300, env=aws_env())
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "Where the latency goes" in report.stdout and "Dropped / denied calls" in report.stdout
+    missing = subprocess.run([sys.executable, "-m", "flowship.cli", "report", "drops", "--parquet",
+                              "s3://no-such-bucket/x", "--s3-endpoint", s3.endpoint],
+                             capture_output=True, text=True, timeout=300, env=aws_env())
+    assert missing.returncode == 1 and "the bucket 'no-such-bucket' does not exist" in missing.stderr
+    assert "Traceback" not in missing.stderr
 
 
 def test_credentials_from_a_shared_profile(tmp_path: Path, s3: S3Server):
