@@ -69,6 +69,7 @@ class Partition:
     directory: str  # key of the leaf folder, e.g. flows/dt=2026-12-01/hour=13
     start_ns: int
     files: list[str] = field(default_factory=list)  # visible *.parquet keys
+    sizes: dict[str, int] = field(default_factory=dict)  # bytes of each visible file, from the listing
     pending: list[str] = field(default_factory=list)  # hidden outputs of an earlier run
 
     @property
@@ -146,6 +147,8 @@ def find_partitions(store: ArchiveOps) -> tuple[list[Partition], list[str]]:
                     continue
                 part = found[directory] = Partition(kind, directory, start)
             (part.files if visible else part.pending).append(item.key)
+            if visible:
+                part.sizes[item.key] = item.size
     return sorted(found.values(), key=lambda p: (p.kind, p.start_ns, p.directory)), sorted(unknown)
 
 
@@ -220,9 +223,9 @@ class _Forward:
         return out.cast(self._schema) if out.schema != self._schema else out
 
 
-def merged_chunks(store: ArchiveOps, kind: str, inputs: list[str], chunk_rows: int) -> Iterator[pa.Table]:
-    """The rows of all inputs in time order (ties: input order), ``chunk_rows`` at a time."""
-    schema = pq.read_schema(store.open_input(inputs[0]))
+def merged_chunks(store: ArchiveOps, kind: str, inputs: list[str], schema: pa.Schema,
+                  chunk_rows: int) -> Iterator[pa.Table]:
+    """The rows of all inputs in time order (ties: input order), ``chunk_rows`` at a time, as ``schema``."""
     column = time_column(schema.empty_table(), kind)
     if column is None:
         raise ValueError(f"{inputs[0]}: no time column to sort {kind} rows by")
@@ -261,14 +264,11 @@ def _output_keys(part: Partition, inputs: list[str], first_ns: int, count: int) 
 def compact_partition(store: ArchiveOps, part: Partition, options: CompactOptions, log: Any) -> tuple[int, int, int]:
     """Rewrites one partition; returns (rows, bytes in, bytes out)."""
     inputs = sorted(part.files)
-    sizes = {f.key: f.size for f in store.list_files(part.directory)}
-    metadata = [pq.read_metadata(store.open_input(key)) for key in inputs]
-    rows = sum(m.num_rows for m in metadata)
-    first_ns = part.start_ns
+    rows = sum(pq.read_metadata(store.open_input(key)).num_rows for key in inputs)
     count = max(1, -(-rows // options.max_file_rows))
-    outputs = _output_keys(part, inputs, first_ns, count)
-    chunks = merged_chunks(store, part.kind, inputs, options.chunk_rows)
+    outputs = _output_keys(part, inputs, part.start_ns, count)
     schema = pq.read_schema(store.open_input(inputs[0]))
+    chunks = merged_chunks(store, part.kind, inputs, schema, options.chunk_rows)
     dictionary = [c for c in sorted(LOW_CARDINALITY_COLUMNS) if c in schema.names]
     held: list[pa.Table] = []
     bytes_out = 0
@@ -305,7 +305,7 @@ def compact_partition(store: ArchiveOps, part: Partition, options: CompactOption
     store.delete(journal_key(part))
     log.info("partition compacted", partition=part.directory, files_in=len(inputs), files_out=len(outputs),
              rows=rows)
-    return rows, sum(sizes.get(k, 0) for k in inputs), bytes_out
+    return rows, sum(part.sizes.get(k, 0) for k in inputs), bytes_out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ flows are sent, in time order within what one listing found.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -324,12 +325,12 @@ class Archive:
 
         dataset = ds.dataset([f.path for f in files], schema=FLOW_SCHEMA, format="parquet", filesystem=self.fs)
         scanned = dataset.scanner(filter=scan_filter).to_reader()
+        matched = (batch if filters is None else batch.filter(pa.array(filters.mask(batch), type=pa.bool_()))
+                   for batch in scanned)
         order = "descending" if newest_first else "ascending"
         held: list[pa.RecordBatch] = []
         rows = 0
-        for batch in scanned:
-            if filters is not None:
-                batch = batch.filter(pa.array(filters.mask(batch), type=pa.bool_()))
+        for batch in matched:
             held.append(batch)
             rows += batch.num_rows
             if rows > _SORT_IN_MEMORY_ROWS:
@@ -342,14 +343,7 @@ class Archive:
             return
         import duckdb
 
-        def rest() -> Iterator[pa.RecordBatch]:
-            yield from held
-            for batch in scanned:
-                if filters is not None:
-                    batch = batch.filter(pa.array(filters.mask(batch), type=pa.bool_()))
-                yield batch
-
-        reader = pa.RecordBatchReader.from_batches(FLOW_SCHEMA, rest())
+        reader = pa.RecordBatchReader.from_batches(FLOW_SCHEMA, itertools.chain(held, matched))
         con = duckdb.connect(config={"threads": 2, "temp_directory": _SPILL_DIR})
         direction = "DESC" if newest_first else "ASC"
         try:

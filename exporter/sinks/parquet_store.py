@@ -228,10 +228,7 @@ class S3Store(ArchiveOps):
         self.base = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
 
     def describe(self, key: str) -> str:
-        return f"{S3_SCHEME}{self.bucket}/{self._key(key)}"
-
-    def _key(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
+        return f"{S3_SCHEME}{self.path(key)}"
 
     def start(self) -> None:
         """Fails the start when the bucket cannot be reached, so a wrong name or endpoint is said at once."""
@@ -249,7 +246,7 @@ class S3Store(ArchiveOps):
         buffer = pa.BufferOutputStream()
         write(buffer)
         data = buffer.getvalue()
-        target = f"{self.bucket}/{self._key(key)}"
+        target = self.path(key)
         attempt = 0
         while True:
             try:
