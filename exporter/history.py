@@ -71,6 +71,8 @@ _SUMMARY_COLUMNS = ["time", "node_name", "src_cluster", "src_namespace", "dst_cl
 _CONVERT_ROWS = 1024  # rows converted to Flow messages at a time (and between client checks)
 _SPILL_DIR = os.path.join(tempfile.gettempdir(), "flowship-history")  # DuckDB's sorts bigger than memory
 _SORT_IN_MEMORY_ROWS = 262_144  # an hour's scanned rows up to this many are ordered by Arrow; more go to DuckDB
+_SCAN_THREADS = max(1, min(2, os.cpu_count() or 1))  # DuckDB threads of one local scan
+_SCAN_MEMORY = "512MB"  # DuckDB's memory of one scan; its sort spills to _SPILL_DIR past it
 
 
 class ArchiveError(ValueError):
@@ -121,11 +123,29 @@ def partition_hour(parts: list[str]) -> int | None:
         return None
 
 
-def _pushdown(whitelist: list[flow_pb2.FlowFilter]) -> ds.Expression | None:
-    """A scan filter every flow the whitelist matches passes (a superset): verdicts and namespaces.
+@dataclass(frozen=True)
+class _Term:
+    """``column IN values``: one conjunct of a pushed-down scan filter."""
 
-    None when some whitelist filter constrains neither, since then any flow may match. The compiler
-    decides afterwards; this only lets the Parquet scan skip row groups and rows early.
+    column: str
+    values: tuple[Any, ...]
+
+
+def _ints(values: Any) -> tuple[int, ...] | None:
+    """Port numbers as the compiler reads them, or None when one does not parse (the compiler reports it)."""
+    try:
+        return tuple(sorted({int(v) for v in values}))
+    except (TypeError, ValueError):
+        return None
+
+
+def _pushdown_terms(whitelist: list[flow_pb2.FlowFilter]) -> list[list[_Term]] | None:
+    """A superset of the whitelist as alternatives (OR) of conjunctions (AND) of ``column IN values``.
+
+    Only fields whose compiled meaning is a plain membership of one column carry over: verdicts, traffic
+    directions, the namespace of ``source_pod``/``destination_pod``, ports, identities and uuids. None when
+    some whitelist filter constrains none of them, since then any flow may match. The compiler decides
+    afterwards; this only lets the scan skip row groups and rows early.
     """
     if not whitelist:
         return None
@@ -133,24 +153,85 @@ def _pushdown(whitelist: list[flow_pb2.FlowFilter]) -> ds.Expression | None:
     for spec in whitelist:
         terms = []
         if spec.verdict:
-            terms.append(ds.field("verdict").isin([flow_pb2.Verdict.Name(v) for v in spec.verdict]))
+            terms.append(_Term("verdict", tuple(flow_pb2.Verdict.Name(v) for v in spec.verdict)))
+        if spec.traffic_direction:
+            terms.append(_Term("traffic_direction",
+                               tuple(flow_pb2.TrafficDirection.Name(v) for v in spec.traffic_direction)))
         for values, column in ((spec.source_pod, "src_namespace"), (spec.destination_pod, "dst_namespace")):
             namespaces = set()
             for value in values:
                 ns = value.split("/")[0] if "/" in value else ("default" if value else "")
                 namespaces.add(ns)
             if values and "" not in namespaces:  # the compiler's "[namespace/][prefix]" rule
-                terms.append(ds.field(column).isin(sorted(namespaces)))
+                terms.append(_Term(column, tuple(sorted(namespaces))))
+        for values, column in ((spec.source_port, "src_port"), (spec.destination_port, "dst_port"),
+                               (spec.source_identity, "src_identity"),
+                               (spec.destination_identity, "dst_identity")):
+            numbers = _ints(values) if values else None
+            if numbers is not None:
+                terms.append(_Term(column, numbers))
+        if spec.uuid:
+            terms.append(_Term("uuid", tuple(sorted(set(spec.uuid)))))
         if not terms:
             return None
-        expr = terms[0]
-        for term in terms[1:]:
-            expr = expr & term
-        alternatives.append(expr)
-    out = alternatives[0]
-    for expr in alternatives[1:]:
-        out = out | expr
+        alternatives.append(terms)
+    return alternatives
+
+
+def _pushdown(whitelist: list[flow_pb2.FlowFilter]) -> ds.Expression | None:
+    """The pushed-down superset as a pyarrow.dataset filter (the S3 scan)."""
+    alternatives = _pushdown_terms(whitelist)
+    if alternatives is None:
+        return None
+    out = None
+    for terms in alternatives:
+        expr = None
+        for term in terms:
+            kept = ds.field(term.column).isin(list(term.values))
+            expr = kept if expr is None else expr & kept
+        out = expr if out is None else out | expr
     return out
+
+
+def _pushdown_sql(whitelist: list[flow_pb2.FlowFilter]) -> tuple[str, list[Any]] | None:
+    """The pushed-down superset as a DuckDB WHERE clause with its parameters (the local scan)."""
+    alternatives = _pushdown_terms(whitelist)
+    if alternatives is None:
+        return None
+    clauses, params = [], []
+    for terms in alternatives:
+        parts = []
+        for term in terms:  # column names come from the fixed set above; values are bound parameters
+            parts.append(f"{term.column} IN ({', '.join('?' * len(term.values))})")
+            params.extend(term.values)
+        clauses.append("(" + " AND ".join(parts) + ")")
+    return " OR ".join(clauses), params
+
+
+def _time_sql(since_ns: int | None, until_ns: int | None) -> tuple[list[str], list[Any]]:
+    """The time range as DuckDB conditions, exact to the nanosecond (TIMESTAMPTZ would round to microseconds)."""
+    clauses, params = [], []
+    if since_ns is not None:
+        clauses.append("time >= make_timestamp_ns(?)::TIMESTAMPTZ_NS")
+        params.append(since_ns)
+    if until_ns is not None:
+        clauses.append("time <= make_timestamp_ns(?)::TIMESTAMPTZ_NS")
+        params.append(until_ns)
+    return clauses, params
+
+
+def conform(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A batch DuckDB returned, in FLOW_SCHEMA: its time zone is named Etc/UTC, and files written before a
+    column existed lack it (null)."""
+    columns = []
+    for f in FLOW_SCHEMA:
+        i = batch.schema.get_field_index(f.name)
+        if i < 0:
+            columns.append(pa.nulls(batch.num_rows, f.type))
+        else:
+            column = batch.column(i)
+            columns.append(column if column.type == f.type else column.cast(f.type))
+    return pa.RecordBatch.from_arrays(columns, schema=FLOW_SCHEMA)
 
 
 class Archive:
@@ -279,16 +360,12 @@ class Archive:
             by_hour.setdefault(-1 if f.hour is None else f.hour, []).append(f)
         # hours oldest first; files outside hour partitions make one group covering every time
         groups = [files] if -1 in by_hour else [by_hour[hour] for hour in sorted(by_hour)]
-        scan_filter = _time_filter(since_ns, until_ns)
-        narrowed = _pushdown(list(whitelist or []))
-        if narrowed is not None:
-            scan_filter = narrowed if scan_filter is None else scan_filter & narrowed
         if number and not first:
             # newest first, hour after hour, until `number` matched; then sent oldest first
             newest: list[pa.RecordBatch] = []
             remaining = number
             for group in reversed(groups):
-                for batch in self._ordered(group, scan_filter, filters, newest_first=True):
+                for batch in self._ordered(group, since_ns, until_ns, whitelist, filters, newest_first=True):
                     batch = batch.slice(0, remaining)
                     newest.append(batch)
                     remaining -= batch.num_rows
@@ -302,7 +379,7 @@ class Archive:
             return
         remaining = number
         for group in groups:
-            for batch in self._ordered(group, scan_filter, filters):
+            for batch in self._ordered(group, since_ns, until_ns, whitelist, filters):
                 if number:
                     batch = batch.slice(0, remaining)
                     remaining -= batch.num_rows
@@ -311,8 +388,57 @@ class Archive:
                 if number and remaining == 0:
                     return
 
-    def _ordered(self, files: list[ArchiveFile], scan_filter: ds.Expression | None, filters: FilterSet | None,
+    def _ordered(self, files: list[ArchiveFile], since_ns: int | None, until_ns: int | None,
+                 whitelist: list[flow_pb2.FlowFilter] | None, filters: FilterSet | None,
                  newest_first: bool = False) -> Iterator[pa.RecordBatch]:
+        """One hour's matching flows sorted by (time, uuid): DuckDB for a local archive, pyarrow for S3."""
+        if isinstance(self.fs, fs.LocalFileSystem):
+            return self._ordered_duckdb(files, since_ns, until_ns, list(whitelist or []), filters, newest_first)
+        scan_filter = _time_filter(since_ns, until_ns)
+        narrowed = _pushdown(list(whitelist or []))
+        if narrowed is not None:
+            scan_filter = narrowed if scan_filter is None else scan_filter & narrowed
+        return self._ordered_pyarrow(files, scan_filter, filters, newest_first)
+
+    def _ordered_duckdb(self, files: list[ArchiveFile], since_ns: int | None, until_ns: int | None,
+                        whitelist: list[flow_pb2.FlowFilter], filters: FilterSet | None,
+                        newest_first: bool) -> Iterator[pa.RecordBatch]:
+        """DuckDB reads, filters and orders one hour of a local archive; the compiler decides on what it returns.
+
+        DuckDB evaluates the pushed-down superset on its columns first and decodes the other columns only for
+        the rows that passed, so a selective query (a port, an identity) reads a fraction of each file; pyarrow
+        decodes every column of every row group it keeps. Its sort spills to a temporary directory past its
+        memory limit.
+        """
+        import duckdb
+
+        where, params = _time_sql(since_ns, until_ns)
+        narrowed = _pushdown_sql(whitelist)
+        if narrowed is not None:
+            where.append(f"({narrowed[0]})")
+            params.extend(narrowed[1])
+        direction = "DESC" if newest_first else "ASC"
+        sql = ("SELECT * FROM read_parquet(?, hive_partitioning=false, union_by_name=true)"
+               + (f" WHERE {' AND '.join(where)}" if where else "")
+               + f" ORDER BY time {direction}, uuid {direction}")
+        con = duckdb.connect(config={"threads": _SCAN_THREADS, "temp_directory": _SPILL_DIR,
+                                     "memory_limit": _SCAN_MEMORY})
+        try:
+            reader = con.sql(sql, params=[[f.path for f in files], *params]).to_arrow_reader(64 * 1024)
+            for batch in reader:
+                batch = conform(batch)
+                if filters is not None:
+                    batch = batch.filter(pa.array(filters.mask(batch), type=pa.bool_()))
+                if batch.num_rows:
+                    yield batch
+        except (duckdb.IOException, duckdb.InvalidInputException) as exc:
+            # a file deleted under the query (retention, compaction) or damaged: the caller answers UNAVAILABLE
+            raise OSError(str(exc).splitlines()[0]) from exc
+        finally:
+            con.close()
+
+    def _ordered_pyarrow(self, files: list[ArchiveFile], scan_filter: ds.Expression | None,
+                         filters: FilterSet | None, newest_first: bool = False) -> Iterator[pa.RecordBatch]:
         """One hour's matching flows sorted by (time, uuid): pyarrow scans, the compiler filters, Arrow or DuckDB
         orders.
 
