@@ -72,7 +72,8 @@ _CONVERT_ROWS = 1024  # rows converted to Flow messages at a time (and between c
 _SPILL_DIR = os.path.join(tempfile.gettempdir(), "flowship-history")  # DuckDB's sorts bigger than memory
 _SORT_IN_MEMORY_ROWS = 262_144  # an hour's scanned rows up to this many are ordered by Arrow; more go to DuckDB
 _SCAN_THREADS = max(1, min(2, os.cpu_count() or 1))  # DuckDB threads of one local scan
-_SCAN_MEMORY = "512MB"  # DuckDB's memory of one scan; its sort spills to _SPILL_DIR past it
+_SCAN_MEMORY = "1GB"  # DuckDB's memory for every scan of an archive; its sorts spill to _SPILL_DIR past it
+_QUERY_BYTES = 256 * 2**20  # Parquet read by one query of widening hours (see _widening)
 
 
 class ArchiveError(ValueError):
@@ -249,6 +250,7 @@ class Archive:
             self.root = location.rstrip("/") or "/"
         self._summaries: dict[ArchiveFile, FileSummary] = {}
         self._lock = threading.Lock()
+        self._duckdb: Any = None  # one in-memory DuckDB database for every local scan; a cursor per query
 
     def check(self) -> None:
         """Raises ArchiveError when the location does not exist or is not a directory (a bucket, a prefix)."""
@@ -364,7 +366,7 @@ class Archive:
             # newest first, hour after hour, until `number` matched; then sent oldest first
             newest: list[pa.RecordBatch] = []
             remaining = number
-            for group in reversed(groups):
+            for group in _widening(list(reversed(groups))):
                 for batch in self._ordered(group, since_ns, until_ns, whitelist, filters, newest_first=True):
                     batch = batch.slice(0, remaining)
                     newest.append(batch)
@@ -378,7 +380,7 @@ class Archive:
                     yield batch.take(pa.array(range(batch.num_rows - 1, -1, -1)))
             return
         remaining = number
-        for group in groups:
+        for group in _widening(groups):
             for batch in self._ordered(group, since_ns, until_ns, whitelist, filters):
                 if number:
                     batch = batch.slice(0, remaining)
@@ -421,8 +423,11 @@ class Archive:
         sql = ("SELECT * FROM read_parquet(?, hive_partitioning=false, union_by_name=true)"
                + (f" WHERE {' AND '.join(where)}" if where else "")
                + f" ORDER BY time {direction}, uuid {direction}")
-        con = duckdb.connect(config={"threads": _SCAN_THREADS, "temp_directory": _SPILL_DIR,
-                                     "memory_limit": _SCAN_MEMORY})
+        with self._lock:  # opening a database costs ~25 ms: more than scanning an hour of a small archive
+            if self._duckdb is None:
+                self._duckdb = duckdb.connect(config={"threads": _SCAN_THREADS, "temp_directory": _SPILL_DIR,
+                                                      "memory_limit": _SCAN_MEMORY})
+            con = self._duckdb.cursor()
         try:
             reader = con.sql(sql, params=[[f.path for f in files], *params]).to_arrow_reader(64 * 1024)
             for batch in reader:
@@ -480,6 +485,26 @@ class Archive:
                 yield pa.RecordBatch.from_arrays(batch.columns, schema=FLOW_SCHEMA)  # DuckDB says Etc/UTC
         finally:
             con.close()
+
+
+def _widening(hours: list[list[ArchiveFile]]) -> Iterator[list[ArchiveFile]]:
+    """Hours (each a list of files, in the order they are read) joined into queries of 1, 2, 4, ... hours.
+
+    The first flows come after one hour's query; a long range then costs few queries, since each has a fixed
+    price (planning, reading footers, starting the sort) that hour-by-hour queries over a week would pay 168
+    times. A query stops growing at ``_QUERY_BYTES`` of Parquet; hours never overlap, so the order holds.
+    """
+    width, i = 1, 0
+    while i < len(hours):
+        group: list[ArchiveFile] = []
+        taken = 0
+        while i < len(hours) and taken < width and (
+                not group or sum(f.size for f in group) + sum(f.size for f in hours[i]) <= _QUERY_BYTES):
+            group.extend(hours[i])
+            i += 1
+            taken += 1
+        yield group
+        width *= 2
 
 
 def _time_filter(since_ns: int | None, until_ns: int | None) -> ds.Expression | None:
