@@ -17,8 +17,11 @@ Cilium node, Hubble Relay — or ``--live-kafka`` — the topic a kafka sink wri
    one to a reader it overtook — source ``HUBBLE_RING_BUFFER``, ``num_events_lost`` 1 (the count is not
    known), ``first``/``last`` the time span where flows may be missing.
 
-A flow with ``until`` ends the stream once a live flow is later than it; a client's cancel or the server's stop
-ends it within ``_TICK`` seconds, and the live stream (gRPC call or Kafka consumer) is closed with it.
+``until`` ends the stream once a live flow is later than it (it is not passed on: an Observer following
+with ``until`` ends only on a newly published later flow), or once the source has been idle for
+``_CAUGHT_UP`` and the clock is past ``until`` by more than the window (matching flows may be rare). A client's
+cancel or the server's stop ends it within ``_TICK`` seconds, and the live stream (gRPC call or Kafka
+consumer) is closed with it.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ if TYPE_CHECKING:
 DEFAULT_WINDOW = 30.0  # seconds looked back before the seam: longer than a published file's usual lag
 DEFAULT_KAFKA_TOPIC = "flowship.flows"
 _TICK = 0.2  # seconds between checks that the client is still there
+_CAUGHT_UP = 1.0  # seconds without live flows after which a source is taken to have sent what it held
 _MAX_ROWS = 1024  # live flows converted, filtered and sent at a time
 _TIME_TYPE = FLOW_SCHEMA.field("time").type
 _LOST_SOURCE = flow_pb2.LostEventSource.Value("HUBBLE_RING_BUFFER")
@@ -231,10 +235,17 @@ def follow_live(live: LiveConfig, archive: Archive, listed: list[ArchiveFile],
             else set()
         seam = Seam(starts, since_ns, keys)
     stream = live.feed().stream(since_ns, seam.starts, request, done)
+    idle_since = time.monotonic()
     try:
         for item in stream:
             if done():
                 return
+            if isinstance(item, pa.RecordBatch) and not item.num_rows:
+                if query.until is not None and time.monotonic() - idle_since > _CAUGHT_UP \
+                        and time.time_ns() > query.until + int(live.window * 1e9):
+                    return  # the source caught up with a present past until: nothing older can come
+                continue
+            idle_since = time.monotonic()
             if isinstance(item, Gap):
                 yield _lost_response(item.node_name or query.node_name, item.first_ns, item.last_ns)
             elif isinstance(item, flow_pb2.LostEvent):
@@ -332,8 +343,6 @@ class ObserverFeed:
                                                 blacklist=request.blacklist)
             if since_ns is not None:
                 live.since.FromNanoseconds(since_ns)
-            if request.HasField("until"):
-                live.until.CopyFrom(request.until)
             call = stub.GetFlows(live)
             responses: queue.Queue[Any] = queue.Queue(maxsize=8 * _MAX_ROWS)
             threading.Thread(target=_read, args=(call, responses), daemon=True, name="history-live").start()
