@@ -338,6 +338,27 @@ def test_hubble_observe_follows_across_the_seam(hubble_cli, archive, timeline, r
         server.stop()
 
 
+def test_hubble_observe_reports_the_lost_window(hubble_cli, archive, timeline) -> None:  # noqa: F811
+    small = Ring(max_flows=255)
+    small.publish(timeline, range(LIVE_FROM, FLOWS))
+    server = History("--archive", str(archive), "--listen", "127.0.0.1:0", "--live-observer", small.address,
+                     "--live-window", str(WINDOW))
+    observer = subprocess.Popen([hubble_cli, "observe", "--server", server.address, "-f", "--last", "3"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in observer.stdout or []], daemon=True).start()
+    try:
+        got = [lines.get(timeout=60) for _ in range(3 + 1 + 255)]
+        assert sum("EVENTS LOST" in line for line in got) == 1
+        lost = next(line for line in got if "EVENTS LOST" in line)
+        assert got.index(lost) == 3 and "HUBBLE_RING_BUFFER" in lost and "(first: " in lost, lost
+    finally:
+        observer.terminate()
+        observer.wait(10)
+        server.stop()
+        small.server.stop(0)
+
+
 def test_command_line_errors_of_the_live_options(archive) -> None:
     from test_history import env, flowship
 
