@@ -70,7 +70,7 @@ class Gap:
     last_ns: int | None
 
 
-Item = pa.RecordBatch | Gap | flow_pb2.LostEvent
+Item = pa.RecordBatch | Gap | observer_pb2.GetFlowsResponse  # the last: a LostEvent of the live server
 
 
 class LiveFeed(Protocol):
@@ -248,8 +248,8 @@ def follow_live(live: LiveConfig, archive: Archive, listed: list[ArchiveFile],
             idle_since = time.monotonic()
             if isinstance(item, Gap):
                 yield _lost_response(item.node_name or query.node_name, item.first_ns, item.last_ns)
-            elif isinstance(item, flow_pb2.LostEvent):
-                yield _lost_response(query.node_name, None, None, item)
+            elif isinstance(item, observer_pb2.GetFlowsResponse):
+                yield item.SerializeToString()
             elif item.num_rows:
                 finished = yield from _send(item, seam, query)
                 if finished:
@@ -278,15 +278,14 @@ def _send(batch: pa.RecordBatch, seam: Seam, query: FlowRequest) -> Iterator[byt
     return past
 
 
-def _lost_response(node_name: str, first_ns: int | None, last_ns: int | None,
-                   lost: flow_pb2.LostEvent | None = None) -> bytes:
-    """A GetFlowsResponse carrying a LostEvent: the live server's own, or one for a window it no longer holds."""
-    if lost is None:
-        lost = flow_pb2.LostEvent(source=_LOST_SOURCE, num_events_lost=1)
-        if first_ns is not None:
-            lost.first.FromNanoseconds(first_ns)
-        if last_ns is not None:
-            lost.last.FromNanoseconds(last_ns)
+def _lost_response(node_name: str, first_ns: int | None, last_ns: int | None) -> bytes:
+    """A GetFlowsResponse carrying a LostEvent for a window the live source no longer holds (as Hubble's ring:
+    the count is not known, 1 says that some were lost)."""
+    lost = flow_pb2.LostEvent(source=_LOST_SOURCE, num_events_lost=1)
+    if first_ns is not None:
+        lost.first.FromNanoseconds(first_ns)
+    if last_ns is not None:
+        lost.last.FromNanoseconds(last_ns)
     out = observer_pb2.GetFlowsResponse(lost_events=lost, node_name=node_name)
     out.time.FromNanoseconds(time.time_ns())
     return out.SerializeToString()
@@ -345,7 +344,7 @@ class ObserverFeed:
                 live.since.FromNanoseconds(since_ns)
             call = stub.GetFlows(live)
             responses: queue.Queue[Any] = queue.Queue(maxsize=8 * _MAX_ROWS)
-            threading.Thread(target=_read, args=(call, responses), daemon=True, name="history-live").start()
+            threading.Thread(target=_read, args=(call, responses, done), daemon=True, name="history-live").start()
             while not done():
                 try:
                     first = responses.get(timeout=_TICK)
@@ -376,7 +375,7 @@ class ObserverFeed:
                         if messages:
                             yield from_flow_messages(messages, nodes, times)
                             messages, nodes, times = [], [], []
-                        yield item.lost_events
+                        yield item
                 if messages:
                     yield from_flow_messages(messages, nodes, times)
         except grpc.RpcError as exc:
@@ -396,14 +395,28 @@ class _End:
     error: str | None = None
 
 
-def _read(call: Any, out: queue.Queue[Any]) -> None:
-    """Move a GetFlows stream's responses into ``out``; an _End closes it (with the error, unless cancelled)."""
+def _read(call: Any, out: queue.Queue[Any], done: Done) -> None:
+    """Move a GetFlows stream's responses into ``out``; an _End closes it (with the error, unless cancelled).
+
+    A full queue (a slow client) holds the live stream back; once the client is gone the thread ends instead of
+    waiting for room forever.
+    """
+    def put(item: Any) -> bool:
+        while not done():
+            try:
+                out.put(item, timeout=_TICK)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     try:
         for response in call:
-            out.put(response)
-        out.put(_End())
+            if not put(response):
+                return
+        put(_End())
     except grpc.RpcError as exc:
-        out.put(_End(None if exc.code() == grpc.StatusCode.CANCELLED else _rpc_reason(exc)))
+        put(_End(None if exc.code() == grpc.StatusCode.CANCELLED else _rpc_reason(exc)))
 
 
 def _rpc_reason(exc: grpc.RpcError) -> str:
@@ -469,12 +482,14 @@ class KafkaFeed:
                     wanted = [TopicPartition(c.topic, p, since_ns // 1_000_000) for p in partitions]
                     found = consumer.offsets_for_times(wanted, timeout=c.timeout)
                     assigned = []
+                    gap = False
                     for tp in found:
                         low, high = consumer.get_watermark_offsets(tp, timeout=c.timeout)
                         offset = tp.offset if tp.offset >= 0 else high  # nothing produced since: the end
-                        if offset == low and low > 0:
-                            yield Gap("", since_ns, None)
+                        gap = gap or (offset == low and low > 0)
                         assigned.append(TopicPartition(c.topic, tp.partition, offset))
+                    if gap:
+                        yield Gap("", since_ns, None)
                 consumer.assign(assigned)
             except KafkaException as exc:
                 raise LiveSourceError(f"the live topic {c.topic!r} at {c.brokers}: {exc}") from None

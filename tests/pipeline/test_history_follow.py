@@ -103,9 +103,9 @@ def archive(tmp_path_factory: pytest.TempPathFactory, timeline: pa.RecordBatch) 
 class Ring:
     """A flowship agent's Observer server, fed by hand the way the agent feeds it."""
 
-    def __init__(self, max_flows: int = 4095) -> None:
-        config = parse(ObserverConfig, {"address": "127.0.0.1:0", "max_flows": max_flows, "follow_poll": "50ms"},
-                       "agent.yaml", "observer")
+    def __init__(self, max_flows: int = 4095, **options: object) -> None:
+        config = parse(ObserverConfig, {"address": "127.0.0.1:0", "max_flows": max_flows, "follow_poll": "50ms",
+                                        **options}, "agent.yaml", "observer")
         self.server = ObserverServer(config, node_name="node-1")
         self.address = f"127.0.0.1:{self.server.start()}"
 
@@ -357,6 +357,29 @@ def test_hubble_observe_reports_the_lost_window(hubble_cli, archive, timeline) -
         observer.wait(10)
         server.stop()
         small.server.stop(0)
+
+
+def test_a_live_observer_over_mtls(archive, timeline, tmp_path) -> None:
+    """``--live-tls-ca/-cert/-key/-server-name``: the live Observer demands a client certificate, as Relay's peers do."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agent"))
+    from certs import make_pki
+
+    pki = make_pki(tmp_path, server_names="DNS:hubble-peer.local")
+    secured = Ring(tls={"cert_file": str(pki["server.crt"]), "key_file": str(pki["server.key"]),
+                        "client_ca_file": str(pki["ca.crt"])})
+    secured.publish(timeline, range(LIVE_FROM, FLOWS))
+    server = History("--archive", str(archive), "--listen", "127.0.0.1:0", "--live-observer", secured.address,
+                     "--live-tls-ca", str(pki["ca.crt"]), "--live-tls-cert", str(pki["client.crt"]),
+                     "--live-tls-key", str(pki["client.key"]), "--live-tls-server-name", "hubble-peer.local",
+                     "--live-window", str(WINDOW))
+    follower = Follower(int(server.address.rpartition(":")[2]), follow_from(t(timeline, 0)))
+    try:
+        assert [r.flow.uuid for r in follower.take(len(HANDED_OVER))] == uuids(timeline, HANDED_OVER)
+        assert follower.quiet()
+    finally:
+        follower.close()
+        server.stop()
+        secured.server.stop(0)
 
 
 def test_command_line_errors_of_the_live_options(archive) -> None:
