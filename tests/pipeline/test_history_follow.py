@@ -212,6 +212,24 @@ def test_last_n_then_follow(archive, timeline, ring) -> None:
         server.stop(0)
 
 
+def test_follow_alone_reads_the_live_source_from_now(archive, timeline, ring) -> None:
+    """``hubble observe -f``: no stored flows, as in Hubble, and the live flows published from now on."""
+    ring.publish(timeline, range(LIVE_FROM, 900))
+    server = history(archive, ObserverLiveConfig(ring.address, window=WINDOW))
+    follower = Follower(server.port or 0, observer_pb2.GetFlowsRequest(follow=True))
+    try:
+        deadline = time.monotonic() + 10
+        while ring.server.followers() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert follower.quiet(0.5)
+        ring.publish(timeline, range(900, FLOWS))
+        assert [r.flow.uuid for r in follower.take(FLOWS - 900)] == uuids(timeline, range(900, FLOWS))
+        assert follower.quiet()
+    finally:
+        follower.close()
+        server.stop(0)
+
+
 def test_filters_and_the_field_mask_apply_to_live_flows(archive, timeline, ring) -> None:
     ring.publish(timeline, range(LIVE_FROM, FLOWS))
     namespaces = timeline.column("src_namespace").to_pylist()
