@@ -24,6 +24,11 @@ How a GetFlows call is answered:
 matched); no ``number`` is every matching flow in the range. ``follow`` continues with the files the sink
 publishes after the call started: the archive is listed every ``follow_poll`` and each new file's matching
 flows are sent, in time order within what one listing found.
+
+With a live source (``--live-observer`` or ``--live-kafka``), ``follow`` hands over instead from the archive
+to that source at a per-node seam (the newest archived flow), looking back a window before it and dropping
+the live flows the archive already answered, so no flow is missing or repeated at the seam; a source that no
+longer holds the window is reported with a LostEvent (:mod:`flowship.history_live`).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import pyarrow.parquet as pq
 import structlog
 from pyarrow import fs
 
+from flowship.history_live import LiveConfig, LiveSourceError, follow_live
 from flowship.model.flowfilter import FilterSet
 from flowship.model.schema import FLOW_SCHEMA
 from flowship.observer_server import (
@@ -533,9 +539,12 @@ class HistoryConfig:
     max_workers: int = 16  # concurrent calls; past twice as many waiting, gRPC answers RESOURCE_EXHAUSTED
     follow_poll: float = 1.0  # seconds between listings of the archive for a follow stream
     server_name: str | None = None  # the name in GetNodes' TLS info
+    live: LiveConfig | None = None  # follow streams continue from this live source instead of polling the archive
 
     def validate(self) -> list[str]:
         problems = address_problems(self.address, self.tls, self.allow_unauthenticated)
+        if self.live is not None:
+            problems.extend(self.live.validate())
         if self.tls is not None:
             problems.extend(f"tls.{p}" for p in self.tls.validate())
         problems.extend(f"s3.{p}" for p in self.s3.validate())
@@ -576,7 +585,8 @@ class HistoryServer:
 
     def get_flows(self, request: observer_pb2.GetFlowsRequest, query: FlowRequest,
                   context: grpc.ServicerContext) -> Iterator[bytes]:
-        """The stored part (as Hubble: none for a follow without number or since), then, following, new files."""
+        """The stored part (as Hubble: none for a follow without number or since), then, following, the live
+        source's flows past the seam (:mod:`flowship.history_live`) or, without one, newly published files."""
         whitelist = list(request.whitelist)
         listed = self.archive.list_files()
         if request.number or not request.follow or query.since is not None:
@@ -584,6 +594,13 @@ class HistoryServer:
                                           request.first, among=listed)
             yield from self._emit(batches, query, context)
         if not request.follow:
+            return
+        if self.config.live is not None:
+            try:
+                yield from follow_live(self.config.live, self.archive, listed, request, query, context,
+                                       self._stopping)
+            except LiveSourceError as exc:
+                context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             return
         seen = {f.path for f in listed}
         while context.is_active() and not self._stopping.wait(float(self.config.follow_poll)):
