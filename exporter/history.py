@@ -9,12 +9,13 @@ How a GetFlows call is answered:
 
 1. **Partition pruning.** The archive is listed once per call and only files whose hour partition
    (``dt=/hour=`` or the aws layout's ``year=/month=/day=/hour=``) overlaps [since, until] are kept.
-2. **Push-down.** Each hour's files are scanned with pyarrow.dataset — the local filesystem or pyarrow's
-   S3 filesystem, so S3 needs no DuckDB extension download — with the time range and a conservative
-   superset of the whitelist (verdicts, namespaces of ``source_pod``/``destination_pod``) as the scan
-   filter: Parquet row-group statistics skip what cannot match.
-3. **Order.** DuckDB sorts the scanned rows by (time, uuid) — spilling to disk for a large hour instead of
-   holding it in memory — and streams them back as Arrow batches. Hours do not overlap, so hour after hour
+2. **Push-down.** Hours are read in queries of widening size (1, 2, 4, ... hours) with the time range and a
+   superset of the whitelist (verdicts, directions, namespaces, ports, identities, uuids) in the scan. A local
+   archive is read by DuckDB, which decodes the columns that are not filtered on only for the rows that
+   passed; an S3 archive by pyarrow.dataset on pyarrow's S3 filesystem (no DuckDB extension to download),
+   where row-group statistics skip what cannot match.
+3. **Order.** DuckDB sorts each query's rows by (time, uuid), spilling to disk past its memory limit (for S3:
+   Arrow in memory up to ``_SORT_IN_MEMORY_ROWS``, DuckDB beyond). Hours do not overlap, so query after query
    is time order across the whole archive.
 4. **The exact answer** comes from the one FlowFilter compiler the ``filter`` stage and the agent's
    Observer use (:func:`flowship.model.flowfilter.compile_filter_set`), evaluated on those batches.
