@@ -283,7 +283,14 @@ class Archive:
         return flows if self.fs.get_file_info(flows).type == fs.FileType.Directory else self.root
 
     def list_files(self) -> list[ArchiveFile]:
-        """Every published Parquet file (a directory walk, or one recursive S3 listing)."""
+        """Every published Parquet file (a directory walk, or one recursive S3 listing), each flow in one file.
+
+        ``flowship compact`` replaces a partition's files by renaming its outputs into place and then deleting
+        the inputs, so a listing in between sees both. Its journals (read before and after the listing) name
+        the inputs and outputs of every switch in progress: while some outputs are visible the inputs still
+        hold every flow and those outputs are left out; once all are, the inputs are.
+        """
+        journals = self._compaction_journals()
         root = self._flows_root()
         selector = fs.FileSelector(root, recursive=True, allow_not_found=True)
         out = []
@@ -293,6 +300,36 @@ class Archive:
                 continue  # .<name>.tmp is a file being written
             hour = partition_hour(info.path[len(root):].split("/")[:-1])
             out.append(ArchiveFile(info.path, hour, info.size or 0, info.mtime_ns or 0))
+        journals.update(self._compaction_journals())
+        if not journals:
+            return out
+        listed = {f.path for f in out}
+        hidden: set[str] = set()
+        for inputs, outputs in journals.values():
+            visible = outputs & listed
+            hidden |= inputs if visible == outputs else visible
+        return [f for f in out if f.path not in hidden]
+
+    def _compaction_journals(self) -> dict[str, tuple[frozenset[str], frozenset[str]]]:
+        """The (inputs, outputs) of each compaction journal under ``_flowship/compaction``, by journal path."""
+        import orjson
+
+        base = self.root.rstrip("/")
+        selector = fs.FileSelector(f"{base}/_flowship/compaction", allow_not_found=True)
+        out = {}
+        for info in self.fs.get_file_info(selector):
+            if info.type != fs.FileType.File or not info.path.endswith(".json"):
+                continue
+            try:
+                with self.fs.open_input_stream(info.path) as src:
+                    journal = orjson.loads(src.read())
+                inputs = frozenset(f"{base}/{key}" for key in journal["inputs"])
+                outputs = frozenset(f"{base}/{o['final']}" for o in journal["outputs"])
+            except FileNotFoundError:
+                continue  # the compaction finished between the listing and the read
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # unreadable: `flowship compact` reports it; the listing stays as it is
+            out[info.path] = (inputs, outputs)
         return out
 
     def files(self, since_ns: int | None = None, until_ns: int | None = None,

@@ -215,6 +215,35 @@ def test_a_crash_at_every_step_loses_and_duplicates_nothing(tmp_path: Path):
             shutil.rmtree(root)
 
 
+def test_a_history_reader_sees_every_flow_once_at_every_step_of_a_compaction(tmp_path: Path):
+    """``flowship history`` lists the archive while compaction may be switching a partition's files: at every
+    change compaction makes (stopped there by a crash, before and after it), the reader sees each flow once."""
+    from flowship.history import Archive
+
+    original = tmp_path / "original"
+    batch = flows_over_hours(2, 3000, start_ns=1_767_225_600 * 10**9, seed=7)
+    write_archive(str(original), batch, max_file_rows=800)
+    want = Counter(batch.column("uuid").to_pylist())
+    clean = tmp_path / "clean"
+    shutil.copytree(original, clean)
+    steps = changes_of(compact(str(clean)))
+    seen_both = 0
+    for when in ("before", "after"):
+        for step in range(1, steps + 1):
+            root = tmp_path / f"crash-{when}-{step}"
+            shutil.copytree(original, root)
+            assert compact(str(root), crash_at=step, when=when).returncode == 137
+            names = {p.name for p in root.rglob("*.parquet")}
+            seen_both += any(n.startswith("compacted-") for n in names) and any(
+                not n.startswith("compacted-") for n in names)
+            archive = Archive(str(root))
+            got = Counter(u for b in archive.select(None, None) for u in b.column("uuid").to_pylist())
+            assert got == want, f"a reader after a crash {when} change {step}: flows lost or seen twice"
+            assert archive.summary().flows == len(batch)
+            shutil.rmtree(root)
+    assert seen_both, "no step left compacted outputs beside their inputs: the case this test is about"
+
+
 def test_retention_deletes_old_hours_and_dry_run_changes_nothing(tmp_path: Path):
     now_hour = time.time_ns() // HOUR_NS * HOUR_NS
     root = tmp_path / "archive"
