@@ -55,7 +55,7 @@ def build(root: Path, flows: int, start_ns: int) -> int:
                                duration_s=WEEK_S * n / flows)
         for s in range(0, n, 16_384):
             sink.write(Envelope(batch.slice(s, 16_384), [Receipt()]))
-    sink.flush()
+        sink.flush()  # publishes the chunk's hours: the open files of a week would hold every row in memory
     return len(list((root / "archive").rglob("*.parquet")))
 
 

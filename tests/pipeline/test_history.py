@@ -447,6 +447,81 @@ def test_an_archive_on_s3(hubble_cli, tmp_path, fixture_files) -> None:
         s3.servers("stop")
 
 
+def test_an_export_killed_midway_to_s3_then_compacted_answers_like_duckdb(hubble_cli, tmp_path, s3) -> None:
+    """The whole way a user takes: ``flowship export`` to a versitygw bucket, killed with SIGKILL midway and
+    run again; ``flowship compact`` of the closed hours; then ``hubble observe`` against ``flowship history``
+    on the bucket returns exactly what DuckDB returns over the same objects for the same filters."""
+    import time
+
+    import pyarrow.dataset as ds
+    from pyarrow import fs
+    from s3server import aws_env
+
+    bucket = s3.create_bucket("killed-compacted")
+    target = f"s3://{bucket}/archive"
+    source = tmp_path / "flows.jsonl"
+    lines = shift_times(generate_lines(source, 12000), datetime.now(UTC) - timedelta(hours=3))
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    want = {orjson.loads(line)["flow"]["uuid"] for line in lines}
+    config = tmp_path / "export.yaml"
+    config.write_text(yaml.safe_dump({
+        "node_name": "archive-node", "data_dir": str(tmp_path / "state"),
+        "sources": [{"type": "file", "paths": [str(source)], "follow": False}],
+        "sinks": [{"type": "parquet", "path": target, "layout": "aws", "cluster": "c1", "max_file_rows": 400,
+                   "s3": {"endpoint_url": s3.endpoint}}]}))
+    s3fs = s3.filesystem()
+
+    def stored() -> list[str]:
+        return [i.path for i in s3fs.get_file_info(fs.FileSelector(bucket, recursive=True))
+                if i.type == fs.FileType.File and i.path.endswith(".parquet")]
+
+    command = flowship("export", "--config", str(config), "--no-progress")
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(**aws_env()))
+    try:
+        deadline = time.monotonic() + 120
+        while len(stored()) < 3:
+            assert first.poll() is None and time.monotonic() < deadline, "the export stored nothing to kill"
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert len(stored()) * 400 < len(lines), "the first run finished before the kill: the test proves nothing"
+    second = subprocess.run(command, capture_output=True, timeout=300, env=env(**aws_env()))
+    assert second.returncode == 0, second.stderr.decode()[-3000:]
+    compacted = subprocess.run(flowship("compact", target, "--s3-endpoint", s3.endpoint), capture_output=True,
+                               text=True, timeout=300, env=env(**aws_env()))
+    assert compacted.returncode == 0, compacted.stderr[-3000:]
+    assert json.loads(compacted.stdout)["compacted"] >= 1
+    objects = stored()
+    assert all(o.rsplit("/", 1)[1].startswith("compacted-") for o in objects if "/hour=" in o), objects
+
+    con = duckdb.connect()
+    con.register("stored", ds.dataset(objects, format="parquet", filesystem=s3fs).to_table())
+    assert {r[0] for r in con.sql("select uuid from stored").fetchall()} == want  # every flow is there
+
+    def duck(where: str) -> list[str]:
+        return [r[0] for r in con.sql(f"select uuid from stored where {where} order by time, uuid").fetchall()]
+
+    history = History("--archive", target, "--listen", "127.0.0.1:0", "--s3-endpoint", s3.endpoint,
+                      extra_env=aws_env())
+    try:
+        cases = [
+            (["--since", "24h", "-n", "production", "--verdict", "DROPPED"],
+             "(src_namespace = 'production' or dst_namespace = 'production') and verdict = 'DROPPED'"),
+            (["--since", "24h", "--to-port", "5432"], "dst_port = 5432 and l4_protocol in ('TCP', 'UDP', 'SCTP')"),
+            (["--since", "24h", "--from-pod", "payments/", "--verdict", "FORWARDED"],
+             "src_namespace = 'payments' and verdict = 'FORWARDED'"),
+        ]
+        for args, where in cases:
+            expected = duck(where)
+            assert expected, f"{where}: the generated flows should match it"
+            assert uuids(observe(hubble_cli, history, *args)) == expected, args
+    finally:
+        history.stop()
+
+
 # ---------------------------------------------------------------------------------------------
 # The two questions, answered from the archive with the hubble CLI
 # ---------------------------------------------------------------------------------------------
