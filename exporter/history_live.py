@@ -302,18 +302,9 @@ class ObserverFeed:
         self.config = config
 
     def _channel(self) -> grpc.Channel:
-        c = self.config
-        options: list[tuple[str, Any]] = [("grpc.keepalive_time_ms", 30_000),
-                                          ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-        if c.tls or c.ca_file or c.cert_file:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=Path(c.ca_file).read_bytes() if c.ca_file else None,
-                private_key=Path(c.key_file).read_bytes() if c.key_file else None,
-                certificate_chain=Path(c.cert_file).read_bytes() if c.cert_file else None)
-            if c.server_name:
-                options.append(("grpc.ssl_target_name_override", c.server_name))
-            return grpc.secure_channel(c.address, creds, options)
-        return grpc.insecure_channel(c.address, options)
+        from flowship.sources.hubble import observer_channel
+
+        return observer_channel(self.config)
 
     def oldest(self, stub: observer_pb2_grpc.ObserverStub, node: str) -> int | None:
         """The time of the oldest flow of ``node`` the server holds (GetFlows first=1), None when it holds none."""
