@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
@@ -46,8 +46,21 @@ from flowship.observer_server import FlowRequest, unix_path
 from flowship.proto.flow import flow_pb2
 from flowship.proto.observer import observer_pb2, observer_pb2_grpc
 
-if TYPE_CHECKING:
-    from flowship.history import Archive, ArchiveFile
+
+class ArchiveFile(Protocol):
+    """A published file of the archive, as :class:`flowship.history.Archive` lists it."""
+
+    path: str
+    hour: int | None
+
+
+class Archive(Protocol):
+    """What following needs of :class:`flowship.history.Archive` (named here so neither module imports the other)."""
+
+    fs: Any
+
+    def files(self, since_ns: int | None = None, until_ns: int | None = None,
+              among: list[Any] | None = None) -> list[Any]: ...
 
 DEFAULT_WINDOW = 30.0  # seconds looked back before the seam: longer than a published file's usual lag
 DEFAULT_KAFKA_TOPIC = "flowship.flows"
