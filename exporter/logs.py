@@ -12,7 +12,7 @@ import sys
 
 
 def configure(level: str = "info", json: bool | None = None) -> None:
-    """Route structlog to stderr; structlog is imported here, so that ``--version`` and ``--help`` skip it."""
+    """Route structlog to stderr; structlog is imported here, so that commands that never log skip it."""
     import structlog
 
     if json is None:
