@@ -49,6 +49,19 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: the installed version, looked up only when asked (importlib.metadata costs ~0.02 CPU-s)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show program's version number and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        print(f"flowship {_version()}")
+        parser.exit()
+
+
 def listen_address(text: str) -> str:
     """``--metrics``: HOST:PORT or [IPv6]:PORT, checked before anything starts."""
     from flowship.metrics import parse_listen_address
@@ -237,7 +250,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowship", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"flowship {_version()}")
+    parser.add_argument("--version", action=_VersionAction)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
