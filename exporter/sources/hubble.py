@@ -32,22 +32,23 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
 from google.protobuf import json_format
 
 from flowship.components import Context, Emit, Source
 from flowship.config import Duration
-from flowship.model.proto import timestamp_ns
 from flowship.pipeline.checkpoint import CheckpointStore, OrderedAcks
 from flowship.pipeline.envelope import Receipt
 from flowship.proto.flow import flow_pb2
-from flowship.proto.observer import observer_pb2, observer_pb2_grpc
 
-# gRPC status codes that no retry can fix.
-_FATAL = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED,
-          grpc.StatusCode.UNAUTHENTICATED}
+if TYPE_CHECKING:  # gRPC is imported by the methods that connect: validating a config (filters) needs protobuf only
+    import grpc
+
+    from flowship.proto.observer import observer_pb2
+
+# gRPC status codes that no retry can fix, by name.
+_FATAL = frozenset({"INVALID_ARGUMENT", "UNIMPLEMENTED", "PERMISSION_DENIED", "UNAUTHENTICATED"})
 
 
 class TLSError(ConnectionError):
@@ -260,6 +261,8 @@ class HubbleSource(Source):
 
     # -- the stream -------------------------------------------------------------------------
     def _channel(self) -> grpc.Channel:
+        import grpc
+
         c = self.config
         options = [("grpc.keepalive_time_ms", 30_000), ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         if c.tls or c.ca_file or c.cert_file:
@@ -278,6 +281,8 @@ class HubbleSource(Source):
 
     def _wait_ready(self, channel: grpc.Channel) -> None:
         """Connect within ``connect_timeout``; a failure says why (TLSError when TLS is the cause)."""
+        import grpc
+
         c = self.config
         states: list[grpc.ChannelConnectivity] = []
         settled = threading.Event()
@@ -305,6 +310,8 @@ class HubbleSource(Source):
         raise ConnectionError(f"cannot connect to {c.address}")
 
     def _request(self, position: _Position | None) -> observer_pb2.GetFlowsRequest:
+        from flowship.proto.observer import observer_pb2
+
         c = self.config
         req = observer_pb2.GetFlowsRequest(follow=c.follow, whitelist=self.whitelist, blacklist=self.blacklist)
         if position is not None:
@@ -318,6 +325,8 @@ class HubbleSource(Source):
         return req
 
     def _reader(self, call: Any, out: queue.Queue) -> None:
+        import grpc
+
         try:
             for resp in call:
                 out.put(resp)
@@ -328,6 +337,8 @@ class HubbleSource(Source):
             out.put(exc)
 
     def run(self, emit: Emit, stop: threading.Event) -> None:
+        import grpc
+
         self.position = self._start_position()
         delay = float(self.config.backoff_initial)
         first = True
@@ -348,7 +359,7 @@ class HubbleSource(Source):
                     continue  # the server closed the stream: open it again
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else None
-                if code in _FATAL:
+                if code is not None and code.name in _FATAL:
                     raise RuntimeError(f"hubble source {self.ctx.name}: {self.config.address} refused GetFlows: "
                                        f"{code.name}: {exc.details()}") from None
                 if stop.is_set():
@@ -377,7 +388,10 @@ class HubbleSource(Source):
         ``self.position`` follows every emitted batch, also when the stream
         then breaks, so the next stream resumes right after it.
         """
-        from flowship.model.proto import from_flow_messages
+        import grpc
+
+        from flowship.model.proto import from_flow_messages, timestamp_ns
+        from flowship.proto.observer import observer_pb2, observer_pb2_grpc
 
         position = self.position
         stub = observer_pb2_grpc.ObserverStub(channel)
