@@ -7,6 +7,7 @@ outcome checked here, from ``python -X importtime``, not how long it took (bench
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ HEAVY = ("pyarrow", "numpy", *NETWORK_CLIENTS, "prometheus_client", "structlog")
 def imported(args: list[str], cwd: Path, stdin: bytes | None = None) -> tuple[subprocess.CompletedProcess, set[str]]:
     """Run ``python -X importtime -m flowship ARGS``; the top-level packages it imported."""
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "flowship", *args], cwd=cwd, input=stdin,
-                          capture_output=True, timeout=120)
+                          capture_output=True, timeout=120, env={**os.environ, "NODE_NAME": "node-1"})
     packages = set()
     for line in proc.stderr.decode(errors="replace").splitlines():
         if line.startswith("import time:") and "cumulative" not in line:
@@ -40,7 +41,8 @@ def test_version_and_help_import_no_heavy_library(tmp_path, args):
     assert packages.isdisjoint(HEAVY), sorted(packages & set(HEAVY))
 
 
-@pytest.mark.parametrize("config", ["export-default.yaml"])
+# stdin, Hubble files or Hubble Relay (protobuf, to check filters) -> healthcheck -> Parquet on disk or S3
+@pytest.mark.parametrize("config", ["export-default.yaml", "hubble-files-to-parquet.yaml", "hubble-relay-to-s3.yaml"])
 def test_validate_imports_no_heavy_library(tmp_path, config):
     proc, packages = imported(["validate", str(REPO / "configs" / config)], tmp_path)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
