@@ -69,6 +69,7 @@ def cases(work: Path) -> list[Case]:
         Case("--version", ["--version"]),
         Case("--help", ["--help"]),
         Case("validate export-default", ["validate", str(HERE / "configs" / "export-default.yaml")]),
+        Case("validate hubble-relay-to-s3", ["validate", str(HERE / "configs" / "hubble-relay-to-s3.yaml")]),
         Case("validate hubble-relay-full", ["validate", str(HERE / "configs" / "hubble-relay-full.yaml")]),
         Case("export 2 lines -> parquet", ["--log-format", "json", "export", "--no-progress", "--config", str(config)],
              FLOW_LINES),
@@ -80,7 +81,7 @@ def run_once(root: Path, case: Case, extra: list[str] | None = None) -> tuple[Sa
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, *(extra or []), "-c", BOOTSTRAP, str(root), *case.args],
-                          input=case.stdin, capture_output=True, env={**os.environ, "GRPC_VERBOSITY": "NONE"})
+                          input=case.stdin, capture_output=True, env={**os.environ, "NODE_NAME": "node-1"})
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
