@@ -50,6 +50,15 @@ def test_validate_imports_no_heavy_library(tmp_path, config):
     assert packages.isdisjoint(HEAVY), sorted(packages & set(HEAVY))
 
 
+def test_validate_of_json_lines_sinks_imports_no_heavy_library(tmp_path):
+    config = tmp_path / "jsonl.yaml"
+    config.write_text(f"sources:\n  - type: stdin\nsinks:\n  - type: stdout\n"
+                      f"  - type: file\n    path: {tmp_path / 'flows.jsonl'}\n    format: ecs\n")
+    proc, packages = imported(["validate", str(config)], tmp_path)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert packages.isdisjoint(HEAVY), sorted(packages & set(HEAVY))
+
+
 def test_an_invalid_config_is_reported_without_heavy_libraries(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("sources:\n  - type: stdin\nsinks:\n  - type: parquet\n    max_file_rows: 0\n")
