@@ -4,7 +4,9 @@ Short runs (``--version``, ``--help``, ``validate`` in CI, a small ``export`` in
 for imports; this measures them as the shell sees them: user+sys CPU of the child process and wall time,
 the median of ``--runs`` fresh interpreters per case. ``--against PATH`` runs the same cases from another
 checkout in the same run (interleaved, so both see the same machine load); ``--importtime`` prints the
-imports of each case with the largest cumulative time (``python -X importtime``).
+imports of each case with the largest cumulative time (``python -X importtime``). Both checkouts' modules are
+byte-compiled first, as an install does (otherwise, under PYTHONDONTWRITEBYTECODE, every run would compile
+flowship's sources again); ``--no-compile`` measures without that.
 
     python bench/bench_startup.py --runs 10 --against /path/to/other/checkout --importtime
 """
@@ -12,6 +14,7 @@ imports of each case with the largest cumulative time (``python -X importtime``)
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import resource
 import statistics
@@ -106,11 +109,17 @@ def main() -> int:
     parser.add_argument("--against", type=Path, help="another checkout to run side by side (e.g. main)")
     parser.add_argument("--importtime", action="store_true", help="print each case's costliest imports")
     parser.add_argument("--top", type=int, default=12, help="imports listed per case with --importtime")
+    parser.add_argument("--no-compile", action="store_true", help="do not byte-compile the checkouts first")
     args = parser.parse_args()
     roots = {"this": HERE}
     if args.against:
         roots = {"against": args.against.resolve(), "this": HERE}
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {args.runs} runs per case; "
+    if not args.no_compile:
+        for root in roots.values():
+            for folder in ("exporter", "agent"):
+                compileall.compile_dir(root / folder, quiet=1)
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {args.runs} runs per case, "
+          f"{'sources compiled on each run' if args.no_compile else 'byte-compiled'}; "
           + ", ".join(f"{label} = {root}" for label, root in roots.items()))
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
         work = Path(tmp)
