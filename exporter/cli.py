@@ -15,7 +15,6 @@ import sys
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from flowship import logs
 from flowship.defaults import AGENT_DEFAULT, EXPORT_DEFAULT
 from flowship.exit_codes import EXIT_CODES, EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from flowship.units import Duration
@@ -369,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.config:
             parser.error("validate: the config file is required (flowship validate FILE)")
     if args.command != "validate":  # validate logs nothing (its report is on stdout): it skips structlog's ~0.07 CPU-s
+        from flowship import logs
+
         logs.configure(args.log_level, None if args.log_format == "auto" else args.log_format == "json")
     from flowship.config import ConfigError  # after parsing: --version and --help end in parse_args
 
