@@ -6,7 +6,7 @@ the median of ``--runs`` fresh interpreters per case. ``--against PATH`` runs th
 checkout in the same run (interleaved, so both see the same machine load); ``--importtime`` prints the
 imports of each case with the largest cumulative time (``python -X importtime``). Both checkouts' modules are
 byte-compiled first, as an install does (otherwise, under PYTHONDONTWRITEBYTECODE, every run would compile
-flowship's sources again); ``--no-compile`` measures without that.
+flowship's sources again).
 
     python bench/bench_startup.py --runs 10 --against /path/to/other/checkout --importtime
 """
@@ -109,17 +109,15 @@ def main() -> int:
     parser.add_argument("--against", type=Path, help="another checkout to run side by side (e.g. main)")
     parser.add_argument("--importtime", action="store_true", help="print each case's costliest imports")
     parser.add_argument("--top", type=int, default=12, help="imports listed per case with --importtime")
-    parser.add_argument("--no-compile", action="store_true", help="do not byte-compile the checkouts first")
     args = parser.parse_args()
     roots = {"this": HERE}
     if args.against:
         roots = {"against": args.against.resolve(), "this": HERE}
-    if not args.no_compile:
-        for root in roots.values():
-            for folder in ("exporter", "agent"):
-                compileall.compile_dir(root / folder, quiet=1)
+    for root in roots.values():
+        for folder in ("exporter", "agent"):
+            compileall.compile_dir(root / folder, quiet=1)
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {args.runs} runs per case, "
-          f"{'sources compiled on each run' if args.no_compile else 'byte-compiled'}; "
+          "byte-compiled; "
           + ", ".join(f"{label} = {root}" for label, root in roots.items()))
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
         work = Path(tmp)
