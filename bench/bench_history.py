@@ -10,9 +10,12 @@ Builds an hourly-partitioned archive with the real parquet sink (``--flows`` gen
   per second;
 - ``stream``: every flow of one namespace, streamed: flows per second received.
 
-DuckDB runs the same queries with SQL over ``read_parquet(..., hive_partitioning=true)``.
+DuckDB runs the same queries with SQL over ``read_parquet(..., hive_partitioning=true)``, returning the same rows
+(``SELECT *`` in time order, as Arrow). CPU seconds are the server process's (``/proc/PID/stat``) and, for DuckDB,
+this process's: the fair figure on a shared machine. ``--against CHECKOUT`` serves the same archive from another
+checkout's ``exporter/`` too (history needs nothing else), side by side in the same run.
 
-    python3 bench/bench_history.py --flows 2000000
+    python3 bench/bench_history.py --flows 10000000 [--against ../baseline]
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def build(root: Path, flows: int, start_ns: int) -> int:
                                duration_s=WEEK_S * n / flows)
         for s in range(0, n, 16_384):
             sink.write(Envelope(batch.slice(s, 16_384), [Receipt()]))
-    sink.flush()
+        sink.flush()  # publishes the chunk's hours: the open files of a week would hold every row in memory
     return len(list((root / "archive").rglob("*.parquet")))
 
 
@@ -80,21 +83,48 @@ def grpc_query(address: str, since_ns: int, whitelist: list[dict], number: int =
     return hundredth, time.perf_counter() - started, count
 
 
-def duck(root: Path, sql: str) -> tuple[float, list]:
+def duck(root: Path, sql: str) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds, rows) of a DuckDB query returning its rows as Arrow."""
     import duckdb
 
-    started = time.perf_counter()
-    rows = duckdb.connect().execute(sql.format(files=f"read_parquet('{root}/flows/**/*.parquet', "
-                                                     "hive_partitioning=true)")).fetchall()
-    return time.perf_counter() - started, rows
+    cpu0, started = time.process_time(), time.perf_counter()
+    table = duckdb.connect().sql(sql.format(files=f"read_parquet('{root}/flows/**/*.parquet', "
+                                                  "hive_partitioning=true)")).to_arrow_table()
+    return time.perf_counter() - started, time.process_time() - cpu0, table.num_rows
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds a process used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_server(root: Path, package_root: Path) -> tuple[subprocess.Popen, str]:
+    """``flowship history`` on ``root`` with ``flowship`` imported from ``package_root``; (process, address)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "flowship.cli", "--log-level", "warning", "history",
+                               "--archive", str(root), "--listen", address],
+                              env={**os.environ, "PYTHONPATH": str(package_root)})
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return server, address
+        except OSError:
+            assert time.monotonic() < deadline and server.poll() is None, "flowship history did not start"
+            time.sleep(0.2)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--flows", type=int, default=2_000_000)
+    parser.add_argument("--against", type=Path, help="another checkout whose history server runs beside this one")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="flowship-bench-history-"))
-    server = None
+    servers: list[tuple[str, subprocess.Popen, str]] = []
     try:
         now_s = int(time.time())
         start_ns = (now_s - WEEK_S) * 10**9
@@ -104,49 +134,48 @@ def main() -> int:
         size = sum(p.stat().st_size for p in root.rglob("*.parquet"))
         print(f"archive: {args.flows:,} flows over 7 days, {files:,} files, {size / 2**20:,.0f} MiB "
               f"(built in {time.perf_counter() - t0:.0f} s); {os.cpu_count()} CPUs")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        address = f"127.0.0.1:{port}"
-        server = subprocess.Popen([sys.executable, "-m", "flowship.cli", "--log-level", "warning", "history",
-                                   "--archive", str(root), "--listen", address],
-                                  env={**os.environ, "PYTHONPATH": str(REPO)})
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, "flowship history did not start"
-                time.sleep(0.2)
+        servers.append(("flowship history", *start_server(root, REPO)))
+        if args.against:
+            linked = work / "against"
+            linked.mkdir()
+            (linked / "flowship").symlink_to(args.against.resolve() / "exporter")
+            servers.append((f"history of {args.against.name}", *start_server(root, linked)))
         since = start_ns - 3600 * 10**9
         ns_verdict = [{"source_pod": ["production/"], "verdict": ["FORWARDED"]}]
         rare = [{"source_pod": ["production/"], "verdict": ["DROPPED"], "destination_port": ["5432"]}]
         where_nv = "src_namespace = 'production' and verdict = 'FORWARDED'"
         where_rare = "src_namespace = 'production' and verdict = 'DROPPED' and dst_port = 5432"
-        print(f"{'query':<34} {'flowship history':>22} {'DuckDB SQL':>16}")
-
-        first100, _, _ = grpc_query(address, since, ns_verdict, number=100, first=True)
-        d, _ = duck(root, f"select * from {{files}} where {where_nv} order by time limit 100")
-        print(f"{'first 100 (namespace + verdict)':<34} {first100:>20.2f} s {d:>14.2f} s")
-
-        _, last_all, n = grpc_query(address, since, ns_verdict, number=100)
-        d, _ = duck(root, f"select * from {{files}} where {where_nv} order by time desc limit 100")
-        print(f"{'last 100 (namespace + verdict)':<34} {last_all:>20.2f} s {d:>14.2f} s")
-
-        _, scan_s, matched = grpc_query(address, since, rare)
-        d, rows = duck(root, f"select count(*) from {{files}} where {where_rare}")
-        assert rows[0][0] == matched, f"flowship matched {matched}, DuckDB {rows[0][0]}"
-        print(f"{'scan, few matches: flows/s':<34} {args.flows / scan_s:>22,.0f} {args.flows / d:>16,.0f}"
-              f"   ({matched:,} matched)")
-
-        _, stream_s, streamed = grpc_query(address, since, [{"source_pod": ["production/"]}])
-        d, rows = duck(root, "select count(*) from {files} where src_namespace = 'production'")
-        assert rows[0][0] == streamed, f"flowship streamed {streamed}, DuckDB counts {rows[0][0]}"
-        print(f"{'stream one namespace: flows/s':<34} {streamed / stream_s:>22,.0f} {'':>16}   "
-              f"({streamed:,} flows)")
+        cases = [
+            ("first 100 (namespace + verdict)", dict(whitelist=ns_verdict, number=100, first=True),
+             f"select * from {{files}} where {where_nv} order by time, uuid limit 100"),
+            ("last 100 (namespace + verdict)", dict(whitelist=ns_verdict, number=100),
+             f"select * from {{files}} where {where_nv} order by time desc, uuid desc limit 100"),
+            ("full scan, few matches", dict(whitelist=rare),
+             f"select * from {{files}} where {where_rare} order by time, uuid"),
+            ("stream one namespace", dict(whitelist=[{"source_pod": ["production/"]}]),
+             "select * from {files} where src_namespace = 'production' order by time, uuid"),
+        ]
+        print(f"{'query':<34} {'engine':<30} {'rows':>10} {'first 100':>10} {'wall s':>8} {'CPU-s':>8} "
+              f"{'archive flows/CPU-s':>20} {'rows/s':>10}")
+        for label, query, sql in cases:
+            counts = set()
+            for name, server, address in servers:
+                cpu0 = process_cpu(server.pid)
+                hundredth, wall, count = grpc_query(address, since, **query)
+                cpu = process_cpu(server.pid) - cpu0
+                counts.add(count)
+                first = f"{hundredth:.2f} s" if hundredth is not None else "-"
+                rate = "-" if "number" in query else f"{args.flows / cpu:,.0f}"  # a whole-archive query
+                print(f"{label:<34} {name:<30} {count:>10,} {first:>10} {wall:>8.2f} {cpu:>8.2f} "
+                      f"{rate:>20} {count / wall:>10,.0f}", flush=True)
+            wall, cpu, rows = duck(root, sql)
+            counts.add(rows)
+            rate = "-" if "number" in query else f"{args.flows / cpu:,.0f}"
+            print(f"{label:<34} {'DuckDB SQL (in process)':<30} {rows:>10,} {'':>10} {wall:>8.2f} {cpu:>8.2f} "
+                  f"{rate:>20} {rows / wall:>10,.0f}", flush=True)
+            assert len(counts) == 1, f"{label}: the engines disagree on the number of flows: {counts}"
     finally:
-        if server is not None:
+        for _, server, _ in servers:
             server.kill()
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -214,6 +214,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     # gRPC's core logs a failed bind itself, before flowship says why in one line: keep errors to that line.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from flowship.history import DEFAULT_ADDRESS, ArchiveError, HistoryConfig, serve
+    from flowship.history_live import DEFAULT_KAFKA_TOPIC, KafkaLiveConfig, LiveConfig, ObserverLiveConfig
     from flowship.observer_server import ObserverTLSConfig
     from flowship.sinks.parquet_store import S3Config
 
@@ -226,18 +227,46 @@ def cmd_history(args: argparse.Namespace) -> int:
         if not (args.tls_cert and args.tls_key):
             return fail(EXIT_USAGE, "--tls-cert and --tls-key go together (--tls-client-ca needs both)")
         tls = ObserverTLSConfig(args.tls_cert, args.tls_key, args.tls_client_ca)
+    live: LiveConfig | None = None
+    live_tls = any((args.live_tls, args.live_tls_ca, args.live_tls_cert, args.live_tls_key,
+                    args.live_tls_server_name))
+    if args.live_observer and args.live_kafka:
+        return fail(EXIT_USAGE, "give either --live-observer or --live-kafka, not both")
+    if args.live_observer:
+        live = ObserverLiveConfig(args.live_observer, tls=live_tls, ca_file=args.live_tls_ca,
+                                  cert_file=args.live_tls_cert, key_file=args.live_tls_key,
+                                  server_name=args.live_tls_server_name, window=args.live_window)
+    elif live_tls:
+        return fail(EXIT_USAGE, "--live-tls* options are for --live-observer")
+    if args.live_kafka:
+        live = KafkaLiveConfig(args.live_kafka, topic=args.live_kafka_topic, window=args.live_window)
+    elif args.live_kafka_topic != DEFAULT_KAFKA_TOPIC:
+        return fail(EXIT_USAGE, "--live-kafka-topic needs --live-kafka BROKERS")
     config = HistoryConfig(archive=args.archive, address=args.listen or DEFAULT_ADDRESS, tls=tls,
                            allow_unauthenticated=args.allow_unauthenticated,
-                           s3=S3Config(endpoint_url=args.s3_endpoint or "", region=args.s3_region or ""))
+                           s3=S3Config(endpoint_url=args.s3_endpoint or "", region=args.s3_region or ""),
+                           live=live)
     problems = config.validate()
     if problems:
-        return fail(EXIT_USAGE, "; ".join(p.replace("address: ", "--listen: ", 1) for p in problems))
+        return fail(EXIT_USAGE, "; ".join(_history_option(p) for p in problems))
     try:
         return serve(config)
     except ArchiveError as exc:
         return fail(EXIT_USAGE, f"--archive {exc}")
     except OSError as exc:
         return fail(EXIT_FAILED, str(exc))
+
+
+def _history_option(problem: str) -> str:
+    """A HistoryConfig problem named by the command-line option that sets the key."""
+    for key, option in (("address: ", "--listen: "), ("live.address: ", "--live-observer: "),
+                        ("live.window: ", "--live-window: "), ("live.brokers: ", "--live-kafka: "),
+                        ("live.topic: ", "--live-kafka-topic: "), ("live.ca_file: ", "--live-tls-ca: "),
+                        ("live.cert_file: ", "--live-tls-cert: "), ("live.key_file: ", "--live-tls-key: "),
+                        ("live.cert_file and live.key_file", "--live-tls-cert and --live-tls-key")):
+        if problem.startswith(key):
+            return option + problem[len(key):]
+    return problem
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -348,6 +377,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "(credentials: the AWS default chain)")
     p.add_argument("--s3-region", metavar="REGION",
                    help="the bucket's region (default: AWS_REGION / the profile's, else us-east-1)")
+    live = p.add_argument_group("following from a live source (hubble observe -f)",
+                                "Without one, a follow stream polls the archive for files the sink publishes.")
+    live.add_argument("--live-observer", metavar="HOST:PORT",
+                      help="continue follow streams from this Observer (a Cilium node, Hubble Relay, a flowship "
+                           "agent): host:port or unix:PATH")
+    live.add_argument("--live-tls", action="store_true", help="connect to --live-observer over TLS")
+    live.add_argument("--live-tls-ca", metavar="FILE", help="CA of the live Observer's certificate (implies TLS)")
+    live.add_argument("--live-tls-cert", metavar="FILE", help="client certificate for the live Observer (mTLS) ...")
+    live.add_argument("--live-tls-key", metavar="FILE", help="... and its key")
+    live.add_argument("--live-tls-server-name", metavar="NAME", help="the name in the live Observer's certificate")
+    live.add_argument("--live-kafka", metavar="BROKERS",
+                      help="continue follow streams from the kafka sink's topic on these brokers (host:port,...)")
+    live.add_argument("--live-kafka-topic", metavar="TOPIC", default="flowship.flows",
+                      help="the kafka sink's topic (default flowship.flows)")
+    live.add_argument("--live-window", metavar="SECONDS", type=float, default=30.0,
+                      help="how far before the newest archived flow the live stream starts; flows in it are "
+                           "de-duplicated against the archive (default 30)")
     p.set_defaults(func=cmd_history)
 
     p = sub.add_parser("demo", help="namespace topology + traffic + capture; prints latency and drops (root)")

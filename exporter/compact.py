@@ -17,8 +17,8 @@ A crash at any moment loses and duplicates nothing, through a journal per partit
 
 A run first finishes what a journal describes (steps 3, each idempotent) and removes hidden outputs no journal
 names (a crash before step 2: the inputs are untouched). Between step 3's renames and deletes a reader can see
-a partition's rows twice for a moment; a reader that needs exactness deduplicates by ``uuid``, as for any
-at-least-once data. Files that appear in a partition while it is compacted (late flows) are not inputs, so
+a partition's rows twice for a moment: ``flowship history`` reads the journals to leave out the replaced files;
+other readers that need exactness deduplicate by ``uuid``, as for any at-least-once data. Files that appear in a partition while it is compacted (late flows) are not inputs, so
 they stay, and the next run merges them.
 """
 

@@ -9,12 +9,13 @@ How a GetFlows call is answered:
 
 1. **Partition pruning.** The archive is listed once per call and only files whose hour partition
    (``dt=/hour=`` or the aws layout's ``year=/month=/day=/hour=``) overlaps [since, until] are kept.
-2. **Push-down.** Each hour's files are scanned with pyarrow.dataset — the local filesystem or pyarrow's
-   S3 filesystem, so S3 needs no DuckDB extension download — with the time range and a conservative
-   superset of the whitelist (verdicts, namespaces of ``source_pod``/``destination_pod``) as the scan
-   filter: Parquet row-group statistics skip what cannot match.
-3. **Order.** DuckDB sorts the scanned rows by (time, uuid) — spilling to disk for a large hour instead of
-   holding it in memory — and streams them back as Arrow batches. Hours do not overlap, so hour after hour
+2. **Push-down.** Hours are read in queries of widening size (1, 2, 4, ... hours) with the time range and a
+   superset of the whitelist (verdicts, directions, namespaces, ports, identities, uuids) in the scan. A local
+   archive is read by DuckDB, which decodes the columns that are not filtered on only for the rows that
+   passed; an S3 archive by pyarrow.dataset on pyarrow's S3 filesystem (no DuckDB extension to download),
+   where row-group statistics skip what cannot match.
+3. **Order.** DuckDB sorts each query's rows by (time, uuid), spilling to disk past its memory limit (for S3:
+   Arrow in memory up to ``_SORT_IN_MEMORY_ROWS``, DuckDB beyond). Hours do not overlap, so query after query
    is time order across the whole archive.
 4. **The exact answer** comes from the one FlowFilter compiler the ``filter`` stage and the agent's
    Observer use (:func:`flowship.model.flowfilter.compile_filter_set`), evaluated on those batches.
@@ -24,6 +25,11 @@ How a GetFlows call is answered:
 matched); no ``number`` is every matching flow in the range. ``follow`` continues with the files the sink
 publishes after the call started: the archive is listed every ``follow_poll`` and each new file's matching
 flows are sent, in time order within what one listing found.
+
+With a live source (``--live-observer`` or ``--live-kafka``), ``follow`` hands over instead from the archive
+to that source at a per-node seam (the newest archived flow), looking back a window before it and dropping
+the live flows the archive already answered, so no flow is missing or repeated at the seam; a source that no
+longer holds the window is reported with a LostEvent (:mod:`flowship.history_live`).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ import pyarrow.parquet as pq
 import structlog
 from pyarrow import fs
 
+from flowship.history_live import LiveConfig, LiveSourceError, follow_live
 from flowship.model.flowfilter import FilterSet
 from flowship.model.schema import FLOW_SCHEMA
 from flowship.observer_server import (
@@ -71,6 +78,9 @@ _SUMMARY_COLUMNS = ["time", "node_name", "src_cluster", "src_namespace", "dst_cl
 _CONVERT_ROWS = 1024  # rows converted to Flow messages at a time (and between client checks)
 _SPILL_DIR = os.path.join(tempfile.gettempdir(), "flowship-history")  # DuckDB's sorts bigger than memory
 _SORT_IN_MEMORY_ROWS = 262_144  # an hour's scanned rows up to this many are ordered by Arrow; more go to DuckDB
+_SCAN_THREADS = max(1, min(2, os.cpu_count() or 1))  # DuckDB threads of one local scan
+_SCAN_MEMORY = "1GB"  # DuckDB's memory for every scan of an archive; its sorts spill to _SPILL_DIR past it
+_QUERY_BYTES = 256 * 2**20  # Parquet read by one query of widening hours (see _widening)
 
 
 class ArchiveError(ValueError):
@@ -121,11 +131,29 @@ def partition_hour(parts: list[str]) -> int | None:
         return None
 
 
-def _pushdown(whitelist: list[flow_pb2.FlowFilter]) -> ds.Expression | None:
-    """A scan filter every flow the whitelist matches passes (a superset): verdicts and namespaces.
+@dataclass(frozen=True)
+class _Term:
+    """``column IN values``: one conjunct of a pushed-down scan filter."""
 
-    None when some whitelist filter constrains neither, since then any flow may match. The compiler
-    decides afterwards; this only lets the Parquet scan skip row groups and rows early.
+    column: str
+    values: tuple[Any, ...]
+
+
+def _ints(values: Any) -> tuple[int, ...] | None:
+    """Port numbers as the compiler reads them, or None when one does not parse (the compiler reports it)."""
+    try:
+        return tuple(sorted({int(v) for v in values}))
+    except (TypeError, ValueError):
+        return None
+
+
+def _pushdown_terms(whitelist: list[flow_pb2.FlowFilter]) -> list[list[_Term]] | None:
+    """A superset of the whitelist as alternatives (OR) of conjunctions (AND) of ``column IN values``.
+
+    Only fields whose compiled meaning is a plain membership of one column carry over: verdicts, traffic
+    directions, the namespace of ``source_pod``/``destination_pod``, ports, identities and uuids. None when
+    some whitelist filter constrains none of them, since then any flow may match. The compiler decides
+    afterwards; this only lets the scan skip row groups and rows early.
     """
     if not whitelist:
         return None
@@ -133,24 +161,85 @@ def _pushdown(whitelist: list[flow_pb2.FlowFilter]) -> ds.Expression | None:
     for spec in whitelist:
         terms = []
         if spec.verdict:
-            terms.append(ds.field("verdict").isin([flow_pb2.Verdict.Name(v) for v in spec.verdict]))
+            terms.append(_Term("verdict", tuple(flow_pb2.Verdict.Name(v) for v in spec.verdict)))
+        if spec.traffic_direction:
+            terms.append(_Term("traffic_direction",
+                               tuple(flow_pb2.TrafficDirection.Name(v) for v in spec.traffic_direction)))
         for values, column in ((spec.source_pod, "src_namespace"), (spec.destination_pod, "dst_namespace")):
             namespaces = set()
             for value in values:
                 ns = value.split("/")[0] if "/" in value else ("default" if value else "")
                 namespaces.add(ns)
             if values and "" not in namespaces:  # the compiler's "[namespace/][prefix]" rule
-                terms.append(ds.field(column).isin(sorted(namespaces)))
+                terms.append(_Term(column, tuple(sorted(namespaces))))
+        for values, column in ((spec.source_port, "src_port"), (spec.destination_port, "dst_port"),
+                               (spec.source_identity, "src_identity"),
+                               (spec.destination_identity, "dst_identity")):
+            numbers = _ints(values) if values else None
+            if numbers is not None:
+                terms.append(_Term(column, numbers))
+        if spec.uuid:
+            terms.append(_Term("uuid", tuple(sorted(set(spec.uuid)))))
         if not terms:
             return None
-        expr = terms[0]
-        for term in terms[1:]:
-            expr = expr & term
-        alternatives.append(expr)
-    out = alternatives[0]
-    for expr in alternatives[1:]:
-        out = out | expr
+        alternatives.append(terms)
+    return alternatives
+
+
+def _pushdown(whitelist: list[flow_pb2.FlowFilter]) -> ds.Expression | None:
+    """The pushed-down superset as a pyarrow.dataset filter (the S3 scan)."""
+    alternatives = _pushdown_terms(whitelist)
+    if alternatives is None:
+        return None
+    out = None
+    for terms in alternatives:
+        expr = None
+        for term in terms:
+            kept = ds.field(term.column).isin(list(term.values))
+            expr = kept if expr is None else expr & kept
+        out = expr if out is None else out | expr
     return out
+
+
+def _pushdown_sql(whitelist: list[flow_pb2.FlowFilter]) -> tuple[str, list[Any]] | None:
+    """The pushed-down superset as a DuckDB WHERE clause with its parameters (the local scan)."""
+    alternatives = _pushdown_terms(whitelist)
+    if alternatives is None:
+        return None
+    clauses, params = [], []
+    for terms in alternatives:
+        parts = []
+        for term in terms:  # column names come from the fixed set above; values are bound parameters
+            parts.append(f"{term.column} IN ({', '.join('?' * len(term.values))})")
+            params.extend(term.values)
+        clauses.append("(" + " AND ".join(parts) + ")")
+    return " OR ".join(clauses), params
+
+
+def _time_sql(since_ns: int | None, until_ns: int | None) -> tuple[list[str], list[Any]]:
+    """The time range as DuckDB conditions, exact to the nanosecond (TIMESTAMPTZ would round to microseconds)."""
+    clauses, params = [], []
+    if since_ns is not None:
+        clauses.append("time >= make_timestamp_ns(?)::TIMESTAMPTZ_NS")
+        params.append(since_ns)
+    if until_ns is not None:
+        clauses.append("time <= make_timestamp_ns(?)::TIMESTAMPTZ_NS")
+        params.append(until_ns)
+    return clauses, params
+
+
+def conform(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A batch DuckDB returned, in FLOW_SCHEMA: its time zone is named Etc/UTC, and files written before a
+    column existed lack it (null)."""
+    columns = []
+    for f in FLOW_SCHEMA:
+        i = batch.schema.get_field_index(f.name)
+        if i < 0:
+            columns.append(pa.nulls(batch.num_rows, f.type))
+        else:
+            column = batch.column(i)
+            columns.append(column if column.type == f.type else column.cast(f.type))
+    return pa.RecordBatch.from_arrays(columns, schema=FLOW_SCHEMA)
 
 
 class Archive:
@@ -168,6 +257,7 @@ class Archive:
             self.root = location.rstrip("/") or "/"
         self._summaries: dict[ArchiveFile, FileSummary] = {}
         self._lock = threading.Lock()
+        self._duckdb: Any = None  # one in-memory DuckDB database for every local scan; a cursor per query
 
     def check(self) -> None:
         """Raises ArchiveError when the location does not exist or is not a directory (a bucket, a prefix)."""
@@ -193,7 +283,14 @@ class Archive:
         return flows if self.fs.get_file_info(flows).type == fs.FileType.Directory else self.root
 
     def list_files(self) -> list[ArchiveFile]:
-        """Every published Parquet file (a directory walk, or one recursive S3 listing)."""
+        """Every published Parquet file (a directory walk, or one recursive S3 listing), each flow in one file.
+
+        ``flowship compact`` replaces a partition's files by renaming its outputs into place and then deleting
+        the inputs, so a listing in between sees both. Its journals (read before and after the listing) name
+        the inputs and outputs of every switch in progress: while some outputs are visible the inputs still
+        hold every flow and those outputs are left out; once all are, the inputs are.
+        """
+        journals = self._compaction_journals()
         root = self._flows_root()
         selector = fs.FileSelector(root, recursive=True, allow_not_found=True)
         out = []
@@ -203,6 +300,36 @@ class Archive:
                 continue  # .<name>.tmp is a file being written
             hour = partition_hour(info.path[len(root):].split("/")[:-1])
             out.append(ArchiveFile(info.path, hour, info.size or 0, info.mtime_ns or 0))
+        journals.update(self._compaction_journals())
+        if not journals:
+            return out
+        listed = {f.path for f in out}
+        hidden: set[str] = set()
+        for inputs, outputs in journals.values():
+            visible = outputs & listed
+            hidden |= inputs if visible == outputs else visible
+        return [f for f in out if f.path not in hidden]
+
+    def _compaction_journals(self) -> dict[str, tuple[frozenset[str], frozenset[str]]]:
+        """The (inputs, outputs) of each compaction journal under ``_flowship/compaction``, by journal path."""
+        import orjson
+
+        base = self.root.rstrip("/")
+        selector = fs.FileSelector(f"{base}/_flowship/compaction", allow_not_found=True)
+        out = {}
+        for info in self.fs.get_file_info(selector):
+            if info.type != fs.FileType.File or not info.path.endswith(".json"):
+                continue
+            try:
+                with self.fs.open_input_stream(info.path) as src:
+                    journal = orjson.loads(src.read())
+                inputs = frozenset(f"{base}/{key}" for key in journal["inputs"])
+                outputs = frozenset(f"{base}/{o['final']}" for o in journal["outputs"])
+            except FileNotFoundError:
+                continue  # the compaction finished between the listing and the read
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # unreadable: `flowship compact` reports it; the listing stays as it is
+            out[info.path] = (inputs, outputs)
         return out
 
     def files(self, since_ns: int | None = None, until_ns: int | None = None,
@@ -279,16 +406,12 @@ class Archive:
             by_hour.setdefault(-1 if f.hour is None else f.hour, []).append(f)
         # hours oldest first; files outside hour partitions make one group covering every time
         groups = [files] if -1 in by_hour else [by_hour[hour] for hour in sorted(by_hour)]
-        scan_filter = _time_filter(since_ns, until_ns)
-        narrowed = _pushdown(list(whitelist or []))
-        if narrowed is not None:
-            scan_filter = narrowed if scan_filter is None else scan_filter & narrowed
         if number and not first:
             # newest first, hour after hour, until `number` matched; then sent oldest first
             newest: list[pa.RecordBatch] = []
             remaining = number
-            for group in reversed(groups):
-                for batch in self._ordered(group, scan_filter, filters, newest_first=True):
+            for group in _widening(list(reversed(groups))):
+                for batch in self._ordered(group, since_ns, until_ns, whitelist, filters, newest_first=True):
                     batch = batch.slice(0, remaining)
                     newest.append(batch)
                     remaining -= batch.num_rows
@@ -301,8 +424,8 @@ class Archive:
                     yield batch.take(pa.array(range(batch.num_rows - 1, -1, -1)))
             return
         remaining = number
-        for group in groups:
-            for batch in self._ordered(group, scan_filter, filters):
+        for group in _widening(groups):
+            for batch in self._ordered(group, since_ns, until_ns, whitelist, filters):
                 if number:
                     batch = batch.slice(0, remaining)
                     remaining -= batch.num_rows
@@ -311,8 +434,60 @@ class Archive:
                 if number and remaining == 0:
                     return
 
-    def _ordered(self, files: list[ArchiveFile], scan_filter: ds.Expression | None, filters: FilterSet | None,
+    def _ordered(self, files: list[ArchiveFile], since_ns: int | None, until_ns: int | None,
+                 whitelist: list[flow_pb2.FlowFilter] | None, filters: FilterSet | None,
                  newest_first: bool = False) -> Iterator[pa.RecordBatch]:
+        """One hour's matching flows sorted by (time, uuid): DuckDB for a local archive, pyarrow for S3."""
+        if isinstance(self.fs, fs.LocalFileSystem):
+            return self._ordered_duckdb(files, since_ns, until_ns, list(whitelist or []), filters, newest_first)
+        scan_filter = _time_filter(since_ns, until_ns)
+        narrowed = _pushdown(list(whitelist or []))
+        if narrowed is not None:
+            scan_filter = narrowed if scan_filter is None else scan_filter & narrowed
+        return self._ordered_pyarrow(files, scan_filter, filters, newest_first)
+
+    def _ordered_duckdb(self, files: list[ArchiveFile], since_ns: int | None, until_ns: int | None,
+                        whitelist: list[flow_pb2.FlowFilter], filters: FilterSet | None,
+                        newest_first: bool) -> Iterator[pa.RecordBatch]:
+        """DuckDB reads, filters and orders one hour of a local archive; the compiler decides on what it returns.
+
+        DuckDB evaluates the pushed-down superset on its columns first and decodes the other columns only for
+        the rows that passed, so a selective query (a port, an identity) reads a fraction of each file; pyarrow
+        decodes every column of every row group it keeps. Its sort spills to a temporary directory past its
+        memory limit.
+        """
+        import duckdb
+
+        where, params = _time_sql(since_ns, until_ns)
+        narrowed = _pushdown_sql(whitelist)
+        if narrowed is not None:
+            where.append(f"({narrowed[0]})")
+            params.extend(narrowed[1])
+        direction = "DESC" if newest_first else "ASC"
+        sql = ("SELECT * FROM read_parquet(?, hive_partitioning=false, union_by_name=true)"
+               + (f" WHERE {' AND '.join(where)}" if where else "")
+               + f" ORDER BY time {direction}, uuid {direction}")
+        with self._lock:  # opening a database costs ~25 ms: more than scanning an hour of a small archive
+            if self._duckdb is None:
+                self._duckdb = duckdb.connect(config={"threads": _SCAN_THREADS, "temp_directory": _SPILL_DIR,
+                                                      "memory_limit": _SCAN_MEMORY})
+            con = self._duckdb.cursor()
+        try:
+            reader = con.sql(sql, params=[[f.path for f in files], *params]).to_arrow_reader(64 * 1024)
+            for batch in reader:
+                batch = conform(batch)
+                if filters is not None:
+                    batch = batch.filter(pa.array(filters.mask(batch), type=pa.bool_()))
+                if batch.num_rows:
+                    yield batch
+        except (duckdb.IOException, duckdb.InvalidInputException) as exc:
+            # a file deleted under the query (retention, compaction) or damaged: the caller answers UNAVAILABLE
+            raise OSError(str(exc).splitlines()[0]) from exc
+        finally:
+            con.close()
+
+    def _ordered_pyarrow(self, files: list[ArchiveFile], scan_filter: ds.Expression | None,
+                         filters: FilterSet | None, newest_first: bool = False) -> Iterator[pa.RecordBatch]:
         """One hour's matching flows sorted by (time, uuid): pyarrow scans, the compiler filters, Arrow or DuckDB
         orders.
 
@@ -356,6 +531,26 @@ class Archive:
             con.close()
 
 
+def _widening(hours: list[list[ArchiveFile]]) -> Iterator[list[ArchiveFile]]:
+    """Hours (each a list of files, in the order they are read) joined into queries of 1, 2, 4, ... hours.
+
+    The first flows come after one hour's query; a long range then costs few queries, since each has a fixed
+    price (planning, reading footers, starting the sort) that hour-by-hour queries over a week would pay 168
+    times. A query stops growing at ``_QUERY_BYTES`` of Parquet; hours never overlap, so the order holds.
+    """
+    width, i = 1, 0
+    while i < len(hours):
+        group: list[ArchiveFile] = []
+        taken = 0
+        while i < len(hours) and taken < width and (
+                not group or sum(f.size for f in group) + sum(f.size for f in hours[i]) <= _QUERY_BYTES):
+            group.extend(hours[i])
+            i += 1
+            taken += 1
+        yield group
+        width *= 2
+
+
 def _time_filter(since_ns: int | None, until_ns: int | None) -> ds.Expression | None:
     expr = None
     if since_ns is not None:
@@ -382,9 +577,12 @@ class HistoryConfig:
     max_workers: int = 16  # concurrent calls; past twice as many waiting, gRPC answers RESOURCE_EXHAUSTED
     follow_poll: float = 1.0  # seconds between listings of the archive for a follow stream
     server_name: str | None = None  # the name in GetNodes' TLS info
+    live: LiveConfig | None = None  # follow streams continue from this live source instead of polling the archive
 
     def validate(self) -> list[str]:
         problems = address_problems(self.address, self.tls, self.allow_unauthenticated)
+        if self.live is not None:
+            problems.extend(self.live.validate())
         if self.tls is not None:
             problems.extend(f"tls.{p}" for p in self.tls.validate())
         problems.extend(f"s3.{p}" for p in self.s3.validate())
@@ -425,7 +623,8 @@ class HistoryServer:
 
     def get_flows(self, request: observer_pb2.GetFlowsRequest, query: FlowRequest,
                   context: grpc.ServicerContext) -> Iterator[bytes]:
-        """The stored part (as Hubble: none for a follow without number or since), then, following, new files."""
+        """The stored part (as Hubble: none for a follow without number or since), then, following, the live
+        source's flows past the seam (:mod:`flowship.history_live`) or, without one, newly published files."""
         whitelist = list(request.whitelist)
         listed = self.archive.list_files()
         if request.number or not request.follow or query.since is not None:
@@ -433,6 +632,13 @@ class HistoryServer:
                                           request.first, among=listed)
             yield from self._emit(batches, query, context)
         if not request.follow:
+            return
+        if self.config.live is not None:
+            try:
+                yield from follow_live(self.config.live, self.archive, listed, request, query, context,
+                                       self._stopping)
+            except LiveSourceError as exc:
+                context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             return
         seen = {f.path for f in listed}
         while context.is_active() and not self._stopping.wait(float(self.config.follow_poll)):

@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from google.protobuf import json_format
 
@@ -162,6 +162,34 @@ def parse_since(value: str, now_ns: int | None = None) -> int:
     return (time.time_ns() if now_ns is None else now_ns) - int(seconds * 1e9)
 
 
+class ObserverEndpoint(Protocol):
+    """Where an Observer listens and how to reach it: the hubble source's and history's live source's options."""
+
+    address: str
+    tls: bool
+    ca_file: str | None
+    cert_file: str | None
+    key_file: str | None
+    server_name: str | None
+
+
+def observer_channel(c: ObserverEndpoint) -> grpc.Channel:
+    """A gRPC channel to an Observer: TLS when asked for or when a CA or client certificate is given."""
+    import grpc
+
+    options: list[tuple[str, Any]] = [("grpc.keepalive_time_ms", 30_000),
+                                      ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    if c.tls or c.ca_file or c.cert_file:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=Path(c.ca_file).read_bytes() if c.ca_file else None,
+            private_key=Path(c.key_file).read_bytes() if c.key_file else None,
+            certificate_chain=Path(c.cert_file).read_bytes() if c.cert_file else None)
+        if c.server_name:
+            options.append(("grpc.ssl_target_name_override", c.server_name))
+        return grpc.secure_channel(c.address, creds, options)
+    return grpc.insecure_channel(c.address, options)
+
+
 @dataclass
 class HubbleSourceConfig:
     address: str = "localhost:4245"        # Relay; a node's agent listens on :4244
@@ -261,19 +289,7 @@ class HubbleSource(Source):
 
     # -- the stream -------------------------------------------------------------------------
     def _channel(self) -> grpc.Channel:
-        import grpc
-
-        c = self.config
-        options = [("grpc.keepalive_time_ms", 30_000), ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-        if c.tls or c.ca_file or c.cert_file:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=Path(c.ca_file).read_bytes() if c.ca_file else None,
-                private_key=Path(c.key_file).read_bytes() if c.key_file else None,
-                certificate_chain=Path(c.cert_file).read_bytes() if c.cert_file else None)
-            if c.server_name:
-                options.append(("grpc.ssl_target_name_override", c.server_name))
-            return grpc.secure_channel(c.address, creds, options)
-        return grpc.insecure_channel(c.address, options)
+        return observer_channel(self.config)
 
     def _uses_tls(self) -> bool:
         c = self.config

@@ -191,14 +191,18 @@ def test_aggregate_rows_are_compacted_by_their_window(tmp_path: Path, six_hours)
     assert sorted(starts.tolist()) == sorted(rows.column("window_start").cast(pa.int64()).to_numpy().tolist())
 
 
-def test_a_crash_at_every_step_loses_and_duplicates_nothing(tmp_path: Path):
+def crash_points(tmp_path: Path, seed: int) -> tuple[Path, Counter, int]:
+    """An archive of two closed hours (several files each), its uuids, and how many changes compacting it makes."""
     original = tmp_path / "original"
-    batch = flows_over_hours(2, 3000, start_ns=1_767_225_600 * 10**9, seed=3)
+    batch = flows_over_hours(2, 3000, start_ns=1_767_225_600 * 10**9, seed=seed)
     write_archive(str(original), batch, max_file_rows=800)
-    want = Counter(batch.column("uuid").to_pylist())
     clean = tmp_path / "clean"
     shutil.copytree(original, clean)
-    steps = changes_of(compact(str(clean)))
+    return original, Counter(batch.column("uuid").to_pylist()), changes_of(compact(str(clean)))
+
+
+def test_a_crash_at_every_step_loses_and_duplicates_nothing(tmp_path: Path):
+    original, want, steps = crash_points(tmp_path, seed=3)
     # per partition: the output, the journal, the rename, each input deleted, the journal deleted
     assert steps >= 2 * (1 + 1 + 1 + 2 + 1), f"a clean run made {steps} changes"
     for when in ("before", "after"):
@@ -213,6 +217,29 @@ def test_a_crash_at_every_step_loses_and_duplicates_nothing(tmp_path: Path):
             leftovers = [p for p in root.rglob("*") if p.is_file() and p.name.startswith(".")]
             assert leftovers == [], (step, when, leftovers)
             shutil.rmtree(root)
+
+
+def test_a_history_reader_sees_every_flow_once_at_every_step_of_a_compaction(tmp_path: Path):
+    """``flowship history`` lists the archive while compaction may be switching a partition's files: at every
+    change compaction makes (stopped there by a crash, before and after it), the reader sees each flow once."""
+    from flowship.history import Archive
+
+    original, want, steps = crash_points(tmp_path, seed=7)
+    seen_both = 0
+    for when in ("before", "after"):
+        for step in range(1, steps + 1):
+            root = tmp_path / f"crash-{when}-{step}"
+            shutil.copytree(original, root)
+            assert compact(str(root), crash_at=step, when=when).returncode == 137
+            names = {p.name for p in root.rglob("*.parquet")}
+            seen_both += any(n.startswith("compacted-") for n in names) and any(
+                not n.startswith("compacted-") for n in names)
+            archive = Archive(str(root))
+            got = Counter(u for b in archive.select(None, None) for u in b.column("uuid").to_pylist())
+            assert got == want, f"a reader after a crash {when} change {step}: flows lost or seen twice"
+            assert archive.summary().flows == sum(want.values())
+            shutil.rmtree(root)
+    assert seen_both, "no step left compacted outputs beside their inputs: the case this test is about"
 
 
 def test_retention_deletes_old_hours_and_dry_run_changes_nothing(tmp_path: Path):
