@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import structlog
 
-from flowship.model.schema import LOW_CARDINALITY_COLUMNS
+from flowship.model.low_cardinality import LOW_CARDINALITY_COLUMNS
 from flowship.sinks import time_column
 from flowship.sinks.parquet_store import ArchiveOps, LocalStore, S3Config, S3Store, s3_location
 

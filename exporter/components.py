@@ -11,13 +11,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-import structlog
-
-from flowship.metrics import Metrics
 from flowship.pipeline.envelope import Envelope, Receipt
+
+if TYPE_CHECKING:  # for annotations only: a component module that is only validated loads neither
+    import pyarrow as pa
+
+    from flowship.metrics import Metrics
 
 
 @dataclass
@@ -34,11 +35,13 @@ class Context:
 
     def __post_init__(self) -> None:
         if self.log is None:
+            import structlog
+
             self.log = structlog.get_logger().bind(component=self.name)
 
 
 # emit(batch, receipt) blocks while the pipeline is full: that is backpressure.
-Emit = Callable[[pa.RecordBatch, Receipt], None]
+Emit = Callable[["pa.RecordBatch", Receipt], None]
 
 
 class Source:

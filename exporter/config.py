@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from flowship.hubble_metrics import HubbleMetricsConfig
+from flowship.hubble_metrics_config import HubbleMetricsConfig
 from flowship.secrets import Secret, resolve
 from flowship.units import ByteSize, Duration
 

@@ -12,12 +12,13 @@ by :meth:`flowship.metrics.Metrics.record_lost`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+# The configuration (HubbleMetricsConfig, parse_metric) lives apart, so that loading a config needs no Arrow.
+from flowship.hubble_metrics_config import HubbleMetricsConfig, MetricSpec, parse_context
 from flowship.metrics import Metrics
 from flowship.model.schema import TCP_FLAG_BITS
 
@@ -41,80 +42,8 @@ DNS_RCODES = {0: "No Error", 1: "Format Error", 2: "Server Failure", 3: "Non-Exi
 # client_golang's DefBuckets, which Cilium's http_request_duration_seconds uses.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
-HANDLERS = ("flow", "drop", "tcp", "dns", "http", "httpV2", "icmp", "port-distribution")
-DEFAULT_METRICS = ("dns", "drop", "tcp", "flow", "port-distribution", "icmp", "httpV2")
-CONTEXT_IDENTIFIERS = ("identity", "namespace", "pod", "pod-short", "pod-name", "dns", "ip", "reserved-identity",
-                       "workload-name", "app")
-CONTEXT_LABELS = ("source_ip", "source_pod", "source_namespace", "source_workload", "source_app", "destination_ip",
-                  "destination_pod", "destination_namespace", "destination_workload", "destination_app",
-                  "traffic_direction")
-_CONTEXT_KEYS = {"sourcecontext": "source", "sourceegresscontext": "source_egress",
-                 "sourceingresscontext": "source_ingress", "destinationcontext": "destination",
-                 "destinationegresscontext": "destination_egress", "destinationingresscontext": "destination_ingress",
-                 "labelscontext": "labels"}
-_HANDLER_KEYS = {"dns": ("query", "ignoreaaaa"), "http": ("exemplars",), "httpV2": ("exemplars",)}
 _APP_LABELS = ("k8s:app.kubernetes.io/name=", "k8s:k8s-app=", "k8s:app=")
 _SHORT_POD = r"^(.+?)(-[a-z0-9]+){1,2}$"
-
-
-# -- configuration --------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class MetricSpec:
-    """One entry of ``hubble_metrics.metrics``: a handler and its options (keys lower-cased, as Cilium compares)."""
-
-    handler: str
-    options: dict[str, str] = field(default_factory=dict)
-
-
-def parse_metric(text: str) -> MetricSpec:
-    """``name[:key=value;flag;...]`` in Cilium's ``--hubble-metrics`` syntax; ValueError says what is wrong."""
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"expected a string such as 'drop:sourceContext=pod', got {text!r}")
-    name, _, rest = text.strip().partition(":")
-    if name not in HANDLERS:
-        raise ValueError(f"unknown metric {name!r} (known: {', '.join(HANDLERS)})")
-    options: dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in rest.split(";"))):
-        key, _, value = part.partition("=")
-        key = key.strip().lower()
-        if key not in _CONTEXT_KEYS and key not in _HANDLER_KEYS.get(name, ()):
-            known = list(_HANDLER_KEYS.get(name, ())) + ["sourceContext", "destinationContext", "labelsContext",
-                                                          "source/destination Egress/Ingress Context"]
-            raise ValueError(f"{name}: unknown option {part.split('=')[0]!r} (known: {', '.join(known)})")
-        options[key] = value.strip()
-    ContextOptions(options)  # raises on a bad context value
-    return MetricSpec(name, options)
-
-
-@dataclass
-class HubbleMetricsConfig:
-    """``hubble_metrics:`` at the top level of a config."""
-
-    enabled: bool = True  # hubble_* series of the flows entering the pipeline, before the shared stages
-    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))  # Cilium's handler:options syntax
-
-    def validate(self) -> list[str]:
-        problems = []
-        seen: dict[str, tuple[int, str]] = {}
-        for i, text in enumerate(self.metrics):
-            try:
-                spec = parse_metric(text)
-            except ValueError as exc:
-                problems.append(f"metrics[{i}]: {exc}")
-                continue
-            family = "http" if spec.handler in ("http", "httpV2") else spec.handler
-            if family in seen:
-                first, other = seen[family]
-                problems.append(f"metrics[{i}]: {spec.handler!r} given twice (also metrics[{first}])"
-                                if other == spec.handler else
-                                f"metrics[{i}]: {spec.handler!r} and {other!r} (metrics[{first}]) write the same "
-                                "series: pick one")
-            seen[family] = (i, spec.handler)
-        return problems
-
-    def specs(self) -> list[MetricSpec]:
-        return [parse_metric(text) for text in self.metrics]
 
 
 # -- per-batch columns ----------------------------------------------------------------------------------------------
@@ -279,35 +208,17 @@ def _context_value(rows: _Rows, identifier: str, prefix: str, ip_column: str) ->
     raise ValueError(f"unknown context {identifier!r}")
 
 
-def _parse_identifiers(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    out = []
-    for part in text.split("|"):
-        if part.lower() not in CONTEXT_IDENTIFIERS:
-            raise ValueError(f"unknown context {part!r} (known: {', '.join(CONTEXT_IDENTIFIERS)})")
-        out.append(part.lower())
-    return out
-
-
 class ContextOptions:
     """sourceContext / destinationContext / labelsContext of one handler (pkg/hubble/metrics/api/context.go)."""
 
     def __init__(self, options: dict[str, str]) -> None:
-        parsed = {attr: options.get(key) for key, attr in _CONTEXT_KEYS.items()}
-        self.source = _parse_identifiers(parsed["source"])
-        self.source_egress = _parse_identifiers(parsed["source_egress"])
-        self.source_ingress = _parse_identifiers(parsed["source_ingress"])
-        self.destination = _parse_identifiers(parsed["destination"])
-        self.destination_egress = _parse_identifiers(parsed["destination_egress"])
-        self.destination_ingress = _parse_identifiers(parsed["destination_ingress"])
-        self.labels: list[str] = []
-        if parsed["labels"] is not None:
-            wanted = parsed["labels"].split(",")
-            for label in wanted:
-                if label not in CONTEXT_LABELS:
-                    raise ValueError(f"invalid labelsContext value: {label!r} (known: {', '.join(CONTEXT_LABELS)})")
-            self.labels = [label for label in CONTEXT_LABELS if label in wanted]
+        sides, self.labels = parse_context(options)
+        self.source = sides["source"]
+        self.source_egress = sides["source_egress"]
+        self.source_ingress = sides["source_ingress"]
+        self.destination = sides["destination"]
+        self.destination_egress = sides["destination_egress"]
+        self.destination_ingress = sides["destination_ingress"]
 
     def label_names(self) -> list[str]:
         names = list(self.labels)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import sys
 
-import structlog
-
 
 def configure(level: str = "info", json: bool | None = None) -> None:
+    """Route structlog to stderr; structlog is imported here, so that commands that never log skip it."""
+    import structlog
+
     if json is None:
         json = not sys.stderr.isatty()
     renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)

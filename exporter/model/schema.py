@@ -128,28 +128,6 @@ FLOW_FIELDS: list[pa.Field] = [
 FLOW_SCHEMA: pa.Schema = pa.schema(FLOW_FIELDS, metadata={b"flowship.schema": b"flow/1"})
 FLOW_COLUMNS: tuple[str, ...] = tuple(FLOW_SCHEMA.names)
 
-# Columns that stay stable enough to be bounded label sets or group-by keys.
-LOW_CARDINALITY_COLUMNS: frozenset[str] = frozenset(
-    {
-        "node_name",
-        "verdict",
-        "drop_reason",
-        "kernel_drop_reason",
-        "flow_type",
-        "flow_event",
-        "trace_point",
-        "traffic_direction",
-        "l4_protocol",
-        "l7_type",
-        "http_method",
-        "http_protocol",
-        "src_namespace",
-        "dst_namespace",
-        "src_workload",
-        "dst_workload",
-    }
-)
-
 
 def empty_flows() -> pa.RecordBatch:
     """A zero-row batch of the flow schema."""

@@ -17,24 +17,10 @@ from flowship.config import ConfigError, PipelineConfig, secret_problems
 if TYPE_CHECKING:
     from flowship.pipeline.runtime import RunSummary
 
-from flowship.pipeline.runtime import EXIT_CONFIG, EXIT_FAILED, EXIT_USAGE
+from flowship.exit_codes import EXIT_CODES, EXIT_CONFIG, EXIT_FAILED, EXIT_USAGE
 
 __all__ = ["EXIT_CODES", "EXIT_CONFIG", "EXIT_FAILED", "EXIT_USAGE", "run_pipeline"]
 
-# 2 and 6 are what LSB init scripts and systemd mean by them: invalid arguments, not configured.
-EXIT_CODES = """\
-Exit codes (the most serious outcome of a run wins):
-  0  ok: every flow read was delivered to every sink, or dropped on purpose and counted
-     (a stage, a full disk buffer with when_full: drop_newest); after SIGTERM/SIGINT, what
-     was not delivered yet is kept in the sinks' disk buffers for the next start
-  1  a component failed (could not start, a sink or source error)
-  2  usage: the command line is wrong (unknown option, bad value); nothing was run
-  3  finished, but some input lines were rejected (each logged with file:line)
-  4  undelivered: flows read are neither delivered nor dead-lettered (still in a disk buffer
-     at the end of the input, a sink flush timed out, a sink busy at the shutdown deadline)
-  5  dead-lettered: every flow was settled, but some went to a sink's dead-letter file
-  6  invalid configuration (each problem named with file and key path); nothing was run
-"""
 
 def _headline(summary: RunSummary) -> str:
     code = summary.exit_code

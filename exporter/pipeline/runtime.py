@@ -38,6 +38,13 @@ import structlog
 from flowship import registry
 from flowship.components import Context, Sink, Source, Stage
 from flowship.config import ComponentSpec, PipelineConfig
+from flowship.exit_codes import (
+    EXIT_DEAD_LETTERED,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_REJECTED,
+    EXIT_UNDELIVERED,
+)
 from flowship.hubble_metrics import HubbleMetrics
 from flowship.metrics import Metrics
 from flowship.pipeline.disk_buffer import DiskBuffer
@@ -125,15 +132,6 @@ class SinkOutcome:
     undelivered: int = 0  # handed to the sink and neither delivered, dead-lettered nor dropped
     buffered_batches: int = 0  # still in the disk buffer, delivered at the next start
     unfinished: bool = False  # the sink was still busy when the shutdown deadline passed
-
-
-EXIT_OK = 0
-EXIT_FAILED = 1  # a component failed (start-up or during the run)
-EXIT_USAGE = 2  # the command line is wrong (argparse's code; LSB: invalid or excess arguments)
-EXIT_REJECTED = 3  # finished, but some input lines were rejected
-EXIT_UNDELIVERED = 4  # flows read were not delivered to every sink (left in a buffer, unacknowledged)
-EXIT_DEAD_LETTERED = 5  # every flow was settled, but some went to a dead-letter file
-EXIT_CONFIG = 6  # the configuration is invalid (LSB: program is not configured)
 
 
 @dataclass

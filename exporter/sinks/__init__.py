@@ -10,10 +10,13 @@ HTTP ones share :mod:`flowship.sinks.http_client`, the Kafka sink and source
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
-import numpy as np
 import orjson
-import pyarrow as pa
+
+if TYPE_CHECKING:  # imported where rows are read: a sink's module loads (to validate a config) without them
+    import numpy as np
+    import pyarrow as pa
 
 
 def time_column(batch: pa.RecordBatch, kind: str) -> str | None:
@@ -24,6 +27,9 @@ def time_column(batch: pa.RecordBatch, kind: str) -> str | None:
 
 def row_times(batch: pa.RecordBatch, kind: str) -> np.ndarray:
     """ns since the epoch per row, from :func:`time_column` (now, for rows without one)."""
+    import numpy as np
+    import pyarrow as pa
+
     name = time_column(batch, kind)
     if name is None:
         return np.full(batch.num_rows, time.time_ns(), dtype=np.int64)
@@ -39,6 +45,8 @@ def aggregate_json(batch: pa.RecordBatch) -> list[bytes]:
     (``aggregate_line_format: json``) and the Kafka sink (all encodings but ``ecs-json`` and
     ``arrow``) write this.
     """
+    import pyarrow as pa
+
     from flowship.model.times import nanos_times
 
     columns = {}

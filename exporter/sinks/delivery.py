@@ -34,16 +34,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
 import orjson
-import pyarrow as pa
 
 from flowship.components import Context, Sink
 from flowship.config import ByteSize, Duration, positive_ints
-from flowship.model.times import datetime_text
 from flowship.pipeline.envelope import Envelope
+
+if TYPE_CHECKING:  # numpy is imported where records are batched: a sink's config validates without it
+    import numpy as np
+    import pyarrow as pa
 
 # ---------------------------------------------------------------------------------------------
 # Configuration shared by every network sink (``batch:`` and ``retry:`` sections)
@@ -199,6 +200,8 @@ class DeadLetterWriter:
         """Write ``(reason, detail, record)`` entries and count them per reason."""
         if not entries:
             return
+        from flowship.model.times import datetime_text
+
         now = datetime_text(datetime.now(UTC))
         lines = [orjson.dumps({"time": now, self.kind: self.sink, "reason": reason, "detail": detail,
                                "record": record}, default=_jsonable) + b"\n"
@@ -412,6 +415,8 @@ class Delivery:
         n = len(records)
         if n == 0:
             return
+        import numpy as np
+
         cumulative = np.cumsum(np.asarray(sizes, dtype=np.int64))
         max_events, max_bytes = self.batch.max_events, self.batch.max_bytes
         start = 0
@@ -632,6 +637,8 @@ class DeliverySink(Sink):
     def encode(self, batch: pa.RecordBatch, kind: str = "flows") -> tuple[list, np.ndarray, list]:
         """Records, sizes and refused rows of a batch of ``kind`` (flows or aggregate rows)."""
         if batch.num_rows == 0:
+            import numpy as np
+
             return [], np.zeros(0, dtype=np.int64), []
         return self.encode_flows(batch) if kind == "flows" else self.encode_aggregates(batch)
 

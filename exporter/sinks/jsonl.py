@@ -15,15 +15,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
-
-import pyarrow as pa
+from typing import TYPE_CHECKING, BinaryIO, Literal
 
 from flowship.components import Context, Sink
 from flowship.config import ByteSize
-from flowship.model.hubble_encode import encode_lines
 from flowship.pipeline.envelope import Envelope
 from flowship.sinks import aggregate_json
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 Format = Literal["hubble", "ecs"]
 
@@ -40,6 +40,8 @@ def encode(batch: pa.RecordBatch, kind: str, fmt: Format) -> list[bytes]:
         return ecs_encode.encode_ndjson(batch, kind=kind)
     if kind != "flows":
         return [line + b"\n" for line in aggregate_json(batch)]
+    from flowship.model.hubble_encode import encode_lines  # Arrow: when rows are written, not when validating
+
     return encode_lines(batch)
 
 

@@ -25,18 +25,17 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING
 
 from flowship.components import Context, Sink
 from flowship.config import ByteSize, Duration, positive_ints
-from flowship.model.schema import LOW_CARDINALITY_COLUMNS
+from flowship.model.low_cardinality import LOW_CARDINALITY_COLUMNS
 from flowship.pipeline.envelope import Envelope, Receipt
 from flowship.sinks import row_times, time_column
 from flowship.sinks.parquet_store import LocalStore, S3Config, S3Store, s3_location, s3_path_problem
+
+if TYPE_CHECKING:  # Arrow is imported by the methods that write: validating a config needs none of it
+    import pyarrow as pa
 
 HOUR_NS = 3600 * 1_000_000_000
 
@@ -120,6 +119,9 @@ class ParquetSink(Sink):
 
     # -- buffering ----------------------------------------------------------------------------
     def write(self, env: Envelope) -> None:
+        import numpy as np
+        import pyarrow as pa
+
         batch = env.batch
         times = row_times(batch, env.kind)
         hours = times // HOUR_NS
@@ -157,6 +159,9 @@ class ParquetSink(Sink):
         self._open.pop((part.kind, part.hour), None)
         if not part.rows:
             return
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
         started = time.perf_counter()
         table = pa.Table.from_batches(part.batches).combine_chunks()
         column = time_column(table, part.kind)
@@ -169,6 +174,9 @@ class ParquetSink(Sink):
         self._latency.observe(time.perf_counter() - started)
 
     def _write_file(self, part: _Partition, table: pa.Table) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         directory = partition_dir(self.config.layout, part.kind, part.hour, self.config.cluster,
                                   self.ctx.node_name)
         self._seq += 1

@@ -29,8 +29,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import pyarrow as pa
-
 from flowship.config import Duration
 from flowship.sinks.delivery import backoff_seconds
 
@@ -243,6 +241,8 @@ class S3Store(ArchiveOps):
 
     def put(self, key: str, write: FileWriter) -> int:
         """Uploads the file as one object, retrying until S3 has stored it; returns its size."""
+        import pyarrow as pa
+
         buffer = pa.BufferOutputStream()
         write(buffer)
         data = buffer.getvalue()

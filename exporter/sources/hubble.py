@@ -32,22 +32,23 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import grpc
 from google.protobuf import json_format
 
 from flowship.components import Context, Emit, Source
 from flowship.config import Duration
-from flowship.model.proto import timestamp_ns
 from flowship.pipeline.checkpoint import CheckpointStore, OrderedAcks
 from flowship.pipeline.envelope import Receipt
 from flowship.proto.flow import flow_pb2
-from flowship.proto.observer import observer_pb2, observer_pb2_grpc
 
-# gRPC status codes that no retry can fix.
-_FATAL = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED,
-          grpc.StatusCode.UNAUTHENTICATED}
+if TYPE_CHECKING:  # gRPC is imported by the methods that connect: validating a config (filters) needs protobuf only
+    import grpc
+
+    from flowship.proto.observer import observer_pb2
+
+# gRPC status codes that no retry can fix, by name.
+_FATAL = frozenset({"INVALID_ARGUMENT", "UNIMPLEMENTED", "PERMISSION_DENIED", "UNAUTHENTICATED"})
 
 
 class TLSError(ConnectionError):
@@ -174,6 +175,8 @@ class ObserverEndpoint(Protocol):
 
 def observer_channel(c: ObserverEndpoint) -> grpc.Channel:
     """A gRPC channel to an Observer: TLS when asked for or when a CA or client certificate is given."""
+    import grpc
+
     options: list[tuple[str, Any]] = [("grpc.keepalive_time_ms", 30_000),
                                       ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
     if c.tls or c.ca_file or c.cert_file:
@@ -294,6 +297,8 @@ class HubbleSource(Source):
 
     def _wait_ready(self, channel: grpc.Channel) -> None:
         """Connect within ``connect_timeout``; a failure says why (TLSError when TLS is the cause)."""
+        import grpc
+
         c = self.config
         states: list[grpc.ChannelConnectivity] = []
         settled = threading.Event()
@@ -321,6 +326,8 @@ class HubbleSource(Source):
         raise ConnectionError(f"cannot connect to {c.address}")
 
     def _request(self, position: _Position | None) -> observer_pb2.GetFlowsRequest:
+        from flowship.proto.observer import observer_pb2
+
         c = self.config
         req = observer_pb2.GetFlowsRequest(follow=c.follow, whitelist=self.whitelist, blacklist=self.blacklist)
         if position is not None:
@@ -334,6 +341,8 @@ class HubbleSource(Source):
         return req
 
     def _reader(self, call: Any, out: queue.Queue) -> None:
+        import grpc
+
         try:
             for resp in call:
                 out.put(resp)
@@ -344,6 +353,8 @@ class HubbleSource(Source):
             out.put(exc)
 
     def run(self, emit: Emit, stop: threading.Event) -> None:
+        import grpc
+
         self.position = self._start_position()
         delay = float(self.config.backoff_initial)
         first = True
@@ -364,7 +375,7 @@ class HubbleSource(Source):
                     continue  # the server closed the stream: open it again
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else None
-                if code in _FATAL:
+                if code is not None and code.name in _FATAL:
                     raise RuntimeError(f"hubble source {self.ctx.name}: {self.config.address} refused GetFlows: "
                                        f"{code.name}: {exc.details()}") from None
                 if stop.is_set():
@@ -393,7 +404,10 @@ class HubbleSource(Source):
         ``self.position`` follows every emitted batch, also when the stream
         then breaks, so the next stream resumes right after it.
         """
-        from flowship.model.proto import from_flow_messages
+        import grpc
+
+        from flowship.model.proto import from_flow_messages, timestamp_ns
+        from flowship.proto.observer import observer_pb2, observer_pb2_grpc
 
         position = self.position
         stub = observer_pb2_grpc.ObserverStub(channel)

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-import pyarrow as pa
 
 from flowship.components import Context
-from flowship.model.hubble_decode import decode_lines
-from flowship.model.schema import empty_flows
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark, as some Windows tools write it
 _WHITESPACE = " \t\r\n"
@@ -75,6 +75,10 @@ class LineDecoder:
 
     def decode(self, chunk: bytes) -> pa.RecordBatch:
         """Decode complete lines; in document mode keep them for :meth:`finish`."""
+        # Arrow and the decoder load with the first lines read, not with the config that names this source.
+        from flowship.model.hubble_decode import decode_lines
+        from flowship.model.schema import empty_flows
+
         if not self._sniffed:
             chunk = self._sniff(chunk)
         if self._document is not None:
@@ -107,6 +111,9 @@ class LineDecoder:
 
     def finish(self) -> pa.RecordBatch:
         """At the end of the input: decode the JSON documents held (an empty batch in line mode)."""
+        from flowship.model.hubble_decode import decode_lines
+        from flowship.model.schema import empty_flows
+
         if self._document is None:
             return empty_flows()
         data, self._document = bytes(self._document), None
@@ -177,6 +184,8 @@ class BatchAccumulator:
             return None, position
         if len(batches) == 1:
             return batches[0], position
+        import pyarrow as pa
+
         return pa.Table.from_batches(batches).combine_chunks().to_batches()[0], position
 
 

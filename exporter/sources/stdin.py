@@ -20,7 +20,6 @@ from typing import Any
 
 from flowship.components import Context, Emit, Source
 from flowship.config import Duration
-from flowship.model.schema import empty_flows
 from flowship.pipeline.envelope import Receipt
 from flowship.sources.lines import BatchAccumulator, LineDecoder, LineStats, split_complete
 
@@ -67,6 +66,8 @@ class StdinSource(Source):
         self.stats = LineStats()
 
     def run(self, emit: Emit, stop: threading.Event) -> None:
+        from flowship.model.schema import empty_flows  # Arrow: when the source runs, not when it is validated
+
         decoder = LineDecoder(self.ctx, "<stdin>", self.stats)
         acc = BatchAccumulator(self.config.batch_rows)
         fd = self.stream.fileno()

@@ -23,17 +23,14 @@ was seen) stay delivered.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
+from typing import TYPE_CHECKING, Any
 
 from flowship.components import Stage
 from flowship.config import Duration
-from flowship.model.columns import list_any, not_null, to_mask, uint_values, url_path
-from flowship.model.ids import connection_hashes
-from flowship.stages.columns import filter_rows
+
+if TYPE_CHECKING:  # Arrow and numpy are imported where rows are computed: a config validates without them
+    import numpy as np
+    import pyarrow as pa
 
 DEFAULT_PATHS = ["/healthz", "/readyz", "/livez", "/health", "/ping"]
 
@@ -83,6 +80,8 @@ class RecentConnections:
     def __init__(self, capacity: int, ttl_ns: int) -> None:
         self.capacity = capacity
         self.ttl_ns = ttl_ns
+        import numpy as np
+
         self.keys = np.zeros(0, dtype=np.uint64)  # sorted
         self.seen = np.zeros(0, dtype=np.int64)
 
@@ -95,6 +94,8 @@ class RecentConnections:
             self.keys, self.seen = self.keys[alive], self.seen[alive]
 
     def contains(self, hashes: np.ndarray) -> np.ndarray:
+        import numpy as np
+
         if len(self.keys) == 0:
             return np.zeros(len(hashes), dtype=bool)
         pos = np.searchsorted(self.keys, hashes)
@@ -103,6 +104,8 @@ class RecentConnections:
 
     def add(self, hashes: np.ndarray, now_ns: int) -> None:
         """Insert or refresh ``hashes`` as seen at ``now_ns``; expire and trim."""
+        import numpy as np
+
         keys = np.concatenate([self.keys, hashes.astype(np.uint64)])
         seen = np.concatenate([self.seen, np.full(len(hashes), now_ns, dtype=np.int64)])
         order = np.lexsort((-seen, keys))  # by key, newest first
@@ -122,6 +125,10 @@ class RecentConnections:
 
 def _user_agent_starts(batch: pa.RecordBatch, prefix: str) -> np.ndarray:
     """User-Agent (column, or the headers list when the column is empty) starts with ``prefix``."""
+    import pyarrow.compute as pc
+
+    from flowship.model.columns import list_any, not_null, to_mask
+
     ua = batch.column("http_user_agent")
     mask = to_mask(pc.starts_with(ua, prefix))
     headers = batch.column("http_headers")
@@ -137,6 +144,12 @@ def _user_agent_starts(batch: pa.RecordBatch, prefix: str) -> np.ndarray:
 
 def _labels_contain(batch: pa.RecordBatch, column: str, labels: tuple[str, ...], rows: np.ndarray) -> np.ndarray:
     """Rows (restricted to ``rows``) whose label list holds one of ``labels``."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from flowship.model.columns import list_any, to_mask
+
     out = np.zeros(batch.num_rows, dtype=bool)
     idx = np.flatnonzero(rows)
     if len(idx) == 0:
@@ -150,6 +163,10 @@ def _labels_contain(batch: pa.RecordBatch, column: str, labels: tuple[str, ...],
 def _endpoint_in(batch: pa.RecordBatch, prefix: str, identities: tuple[int, ...],
                  labels: tuple[str, ...]) -> np.ndarray:
     """The endpoint has one of the reserved identities (or, if its identity is unknown, labels)."""
+    import numpy as np
+
+    from flowship.model.columns import uint_values
+
     ident = batch.column(f"{prefix}_identity")
     values = uint_values(ident)
     mask = np.isin(values, identities)
@@ -162,6 +179,8 @@ class HealthcheckStage(Stage):
 
     def __init__(self, config: HealthcheckConfig, ctx: Any) -> None:
         super().__init__(config, ctx)
+        import pyarrow as pa
+
         self._paths = pa.array(sorted(set(config.paths)), pa.string())
         self._prom_paths = pa.array(sorted(set(config.prometheus_paths)), pa.string())
         self._recent = RecentConnections(config.connection_memory, int(float(config.connection_ttl) * 1e9))
@@ -169,6 +188,11 @@ class HealthcheckStage(Stage):
 
     def rule_masks(self, batch: pa.RecordBatch) -> dict[str, np.ndarray]:
         """The rows each enabled content rule matches (before connection pairing)."""
+        import numpy as np
+        import pyarrow.compute as pc
+
+        from flowship.model.columns import not_null, to_mask, uint_values, url_path
+
         cfg = self.config
         masks: dict[str, np.ndarray] = {}
         url = batch.column("http_url")
@@ -207,6 +231,13 @@ class HealthcheckStage(Stage):
         return masks
 
     def transform(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        from flowship.model.ids import connection_hashes
+        from flowship.stages.columns import filter_rows
+
         n = batch.num_rows
         if n == 0:
             return batch

@@ -20,9 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from flowship import logs  # noqa: E402
-from flowship.cli import run_pipeline  # noqa: E402
 from flowship.config import ConfigError, load_file  # noqa: E402
 from flowship.metrics import Metrics  # noqa: E402
+from flowship.pipeline.launch import run_pipeline  # noqa: E402
 
 
 def main() -> int:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from flowship.config import ConfigError, load_text
-from flowship.hubble_metrics import HubbleMetrics, HubbleMetricsConfig, icmp_type_name, parse_metric
+from flowship.hubble_metrics import HubbleMetrics, icmp_type_name
+from flowship.hubble_metrics_config import HubbleMetricsConfig, parse_metric
 from flowship.metrics import Metrics
 from flowship.model.hubble_decode import decode_lines
 

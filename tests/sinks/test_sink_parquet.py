@@ -154,7 +154,7 @@ def test_files_appear_only_complete_under_their_final_name(tmp_path, ctx, fixtur
         for done in seen_while_writing[-1]:
             assert pq.read_metadata(tmp.parent / done).num_rows == 150  # earlier files: complete
 
-    monkeypatch.setattr(parquet_module.pq, "write_table", write_table)
+    monkeypatch.setattr(pq, "write_table", write_table)
     sink = new_sink(ctx, root, max_file_rows=150)
     sink.write(Envelope(fixture_batches[TCP], [Receipt()]))
     sink.flush()
@@ -199,7 +199,7 @@ def test_a_failed_write_acknowledges_nothing_and_the_next_start_removes_its_tmp(
         where.write(b"PAR1 half a file")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(parquet_module.pq, "write_table", torn)
+    monkeypatch.setattr(pq, "write_table", torn)
     second = new_sink(ctx, root)
     env, receipt = tracked(all_flows.slice(100, 100))
     second.write(env)
