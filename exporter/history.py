@@ -446,10 +446,21 @@ class Archive:
             scan_filter = narrowed if scan_filter is None else scan_filter & narrowed
         return self._ordered_pyarrow(files, scan_filter, filters, newest_first)
 
+    def scan_engine(self) -> Any:
+        """The DuckDB database of this archive's local scans, opened on first use (the server opens it at start:
+        importing DuckDB and opening a database cost more than scanning an hour of a small archive)."""
+        import duckdb
+
+        with self._lock:
+            if self._duckdb is None:
+                self._duckdb = duckdb.connect(config={"threads": _SCAN_THREADS, "temp_directory": _SPILL_DIR,
+                                                      "memory_limit": _SCAN_MEMORY})
+            return self._duckdb
+
     def _ordered_duckdb(self, files: list[ArchiveFile], since_ns: int | None, until_ns: int | None,
                         whitelist: list[flow_pb2.FlowFilter], filters: FilterSet | None,
                         newest_first: bool) -> Iterator[pa.RecordBatch]:
-        """DuckDB reads, filters and orders one hour of a local archive; the compiler decides on what it returns.
+        """DuckDB reads, filters and orders some hours of a local archive; the compiler decides on what it returns.
 
         DuckDB evaluates the pushed-down superset on its columns first and decodes the other columns only for
         the rows that passed, so a selective query (a port, an identity) reads a fraction of each file; pyarrow
@@ -467,11 +478,7 @@ class Archive:
         sql = ("SELECT * FROM read_parquet(?, hive_partitioning=false, union_by_name=true)"
                + (f" WHERE {' AND '.join(where)}" if where else "")
                + f" ORDER BY time {direction}, uuid {direction}")
-        with self._lock:  # opening a database costs ~25 ms: more than scanning an hour of a small archive
-            if self._duckdb is None:
-                self._duckdb = duckdb.connect(config={"threads": _SCAN_THREADS, "temp_directory": _SPILL_DIR,
-                                                      "memory_limit": _SCAN_MEMORY})
-            con = self._duckdb.cursor()
+        con = self.scan_engine().cursor()
         try:
             reader = con.sql(sql, params=[[f.path for f in files], *params]).to_arrow_reader(64 * 1024)
             for batch in reader:
@@ -607,6 +614,8 @@ class HistoryServer:
     def start(self, where: str = "address") -> int:
         """Checks the archive, binds and serves; returns the port (0 for a unix socket)."""
         self.archive.check()
+        if isinstance(self.archive.fs, fs.LocalFileSystem):
+            self.archive.scan_engine()  # so that the first query's first flows do not wait for it
         server = new_grpc_server(self.config.max_workers, 60.0, 20.0)
         server.add_generic_rpc_handlers((observer_handler(_HistoryServicer(self)), health_handler()))
         self.port = listen(server, self.config.address, self.config.tls, where,
