@@ -122,6 +122,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--flows", type=int, default=2_000_000)
     parser.add_argument("--against", type=Path, help="another checkout whose history server runs beside this one")
+    parser.add_argument("--no-stream", action="store_true", help="leave out streaming a namespace (the long case)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="flowship-bench-history-"))
     servers: list[tuple[str, subprocess.Popen, str]] = []
@@ -154,7 +155,7 @@ def main() -> int:
              f"select * from {{files}} where {where_rare} order by time, uuid"),
             ("stream one namespace", dict(whitelist=[{"source_pod": ["production/"]}]),
              "select * from {files} where src_namespace = 'production' order by time, uuid"),
-        ]
+        ][: 3 if args.no_stream else 4]
         print(f"{'query':<34} {'engine':<30} {'rows':>10} {'first 100':>10} {'wall s':>8} {'CPU-s':>8} "
               f"{'archive flows/CPU-s':>20} {'rows/s':>10}")
         for label, query, sql in cases:
