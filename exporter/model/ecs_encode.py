@@ -296,6 +296,15 @@ def encode_ndjson(batch: pa.RecordBatch, kind: str = "flows") -> list[bytes]:
     return lines.cast(pa.binary()).to_pylist()
 
 
+def ndjson_buffer(batch: pa.RecordBatch) -> memoryview:
+    """Every flow as one ECS JSON line, laid end to end: a view of the Arrow text buffer (no copy)."""
+    from flowship.model.hubble_encode import text_buffer
+
+    if batch.num_rows == 0:
+        return memoryview(b"")
+    return text_buffer(pc.binary_join_element_wise(ndjson_array(batch), "\n", ""))
+
+
 # ---------------------------------------------------------------------------------------------
 # Aggregate rows
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ import pyarrow as pa
 
 from flowship.components import Context, Sink
 from flowship.config import ByteSize
-from flowship.model.hubble_encode import encode_lines
+from flowship.model import ecs_encode
+from flowship.model.hubble_encode import encode_lines, ndjson_buffer
 from flowship.pipeline.envelope import Envelope
 from flowship.sinks import aggregate_json
 
@@ -35,12 +36,23 @@ def encode(batch: pa.RecordBatch, kind: str, fmt: Format) -> list[bytes]:
     :func:`flowship.sinks.aggregate_json` objects.
     """
     if fmt == "ecs":
-        from flowship.model import ecs_encode
-
         return ecs_encode.encode_ndjson(batch, kind=kind)
     if kind != "flows":
         return [line + b"\n" for line in aggregate_json(batch)]
     return encode_lines(batch)
+
+
+def encode_body(batch: pa.RecordBatch, kind: str, fmt: Format) -> bytes | memoryview:
+    """The lines of :func:`encode` laid end to end, as one buffer.
+
+    Flows are written straight from the encoder's Arrow text buffer: no
+    Python object per line, so a sink's memory stays near one batch of text.
+    """
+    if kind != "flows":
+        return b"".join(encode(batch, kind, fmt))
+    if fmt == "ecs":
+        return ecs_encode.ndjson_buffer(batch)
+    return ndjson_buffer(batch)
 
 
 @dataclass
@@ -72,7 +84,7 @@ class _LineSink(Sink):
 
     def write(self, env: Envelope) -> None:
         started = time.perf_counter()
-        data = b"".join(encode(env.batch, env.kind, self.config.format))
+        data = encode_body(env.batch, env.kind, self.config.format)
         stream = self._stream_for(len(data))
         stream.write(data)
         self._durable(stream)
