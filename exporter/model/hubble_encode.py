@@ -259,15 +259,4 @@ def ndjson_buffer(batch: pa.RecordBatch, extensions: bool = True) -> memoryview:
     """All flows of a batch as NDJSON, a view of the Arrow text buffer (no copy: for writing out)."""
     if batch.num_rows == 0:
         return memoryview(b"")
-    return text_buffer(_encode(batch, extensions, newline=True))
-
-
-def text_buffer(lines: pa.Array) -> memoryview:
-    """The bytes of a string column's values laid end to end, without copying."""
-    width = np.int64 if pa.types.is_large_string(lines.type) else np.int32
-    offsets = np.frombuffer(lines.buffers()[1], dtype=width, count=len(lines) + 1,
-                            offset=lines.offset * np.dtype(width).itemsize)
-    data = lines.buffers()[2]
-    if data is None:
-        return memoryview(b"")
-    return memoryview(data)[int(offsets[0]):int(offsets[-1])]
+    return jc.text_buffer(_encode(batch, extensions, newline=True))

@@ -145,7 +145,7 @@ def present(values: pa.Array | pa.ChunkedArray) -> pa.Array:
         return pc.fill_null(pc.greater(pc.list_value_length(values), 0), False)
     if pa.types.is_boolean(t):
         return pc.fill_null(values, False)
-    return pc.fill_null(pc.not_equal(values, 0), False)
+    return pc.fill_null(pc.not_equal(values, pa.scalar(0, t)), False)
 
 
 def any_of(masks: Sequence[pa.Array]) -> pa.Array:
@@ -230,3 +230,14 @@ def _fraction(nanos: int) -> str:
     if nanos % 1_000 == 0:
         return f".{nanos // 1_000:06d}"
     return f".{nanos:09d}"
+
+
+def text_buffer(lines: pa.Array) -> memoryview:
+    """The bytes of a string column's values laid end to end, without copying."""
+    width = np.int64 if pa.types.is_large_string(lines.type) else np.int32
+    offsets = np.frombuffer(lines.buffers()[1], dtype=width, count=len(lines) + 1,
+                            offset=lines.offset * np.dtype(width).itemsize)
+    data = lines.buffers()[2]
+    if data is None:
+        return memoryview(b"")
+    return memoryview(data)[int(offsets[0]):int(offsets[-1])]
