@@ -155,7 +155,10 @@ sinks: [{{type: parquet, path: {tmp}/out, fsync: false}}]
 
 
 def case_encode(n: int) -> dict:
-    from flowship.model.hubble_encode import encode_lines_slow, encode_ndjson
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from encode_reference import encode_lines_slow
+
+    from flowship.model.hubble_encode import encode_ndjson
 
     batches = _batches(n)
     out = {}

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -20,7 +21,8 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flowship.model.ecs_fields import AGGREGATES_DATASET, ECS_VERSION, FLOW_FIELDS, Cols, Field, when
+from flowship.model import json_columns as jc
+from flowship.model.ecs_fields import AGGREGATES_DATASET, ECS_VERSION, FLOW_FIELDS, Cols, Field
 from flowship.model.times import datetime_text, nanos_times
 
 # ---------------------------------------------------------------------------------------------
@@ -79,63 +81,24 @@ def to_documents(batch: pa.RecordBatch) -> list[dict]:
     return _documents(fields, _field_arrays(batch, fields), batch.num_rows)
 
 
-def _needs_escape(arr: pa.Array) -> bool:
-    """Whether any value holds a quote, a backslash or a control character."""
-    if len(arr) == 0 or arr.null_count == len(arr):
-        return False
-    width = np.int64 if pa.types.is_large_string(arr.type) else np.int32
-    offsets = np.frombuffer(arr.buffers()[1], dtype=width, count=len(arr) + 1,
-                            offset=arr.offset * np.dtype(width).itemsize)
-    lo, hi = int(offsets[0]), int(offsets[-1])
-    if hi <= lo:
-        return False
-    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8, count=hi - lo, offset=lo)
-    return bool(np.any((data < 0x20) | (data == 0x22) | (data == 0x5C)))
+def _json_values(arr: pa.Array) -> pa.Array:
+    """JSON text of each value as orjson writes the Python value (null where the field is absent).
 
-
-def _json_strings(arr: pa.Array, distinct: bool = False) -> pa.Array:
-    """String values as JSON string literals (quoted, escaped); null stays null.
-
-    ``distinct`` quotes each distinct value once and gathers (cheaper for
-    repetitive values such as labels).
+    Empty lists are absent, as in :func:`to_documents`; null list elements are ``null``.
     """
-    if distinct or _needs_escape(arr):
-        encoded = pc.dictionary_encode(arr)
-        values = encoded.dictionary
-        if _needs_escape(values):
-            literals = pa.array([orjson.dumps(v).decode() for v in values.to_pylist()], pa.string())
-        else:
-            literals = pc.binary_join_element_wise('"', values, '"', "")
-        return literals.take(encoded.indices)
-    return pc.binary_join_element_wise('"', arr, '"', "")
-
-
-def _json_values(f: Field, arr: pa.Array) -> pa.Array:
-    """JSON text of each value (null where the field is absent)."""
-    if f.kind == "str":
-        if not pa.types.is_string(arr.type):
-            arr = arr.cast(pa.string())
-        return _json_strings(arr)
-    if f.kind == "int":
-        return arr.cast(pa.string())
-    if f.kind == "bool":
-        return pc.if_else(arr, pa.scalar("true"), pa.scalar("false"))
-    # list of strings: quote the flattened values, rebuild the lists, join
-    if pa.types.is_large_list(arr.type):
-        arr = arr.cast(pa.list_(pa.string()))
-    nonempty = pc.greater(pc.list_value_length(arr), 0)
-    flat = arr.values
-    if not pa.types.is_string(flat.type):
-        flat = flat.cast(pa.string())
-    offsets = arr.offsets
-    start = offsets[0].as_py()
-    end = offsets[-1].as_py()
-    literals = _json_strings(flat.slice(start, end - start), distinct=True)
-    rebased = pc.subtract(offsets, pa.scalar(start, offsets.type)) if start else offsets
-    rebuilt = pa.ListArray.from_arrays(rebased, literals)
-    joined = pc.binary_join(rebuilt, ",")
-    text = pc.binary_join_element_wise("[", joined, "]", "")
-    return pc.if_else(pc.and_(nonempty, pc.is_valid(arr)).fill_null(False), text, pa.scalar(None, pa.string()))
+    t = arr.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return jc.strings(arr)
+    if pa.types.is_boolean(t):
+        return jc.booleans(arr)
+    if pa.types.is_integer(t):
+        return jc.numbers(arr)
+    if (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_string(t.value_type):
+        return jc.string_lists(arr.cast(pa.list_(pa.string())) if pa.types.is_large_list(t) else arr)
+    # anything else (floats, timestamps...): orjson itself, value by value
+    values = [None if v is None or (isinstance(v, list) and not v) else orjson.dumps(v).decode()
+              for v in arr.to_pylist()]
+    return pa.array(values, pa.string())
 
 
 def _is_low(node: Field | dict) -> bool:
@@ -150,114 +113,113 @@ def _needs_of(node: Field | dict) -> set[str]:
     return set().union(*(_needs_of(child) for child in node.values())) if node else set()
 
 
-class _Renderer:
-    """Builds ECS JSON text column by column.
+@functools.lru_cache(maxsize=16)
+def _plan(names: tuple[str, ...]) -> tuple[tuple, ...]:
+    """The document's object tree for one set of columns, planned once per schema.
 
-    Members of an object are emitted as text pieces; a comma goes before a
-    member only where an earlier sibling is present, so nothing is trimmed
-    afterwards and each document is concatenated once. Consecutive members
-    that do not vary per row (a run) are rendered once per distinct
-    combination of their input columns and gathered, which keeps repetitive
-    content (pod labels, namespaces, verdicts) off the per-row path.
+    Each entry is ``("run", members, columns)`` for consecutive members that
+    do not vary per row, ``("object", key, members)`` or ``("field", key_json, field)``.
     """
-
-    def __init__(self, batch: pa.RecordBatch, fields: Sequence[Field]) -> None:
-        self.batch = batch
-        self.n = batch.num_rows
-        self.cols = Cols(batch)
-        self.tree: dict = {}
-        for f in fields:
-            node = self.tree
+    present = set(names)
+    tree: dict = {}
+    for f in FLOW_FIELDS:
+        if all(n in present for n in f.needs):
+            node = tree
             path = f.path.split(".")
             for key in path[:-1]:
                 node = node.setdefault(key, {})
             node[path[-1]] = f
+    return _plan_members(tree, runs=True)
+
+
+def _plan_members(tree: dict, runs: bool) -> tuple[tuple, ...]:
+    out: list[tuple] = []
+    items = list(tree.items())
+    i = 0
+    while i < len(items):
+        if runs and _is_low(items[i][1]):
+            j = i
+            while j < len(items) and _is_low(items[j][1]):
+                j += 1
+            run = dict(items[i:j])
+            out.append(("run", _plan_members(run, runs=False), tuple(sorted(_needs_of(run)))))
+            i = j
+            continue
+        key, node = items[i]
+        key_json = orjson.dumps(key).decode()
+        if isinstance(node, dict):
+            out.append(("object", key, _plan_members(node, runs)))
+        else:
+            out.append(("field", key_json, node))
+        i += 1
+    return tuple(out)
+
+
+class _Renderer:
+    """Builds ECS JSON text column by column.
+
+    Each member of an object is a fragment column (``"key":value`` or null
+    where absent); an object's fragments are joined with commas skipping the
+    absent ones. Consecutive members that do not vary per row (a run) are
+    rendered once per distinct combination of their input columns and
+    gathered, which keeps repetitive content (pod labels, namespaces,
+    verdicts) off the per-row path.
+    """
+
+    def __init__(self, batch: pa.RecordBatch) -> None:
+        self.batch = batch
+        self.n = batch.num_rows
+        self.plan = _plan(tuple(batch.schema.names))
         self._codes: dict[str, tuple[np.ndarray, int]] = {}
 
-    def render(self) -> pa.Array:
-        pieces: list[pa.Array] = []
-        self._members(self.tree, pieces, self.cols, runs=True)
-        parts = [p.fill_null("") for p in pieces if p is not None and p.null_count < len(p)]
-        return pc.binary_join_element_wise("{", *parts, "}", "")
+    def render(self, newline: bool = False) -> pa.Array:
+        body = jc.join(self._fragments(self.plan, Cols(self.batch), self.n), self.n)
+        return pc.binary_join_element_wise("{", body, "}\n" if newline else "}", "")
 
-    # -- members ---------------------------------------------------------------------------
-    def _members(self, tree: dict, out: list, cols: Cols, runs: bool) -> pa.Array:
-        """Append the pieces of an object's members to ``out``; return its presence mask."""
-        before: pa.Array | None = None
-        items = list(tree.items())
-        i = 0
-        while i < len(items):
-            if runs and _is_low(items[i][1]):
-                j = i
-                while j < len(items) and _is_low(items[j][1]):
-                    j += 1
-                text = self._run(dict(items[i:j]))
-                present = pc.not_equal(text, "")
-                piece = text
-                i = j
+    def _fragments(self, plan: tuple[tuple, ...], cols: Cols, n: int) -> list[pa.Array]:
+        out = []
+        for entry in plan:
+            if entry[0] == "run":
+                text = self._run(entry[1], entry[2])
+                out.append(jc.keep(text, pc.not_equal(text, "")))
+            elif entry[0] == "object":
+                inner = self._fragments(entry[2], cols, n)
+                if not inner:
+                    continue
+                some = jc.any_of([pc.is_valid(f) for f in inner])
+                out.append(jc.member(entry[1], jc.join(inner, n), some))
             else:
-                key, node = items[i]
-                i += 1
-                key_json = orjson.dumps(key).decode()
-                if isinstance(node, dict):
-                    inner: list = []
-                    present = self._members(node, inner, cols, runs)
-                    piece = [when(present, f"{key_json}:{{"), *inner, when(present, "}")]
-                else:
-                    values = _json_values(node, self._compute(node, cols))
-                    present = pc.is_valid(values)
-                    piece = pc.binary_join_element_wise(f"{key_json}:", values, "")
-            if before is None:
-                before = present
-            else:
-                out.append(when(pc.and_(before, present), ","))
-                before = pc.or_(before, present)
-            if isinstance(piece, list):
-                out.extend(piece)
-            else:
-                out.append(piece)
-        return before if before is not None else pa.array([False] * cols.n, pa.bool_())
-
-    @staticmethod
-    def _compute(f: Field, cols: Cols) -> pa.Array:
-        arr = f.compute(cols)
-        return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
-
-    def _text(self, tree: dict, cols: Cols) -> pa.Array:
-        """Members of ``tree`` as one text column (no braces; '' when none is present)."""
-        pieces: list = []
-        self._members(tree, pieces, cols, runs=False)
-        parts = [p.fill_null("") for p in pieces if p is not None]
-        if not parts:
-            return pa.array([""] * cols.n, pa.string())
-        if len(parts) == 1:
-            return parts[0]
-        return pc.binary_join_element_wise(*parts, "")
+                arr = entry[2].compute(cols)
+                if isinstance(arr, pa.ChunkedArray):
+                    arr = arr.combine_chunks()
+                out.append(pc.binary_join_element_wise(entry[1] + ":", _json_values(arr), ""))
+        return out
 
     # -- runs of members that repeat across rows -------------------------------------------
-    def _run(self, tree: dict) -> pa.Array:
-        needs = sorted(_needs_of(tree))
+    def _run(self, plan: tuple[tuple, ...], needs: tuple[str, ...]) -> pa.Array:
         key = np.zeros(self.n, dtype=np.int64)
         for name in needs:
             codes, card = self._column_codes(name)
             if card > 1:
                 key = key * card + codes
-                if card and key.max(initial=0) > (1 << 40):
+                if key.max(initial=0) > (1 << 40):
                     _, key = np.unique(key, return_inverse=True)
                     key = key.reshape(-1).astype(np.int64)
         distinct, first, inverse = np.unique(key, return_index=True, return_inverse=True)
         if len(distinct) * 2 > self.n:
-            return self._text(tree, self.cols)
+            return jc.join(self._fragments(plan, Cols(self.batch), self.n), self.n)
         sub = self.batch.take(pa.array(first, pa.int64()))
-        text = self._text(tree, Cols(sub))
+        text = jc.join(self._fragments(plan, Cols(sub), len(first)), len(first))
         return text.take(pa.array(inverse.reshape(-1), pa.int64()))
 
     def _column_codes(self, name: str) -> tuple[np.ndarray, int]:
+        """Codes equal exactly where the column's values are equal (null, [] and [null] all distinct)."""
         if name not in self._codes:
-            arr = self.batch.column(name)
+            arr = jc.contiguous(self.batch.column(name))
             if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
                 if pa.types.is_string(arr.type.value_type):
-                    arr = pc.binary_join(arr, "\x1f")
+                    text = pc.fill_null(jc.string_lists(arr), "[]")
+                    arr = jc.keep(text, pc.is_valid(arr))
                 else:
                     arr = pa.array([None if v is None else orjson.dumps(v).decode() for v in arr.to_pylist()],
                                    pa.string())
@@ -271,7 +233,7 @@ def ndjson_array(batch: pa.RecordBatch) -> pa.Array:
     """Every flow as one ECS JSON document (no newline), as an Arrow string array."""
     if batch.num_rows == 0:
         return pa.array([], pa.string())
-    return _Renderer(batch, _applicable(batch, FLOW_FIELDS)).render()
+    return _Renderer(batch).render()
 
 
 def encode_documents(batch: pa.RecordBatch, kind: str = "flows") -> list[bytes]:
@@ -292,8 +254,14 @@ def encode_ndjson(batch: pa.RecordBatch, kind: str = "flows") -> list[bytes]:
         return []
     if kind != "flows":
         return [orjson.dumps(doc) + b"\n" for doc in aggregate_documents(batch)]
-    lines = pc.binary_join_element_wise(ndjson_array(batch), "\n", "")
-    return lines.cast(pa.binary()).to_pylist()
+    return _Renderer(batch).render(newline=True).cast(pa.binary()).to_pylist()
+
+
+def ndjson_buffer(batch: pa.RecordBatch) -> memoryview:
+    """Every flow as one ECS JSON line, laid end to end: a view of the Arrow text buffer (no copy)."""
+    if batch.num_rows == 0:
+        return memoryview(b"")
+    return jc.text_buffer(_Renderer(batch).render(newline=True))
 
 
 # ---------------------------------------------------------------------------------------------

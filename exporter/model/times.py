@@ -50,6 +50,11 @@ def _seconds(y: str, mo: str, d: str, h: str, mi: str, s: str) -> int:
     return int((datetime(int(y), int(mo), int(d), int(h), int(mi), int(s), tzinfo=UTC) - _EPOCH).total_seconds())
 
 
+def second_text(seconds: int) -> str:
+    """Whole seconds since the epoch as ``YYYY-MM-DDTHH:MM:SS`` (UTC)."""
+    return _second_text(seconds)
+
+
 @functools.lru_cache(maxsize=4096)
 def _second_text(seconds: int) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")

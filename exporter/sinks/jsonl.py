@@ -34,15 +34,33 @@ def encode(batch: pa.RecordBatch, kind: str, fmt: Format) -> list[bytes]:
     Aggregate rows have no Hubble form: ``format: hubble`` writes them as
     :func:`flowship.sinks.aggregate_json` objects.
     """
+    # the encoders are Arrow code: imported when rows are written, not when a config is validated
     if fmt == "ecs":
         from flowship.model import ecs_encode
 
         return ecs_encode.encode_ndjson(batch, kind=kind)
     if kind != "flows":
         return [line + b"\n" for line in aggregate_json(batch)]
-    from flowship.model.hubble_encode import encode_lines  # Arrow: when rows are written, not when validating
+    from flowship.model.hubble_encode import encode_lines
 
     return encode_lines(batch)
+
+
+def encode_body(batch: pa.RecordBatch, kind: str, fmt: Format) -> bytes | memoryview:
+    """The lines of :func:`encode` laid end to end, as one buffer.
+
+    Flows are written straight from the encoder's Arrow text buffer: no
+    Python object per line, so a sink's memory stays near one batch of text.
+    """
+    if kind != "flows":
+        return b"".join(encode(batch, kind, fmt))
+    if fmt == "ecs":
+        from flowship.model import ecs_encode
+
+        return ecs_encode.ndjson_buffer(batch)
+    from flowship.model.hubble_encode import ndjson_buffer
+
+    return ndjson_buffer(batch)
 
 
 @dataclass
@@ -74,7 +92,7 @@ class _LineSink(Sink):
 
     def write(self, env: Envelope) -> None:
         started = time.perf_counter()
-        data = b"".join(encode(env.batch, env.kind, self.config.format))
+        data = encode_body(env.batch, env.kind, self.config.format)
         stream = self._stream_for(len(data))
         stream.write(data)
         self._durable(stream)
