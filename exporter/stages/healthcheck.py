@@ -29,11 +29,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flowship.components import Stage
 from flowship.config import Duration
 from flowship.model.columns import list_any, not_null, to_mask, uint_values, url_path
 from flowship.model.ids import connection_hashes
-from flowship.stages.columns import filter_rows
+from flowship.stages.columns import MaskStage, among
 
 DEFAULT_PATHS = ["/healthz", "/readyz", "/livez", "/health", "/ping"]
 
@@ -157,7 +156,7 @@ def _endpoint_in(batch: pa.RecordBatch, prefix: str, identities: tuple[int, ...]
     return mask | _labels_contain(batch, f"{prefix}_labels", labels, unknown)
 
 
-class HealthcheckStage(Stage):
+class HealthcheckStage(MaskStage):
     """Drops health-check flows; counts them per rule."""
 
     def __init__(self, config: HealthcheckConfig, ctx: Any) -> None:
@@ -206,16 +205,16 @@ class HealthcheckStage(Stage):
                 masks["node_health"] = candidate
         return masks
 
-    def transform(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+    def select(self, batch: pa.RecordBatch, alive: np.ndarray | None) -> tuple[pa.RecordBatch, np.ndarray | None]:
+        # The content rules judge each row alone, so they run on the whole batch; the pairing and
+        # its memory only ever look at the alive rows, as if the dead ones had been removed.
         n = batch.num_rows
-        if n == 0:
-            return batch
         masks = self.rule_masks(batch)
         removed = np.zeros(n, dtype=bool)
         reason_of: dict[str, np.ndarray] = {}
         for reason in REASONS[:-1]:
             if reason in masks:
-                new = masks[reason] & ~removed
+                new = among(masks[reason], alive) & ~removed
                 reason_of[reason] = new
                 removed |= new
         if self.config.same_connection:
@@ -225,11 +224,14 @@ class HealthcheckStage(Stage):
                     http_removed |= reason_of[reason]
             if http_removed.any() or len(self._recent):
                 hashes = connection_hashes(batch)
-                now = int(pc.max(batch.column("time").cast(pa.int64())).as_py())
+                times = batch.column("time")
+                if alive is not None:
+                    times = times.filter(pa.array(alive, type=pa.bool_()))
+                now = int(pc.max(times.cast(pa.int64())).as_py())
                 self._recent.expire(now)
-                paired = self._recent.contains(hashes)
+                paired = among(self._recent.contains(hashes), alive)
                 if http_removed.any():
-                    paired |= np.isin(hashes, hashes[http_removed])
+                    paired |= among(np.isin(hashes, hashes[http_removed]), alive)
                 new = paired & ~removed
                 reason_of["same_connection"] = new
                 removed |= new
@@ -237,9 +239,7 @@ class HealthcheckStage(Stage):
                 if len(touched):
                     self._recent.add(np.unique(touched), now)
         for reason, mask in reason_of.items():
-            count = int(mask.sum())
+            count = int(np.count_nonzero(mask))
             if count:
                 self._counters[reason].inc(count)
-        if not removed.any():
-            return batch
-        return filter_rows(batch, ~removed)
+        return batch, ~removed if removed.any() else None
