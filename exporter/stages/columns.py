@@ -12,6 +12,10 @@ import numpy as np
 import pyarrow as pa
 
 from flowship.components import Stage
+from flowship.model.ids import connection_hashes
+
+# Values derived from a batch, shared by the mask stages of one run: name -> (the batch, the values).
+Memo = dict[str, tuple[pa.RecordBatch, np.ndarray]]
 
 
 def filter_rows(batch: pa.RecordBatch, keep: np.ndarray) -> pa.RecordBatch:
@@ -40,6 +44,16 @@ def among(mask: np.ndarray, alive: np.ndarray | None) -> np.ndarray:
     return mask if alive is None else mask & alive
 
 
+def memo_connection_hashes(batch: pa.RecordBatch, memo: Memo) -> np.ndarray:
+    """``connection_hashes(batch)``, computed once for all the mask stages that see this very batch."""
+    hit = memo.get("connection_hashes")
+    if hit is not None and hit[0] is batch:
+        return hit[1]
+    hashes = connection_hashes(batch)
+    memo["connection_hashes"] = (batch, hashes)
+    return hashes
+
+
 class MaskStage(Stage):
     """A stage that drops rows and may rewrite columns of the rows it keeps.
 
@@ -49,15 +63,17 @@ class MaskStage(Stage):
     compute over dead rows when that is cheaper, and what it returns for them
     does not matter. It returns a batch of the same length (the input, or the
     input with columns replaced) and the rows it keeps (None: all of them).
+    ``memo`` holds values derived from a batch that later stages may reuse.
     """
 
-    def select(self, batch: pa.RecordBatch, alive: np.ndarray | None) -> tuple[pa.RecordBatch, np.ndarray | None]:
+    def select(self, batch: pa.RecordBatch, alive: np.ndarray | None,
+               memo: Memo) -> tuple[pa.RecordBatch, np.ndarray | None]:
         raise NotImplementedError
 
     def transform(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         if batch.num_rows == 0:
             return batch
-        batch, keep = self.select(batch, None)
+        batch, keep = self.select(batch, None, {})
         return batch if keep is None else filter_rows(batch, keep)
 
 
@@ -69,10 +85,12 @@ COMPACT_BELOW = 0.5
 def select_through(stages: list[MaskStage], batch: pa.RecordBatch) -> pa.RecordBatch:
     """What the mask stages give one after the other, copying the kept rows once.
 
-    A stage that would see no rows is not called, as a stage given an empty
-    batch does nothing.
+    The copy comes earlier only when fewer than ``COMPACT_BELOW`` of the rows
+    are left. A stage that would see no rows is not called, as a stage given
+    an empty batch does nothing.
     """
     alive: np.ndarray | None = None
+    memo: Memo = {}
     for stage in stages:
         if alive is not None:
             count = int(np.count_nonzero(alive))
@@ -82,7 +100,7 @@ def select_through(stages: list[MaskStage], batch: pa.RecordBatch) -> pa.RecordB
                 batch, alive = filter_rows(batch, alive), None
         if batch.num_rows == 0:
             break
-        batch, keep = stage.select(batch, alive)
+        batch, keep = stage.select(batch, alive, memo)
         if keep is not None:
             alive = keep if alive is None else alive & keep
     return batch if alive is None else filter_rows(batch, alive)

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from flowship.model.flowfilter import compile_filter_set, filter_problems
-from flowship.stages.columns import MaskStage, among
+from flowship.stages.columns import MaskStage, Memo, among
 
 
 @dataclass
@@ -36,7 +36,8 @@ class FilterStage(MaskStage):
         self._not_allowed = ctx.metrics.stage_dropped(ctx.name, "not_allowed")
         self._denied = ctx.metrics.stage_dropped(ctx.name, "denied")
 
-    def select(self, batch: pa.RecordBatch, alive: np.ndarray | None) -> tuple[pa.RecordBatch, np.ndarray | None]:
+    def select(self, batch: pa.RecordBatch, alive: np.ndarray | None,
+               memo: Memo) -> tuple[pa.RecordBatch, np.ndarray | None]:
         allowed, denied = self._filters.evaluate(batch)  # one verdict per row: dead rows cost, never count
         keep = allowed & ~denied
         not_allowed = int(np.count_nonzero(among(~allowed, alive)))

@@ -31,8 +31,7 @@ import pyarrow.compute as pc
 
 from flowship.config import Duration
 from flowship.model.columns import list_any, not_null, to_mask, uint_values, url_path
-from flowship.model.ids import connection_hashes
-from flowship.stages.columns import MaskStage, among
+from flowship.stages.columns import MaskStage, Memo, among, memo_connection_hashes
 
 DEFAULT_PATHS = ["/healthz", "/readyz", "/livez", "/health", "/ping"]
 
@@ -205,7 +204,8 @@ class HealthcheckStage(MaskStage):
                 masks["node_health"] = candidate
         return masks
 
-    def select(self, batch: pa.RecordBatch, alive: np.ndarray | None) -> tuple[pa.RecordBatch, np.ndarray | None]:
+    def select(self, batch: pa.RecordBatch, alive: np.ndarray | None,
+               memo: Memo) -> tuple[pa.RecordBatch, np.ndarray | None]:
         # The content rules judge each row alone, so they run on the whole batch; the pairing and
         # its memory only ever look at the alive rows, as if the dead ones had been removed.
         n = batch.num_rows
@@ -223,7 +223,7 @@ class HealthcheckStage(MaskStage):
                 if reason in reason_of:
                     http_removed |= reason_of[reason]
             if http_removed.any() or len(self._recent):
-                hashes = connection_hashes(batch)
+                hashes = memo_connection_hashes(batch, memo)
                 times = batch.column("time")
                 if alive is not None:
                     times = times.filter(pa.array(alive, type=pa.bool_()))

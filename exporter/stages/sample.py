@@ -32,8 +32,8 @@ import pyarrow as pa
 
 from flowship.model.columns import uint_values
 from flowship.model.flowfilter import compile_filter_list, filter_problems
-from flowship.model.ids import connection_hashes, mix64
-from flowship.stages.columns import MaskStage, among
+from flowship.model.ids import mix64
+from flowship.stages.columns import MaskStage, Memo, among, memo_connection_hashes
 
 DEFAULT_ALWAYS_KEEP: list[dict[str, Any]] = [
     {"verdict": ["DROPPED", "ERROR"]},
@@ -83,14 +83,15 @@ class SampleStage(MaskStage):
             "flowship_sample_always_kept_total",
             "Flows that bypassed sampling because they matched always_keep.", ["stage"]).labels(ctx.name)
 
-    def select(self, batch: pa.RecordBatch, alive: np.ndarray | None) -> tuple[pa.RecordBatch, np.ndarray | None]:
+    def select(self, batch: pa.RecordBatch, alive: np.ndarray | None,
+               memo: Memo) -> tuple[pa.RecordBatch, np.ndarray | None]:
         rate = self.config.rate
         if rate <= 1:
             return batch, None
         incoming = uint_values(batch.column("sample_rate"), fill=1)
         incoming[incoming == 0] = 1
         always = self._always(batch)
-        sampled = sample_keep(connection_hashes(batch), incoming, rate, self.config.seed)
+        sampled = sample_keep(memo_connection_hashes(batch, memo), incoming, rate, self.config.seed)
         keep = always | sampled
         scaled = np.where(incoming > _MAX_RATE // rate, _MAX_RATE, incoming * rate)  # no int64 overflow
         new_rate = np.where(always, incoming, scaled)

@@ -189,3 +189,17 @@ def test_fused_output_keeps_the_schema_of_its_input(generated):
     stages, _ = build(CHAINS["healthcheck-filter-sample"])
     [env] = _run_stages(stages, [Envelope(generated[1], [Receipt()])])
     assert env.batch.schema == generated[1].schema
+
+
+def test_the_stages_of_a_fused_run_hash_the_connections_of_a_batch_once(generated, monkeypatch):
+    hashed = []
+    real = columns.connection_hashes
+
+    def counting(batch: pa.RecordBatch) -> np.ndarray:
+        hashed.append(batch.num_rows)
+        return real(batch)
+
+    monkeypatch.setattr(columns, "connection_hashes", counting)
+    stages, _ = build(CHAINS["healthcheck-filter-sample"])
+    select_through(stages, generated[0])
+    assert hashed == [generated[0].num_rows]
