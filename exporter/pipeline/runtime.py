@@ -197,7 +197,7 @@ def _run_stages(stages: list[Stage], envs: list[Envelope]) -> list[Envelope]:
             j = i + 1
             while j < len(stages) and isinstance(stages[j], MaskStage):
                 j += 1
-            masks: list[MaskStage] = stages[i:j]  # type: ignore[assignment]
+            masks = [stage for stage in stages[i:j] if isinstance(stage, MaskStage)]
             envs = [env.with_batch(select_through(masks, env.batch)) if env.kind == "flows" else env
                     for env in envs]
             i = j
