@@ -1,6 +1,7 @@
 """Throughput and memory of the columnar stages on synthetic flows shaped like the Hubble fixtures.
 
     python bench/bench_stages.py [--flows 2000000] [--batch 65536] [--only filter,sample]
+                                 [--paths one-by-one,fused]
 
 Flows come from bench/flowgen.py (Arrow columns, a few seconds for millions):
 2000 pods in 40 namespaces with Cilium label sets, connections of several
@@ -14,6 +15,14 @@ flows/s is measured over that pass, in wall time and in this process's
 CPU time (the fairer figure on a shared machine). Peak RSS is the process high-water
 mark during the pass (reset before it through /proc/self/clear_refs), so
 it includes the generated input, whose size is printed first.
+
+Each scenario runs along two paths, one after the other in the same process:
+``one-by-one`` hands every batch to each stage's ``process`` in turn (each
+dropping stage copies its survivors), ``fused`` goes through the pipeline
+runtime, where a run of mask stages (healthcheck, filter, sample) copies the
+surviving rows once. Scenarios ending in ``+parquet`` also write the result
+with the Parquet sink (zstd 1, no fsync) into a temporary directory, closing
+it at the end so every file is published inside the timed pass.
 """
 
 from __future__ import annotations
@@ -21,7 +30,9 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,8 +45,10 @@ from flowgen import generate_batch  # noqa: E402
 
 from flowship.components import Context  # noqa: E402
 from flowship.config import parse  # noqa: E402
+from flowship.logs import configure  # noqa: E402
 from flowship.metrics import Metrics  # noqa: E402
 from flowship.pipeline.envelope import Envelope, Receipt  # noqa: E402
+from flowship.pipeline.runtime import _close_stages, _run_stages  # noqa: E402
 from flowship.registry import component_class, config_class  # noqa: E402
 
 T0 = 1_700_000_000_000_000_000
@@ -56,6 +69,9 @@ SCENARIOS: dict[str, list[tuple[str, dict]]] = {
     "sample": [("sample", {"rate": 10})],
     "aggregate": [("aggregate", {"window": "60s"})],
     "redact": [("redact", {"fields": ["ip", "http_url_query"], "mode": "hash", "key_env": "FLOWSHIP_BENCH_KEY"})],
+    "hc-filter-sample": [("healthcheck", {"prometheus": True}),
+                         ("filter", {"deny": [{"source_pod": ["kube-system/"]}]}),
+                         ("sample", {"rate": 10})],
     "chained": [("healthcheck", {"prometheus": True}),
                 ("filter", {"deny": [{"source_pod": ["kube-system/"]}]}),
                 ("sample", {"rate": 10}),
@@ -67,6 +83,9 @@ SCENARIOS: dict[str, list[tuple[str, dict]]] = {
                              ("filter", {"deny": [{"source_pod": ["kube-system/"]}]}),
                              ("aggregate", {"window": "60s"})],
 }
+SCENARIOS["hc-filter-sample+parquet"] = SCENARIOS["hc-filter-sample"]
+SCENARIOS["parquet"] = []
+PATHS = ("one-by-one", "fused")
 
 
 def build_stages(spec: list[tuple[str, dict]]) -> list:
@@ -79,19 +98,45 @@ def build_stages(spec: list[tuple[str, dict]]) -> list:
     return stages
 
 
-def run_once(stages: list, batches: list[pa.RecordBatch]) -> int:
-    """Push every batch through the stages, then close them in order; returns rows out."""
+def build_sink(directory: Path) -> object:
+    """A Parquet sink writing into ``directory`` without fsync (the disk is not what is measured)."""
+    config = parse(config_class("sinks", "parquet"), {"path": str(directory), "fsync": False}, "<bench>", "sinks[0]")
+    ctx = Context(name="parquet", metrics=Metrics(), node_name="bench", data_dir=directory)
+    sink = component_class("sinks", "parquet")(config, ctx)
+    sink.start()
+    return sink
+
+
+def one_by_one(stages: list, envs: list[Envelope]) -> list[Envelope]:
+    """Each stage's ``process`` in turn: every dropping stage copies its survivors."""
+    for stage in stages:
+        envs = [out for env in envs for out in stage.process(env)]
+    return envs
+
+
+def run_once(stages: list, batches: list[pa.RecordBatch], path: str = "one-by-one", sink: object = None) -> int:
+    """Push every batch through the stages (and the sink), then close them in order; returns rows out."""
+    run = one_by_one if path == "one-by-one" else _run_stages
     rows_out = 0
+
+    def deliver(envs: list[Envelope]) -> int:
+        rows = 0
+        for env in envs:
+            rows += env.batch.num_rows
+            if sink is not None and env.batch.num_rows:
+                sink.write(env)
+        return rows
+
     for batch in batches:
-        envs = [Envelope(batch, [Receipt()])]
-        for stage in stages:
-            envs = [out for env in envs for out in stage.process(env)]
-        rows_out += sum(e.batch.num_rows for e in envs)
-    for i, stage in enumerate(stages):
-        produced = stage.close()
-        for later in stages[i + 1:]:
-            produced = [out for env in produced for out in later.process(env)]
-        rows_out += sum(e.batch.num_rows for e in produced)
+        rows_out += deliver(run(stages, [Envelope(batch, [Receipt()])]))
+    if path == "one-by-one":
+        for i, stage in enumerate(stages):
+            rows_out += deliver(one_by_one(stages[i + 1:], stage.close()))
+    else:
+        rows_out += deliver(_close_stages(stages))
+    if sink is not None:
+        sink.flush()
+        sink.close()
     return rows_out
 
 
@@ -109,15 +154,21 @@ def peak_rss_mib() -> float:
     return float("nan")
 
 
-def run_scenario(name: str, batches: list[pa.RecordBatch]) -> tuple[int, int, float, float, float]:
+def run_scenario(name: str, batches: list[pa.RecordBatch], path: str) -> tuple[int, int, float, float, float]:
     """Warm up on a few batches (fresh stages), then time a full pass with fresh stages."""
-    run_once(build_stages(SCENARIOS[name]), batches[:3])
-    gc.collect()
-    reset_peak_rss()
-    stages = build_stages(SCENARIOS[name])
-    start, cpu_start = time.perf_counter(), time.process_time()
-    rows_out = run_once(stages, batches)
-    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    with_sink = name.endswith("parquet")
+    directory = Path(tempfile.mkdtemp(prefix="bench-stages-"))
+    try:
+        run_once(build_stages(SCENARIOS[name]), batches[:3], path, build_sink(directory / "warm") if with_sink else None)
+        gc.collect()
+        reset_peak_rss()
+        stages = build_stages(SCENARIOS[name])
+        sink = build_sink(directory / "timed") if with_sink else None
+        start, cpu_start = time.perf_counter(), time.process_time()
+        rows_out = run_once(stages, batches, path, sink)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
     return sum(b.num_rows for b in batches), rows_out, elapsed, cpu, peak_rss_mib()
 
 
@@ -126,7 +177,9 @@ def main() -> None:
     parser.add_argument("--flows", type=int, default=2_000_000)
     parser.add_argument("--batch", type=int, default=65536)
     parser.add_argument("--only", default=",".join(SCENARIOS))
+    parser.add_argument("--paths", default=",".join(PATHS), help="one-by-one, fused or both (side by side)")
     args = parser.parse_args()
+    configure("warning")
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
     os.environ.setdefault("FLOWSHIP_BENCH_KEY", "bench-key")
@@ -140,12 +193,18 @@ def main() -> None:
           f"({table.nbytes / 2**20:,.0f} MiB of Arrow data) in {gen_s:.1f}s; RSS after generation {base_mib:,.0f} MiB")
     print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
           "(flows/s = per wall second; per CPU s = per second of this process's CPU time)")
-    print(f"{'scenario':<20} {'flows in':>11} {'rows out':>11} {'wall s':>7} {'flows/s':>11} {'CPU s':>6} "
-          f"{'per CPU s':>11} {'peak RSS MiB':>13}")
+    paths = args.paths.split(",")
+    print(f"{'scenario':<26} {'path':<10} {'flows in':>11} {'rows out':>11} {'wall s':>7} {'flows/s':>11} "
+          f"{'CPU s':>6} {'per CPU s':>11} {'peak RSS MiB':>13}")
     for name in args.only.split(","):
-        rows_in, rows_out, elapsed, cpu, peak = run_scenario(name, batches)
-        print(f"{name:<20} {rows_in:>11,} {rows_out:>11,} {elapsed:>7.2f} {rows_in / elapsed:>11,.0f} {cpu:>6.2f} "
-              f"{rows_in / cpu:>11,.0f} {peak:>13,.0f}")
+        per_cpu = {}
+        for path in paths:
+            rows_in, rows_out, elapsed, cpu, peak = run_scenario(name, batches, path)
+            per_cpu[path] = rows_in / cpu
+            print(f"{name:<26} {path:<10} {rows_in:>11,} {rows_out:>11,} {elapsed:>7.2f} {rows_in / elapsed:>11,.0f} "
+                  f"{cpu:>6.2f} {rows_in / cpu:>11,.0f} {peak:>13,.0f}")
+        if len(per_cpu) == 2:
+            print(f"{name:<26} {'fused / one-by-one per CPU s: ' + format(per_cpu['fused'] / per_cpu['one-by-one'], '.2f')}")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from flowship.hubble_metrics import HubbleMetrics
 from flowship.metrics import Metrics
 from flowship.pipeline.disk_buffer import DiskBuffer
 from flowship.pipeline.envelope import Envelope, Receipt
+from flowship.stages.columns import MaskStage, select_through
 
 _STOP = object()
 TICK_SECONDS = 1.0
@@ -187,11 +188,23 @@ def _build_stages(specs: list[ComponentSpec], metrics: Metrics, pc: PipelineConf
 
 
 def _run_stages(stages: list[Stage], envs: list[Envelope]) -> list[Envelope]:
-    for stage in stages:
+    """Each stage in order; a run of mask stages copies the rows of a flow batch once, at its end."""
+    i = 0
+    while i < len(stages):
+        if isinstance(stages[i], MaskStage):
+            j = i + 1
+            while j < len(stages) and isinstance(stages[j], MaskStage):
+                j += 1
+            masks = [stage for stage in stages[i:j] if isinstance(stage, MaskStage)]
+            envs = [env.with_batch(select_through(masks, env.batch)) if env.kind == "flows" else env
+                    for env in envs]
+            i = j
+            continue
         out: list[Envelope] = []
         for env in envs:
-            out.extend(stage.process(env))
+            out.extend(stages[i].process(env))
         envs = out
+        i += 1
     return envs
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
-from flowship.components import Stage
 from flowship.model.flowfilter import compile_filter_set, filter_problems
-from flowship.stages.columns import filter_rows
+from flowship.stages.columns import MaskStage, Memo, among
 
 
 @dataclass
@@ -27,7 +27,7 @@ class FilterConfig:
         return filter_problems(lambda: compile_filter_set(self.allow, self.deny))
 
 
-class FilterStage(Stage):
+class FilterStage(MaskStage):
     """Drops the flows that the allow/deny lists reject; counts them by reason."""
 
     def __init__(self, config: FilterConfig, ctx: Any) -> None:
@@ -36,17 +36,14 @@ class FilterStage(Stage):
         self._not_allowed = ctx.metrics.stage_dropped(ctx.name, "not_allowed")
         self._denied = ctx.metrics.stage_dropped(ctx.name, "denied")
 
-    def transform(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        if batch.num_rows == 0:
-            return batch
-        allowed, denied = self._filters.evaluate(batch)
+    def select(self, batch: pa.RecordBatch, alive: np.ndarray | None,
+               memo: Memo) -> tuple[pa.RecordBatch, np.ndarray | None]:
+        allowed, denied = self._filters.evaluate(batch)  # one verdict per row: dead rows cost, never count
         keep = allowed & ~denied
-        kept = int(keep.sum())
-        if kept == batch.num_rows:
-            return batch
-        not_allowed = int((~allowed).sum())
+        not_allowed = int(np.count_nonzero(among(~allowed, alive)))
         if not_allowed:
             self._not_allowed.inc(not_allowed)
-        if batch.num_rows - kept - not_allowed:
-            self._denied.inc(batch.num_rows - kept - not_allowed)
-        return filter_rows(batch, keep)
+        hit = int(np.count_nonzero(among(allowed & denied, alive)))
+        if hit:
+            self._denied.inc(hit)
+        return batch, None if keep.all() else keep

@@ -25,8 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from flowship.components import Stage
 from flowship.config import Duration
+from flowship.stages.columns import MaskStage, Memo
 
 if TYPE_CHECKING:  # Arrow and numpy are imported where rows are computed: a config validates without them
     import numpy as np
@@ -78,10 +78,10 @@ class RecentConnections:
     """A bounded set of connection hashes, each kept for ``ttl_ns`` of flow time."""
 
     def __init__(self, capacity: int, ttl_ns: int) -> None:
-        self.capacity = capacity
-        self.ttl_ns = ttl_ns
         import numpy as np
 
+        self.capacity = capacity
+        self.ttl_ns = ttl_ns
         self.keys = np.zeros(0, dtype=np.uint64)  # sorted
         self.seen = np.zeros(0, dtype=np.int64)
 
@@ -174,13 +174,13 @@ def _endpoint_in(batch: pa.RecordBatch, prefix: str, identities: tuple[int, ...]
     return mask | _labels_contain(batch, f"{prefix}_labels", labels, unknown)
 
 
-class HealthcheckStage(Stage):
+class HealthcheckStage(MaskStage):
     """Drops health-check flows; counts them per rule."""
 
     def __init__(self, config: HealthcheckConfig, ctx: Any) -> None:
-        super().__init__(config, ctx)
         import pyarrow as pa
 
+        super().__init__(config, ctx)
         self._paths = pa.array(sorted(set(config.paths)), pa.string())
         self._prom_paths = pa.array(sorted(set(config.prometheus_paths)), pa.string())
         self._recent = RecentConnections(config.connection_memory, int(float(config.connection_ttl) * 1e9))
@@ -230,23 +230,23 @@ class HealthcheckStage(Stage):
                 masks["node_health"] = candidate
         return masks
 
-    def transform(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+    def select(self, batch: pa.RecordBatch, alive: np.ndarray | None,
+               memo: Memo) -> tuple[pa.RecordBatch, np.ndarray | None]:
         import numpy as np
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        from flowship.model.ids import connection_hashes
-        from flowship.stages.columns import filter_rows
+        from flowship.stages.columns import among, memo_connection_hashes
 
+        # The content rules judge each row alone, so they run on the whole batch; the pairing and
+        # its memory only ever look at the alive rows, as if the dead ones had been removed.
         n = batch.num_rows
-        if n == 0:
-            return batch
         masks = self.rule_masks(batch)
         removed = np.zeros(n, dtype=bool)
         reason_of: dict[str, np.ndarray] = {}
         for reason in REASONS[:-1]:
             if reason in masks:
-                new = masks[reason] & ~removed
+                new = among(masks[reason], alive) & ~removed
                 reason_of[reason] = new
                 removed |= new
         if self.config.same_connection:
@@ -255,12 +255,15 @@ class HealthcheckStage(Stage):
                 if reason in reason_of:
                     http_removed |= reason_of[reason]
             if http_removed.any() or len(self._recent):
-                hashes = connection_hashes(batch)
-                now = int(pc.max(batch.column("time").cast(pa.int64())).as_py())
+                hashes = memo_connection_hashes(batch, memo)
+                times = batch.column("time")
+                if alive is not None:
+                    times = times.filter(pa.array(alive, type=pa.bool_()))
+                now = int(pc.max(times.cast(pa.int64())).as_py())
                 self._recent.expire(now)
-                paired = self._recent.contains(hashes)
+                paired = among(self._recent.contains(hashes), alive)
                 if http_removed.any():
-                    paired |= np.isin(hashes, hashes[http_removed])
+                    paired |= among(np.isin(hashes, hashes[http_removed]), alive)
                 new = paired & ~removed
                 reason_of["same_connection"] = new
                 removed |= new
@@ -268,9 +271,7 @@ class HealthcheckStage(Stage):
                 if len(touched):
                     self._recent.add(np.unique(touched), now)
         for reason, mask in reason_of.items():
-            count = int(mask.sum())
+            count = int(np.count_nonzero(mask))
             if count:
                 self._counters[reason].inc(count)
-        if not removed.any():
-            return batch
-        return filter_rows(batch, ~removed)
+        return batch, ~removed if removed.any() else None

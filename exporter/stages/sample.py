@@ -30,11 +30,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from flowship.components import Stage
 from flowship.model.columns import uint_values
 from flowship.model.flowfilter import compile_filter_list, filter_problems
-from flowship.model.ids import connection_hashes, mix64
-from flowship.stages.columns import filter_rows
+from flowship.model.ids import mix64
+from flowship.stages.columns import MaskStage, Memo, among, memo_connection_hashes
 
 DEFAULT_ALWAYS_KEEP: list[dict[str, Any]] = [
     {"verdict": ["DROPPED", "ERROR"]},
@@ -73,7 +72,7 @@ class SampleConfig:
         return problems
 
 
-class SampleStage(Stage):
+class SampleStage(MaskStage):
     """Keeps 1 in ``rate`` connections and re-weights the kept flows."""
 
     def __init__(self, config: SampleConfig, ctx: Any) -> None:
@@ -84,25 +83,25 @@ class SampleStage(Stage):
             "flowship_sample_always_kept_total",
             "Flows that bypassed sampling because they matched always_keep.", ["stage"]).labels(ctx.name)
 
-    def transform(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+    def select(self, batch: pa.RecordBatch, alive: np.ndarray | None,
+               memo: Memo) -> tuple[pa.RecordBatch, np.ndarray | None]:
         rate = self.config.rate
-        n = batch.num_rows
-        if n == 0 or rate <= 1:
-            return batch
+        if rate <= 1:
+            return batch, None
         incoming = uint_values(batch.column("sample_rate"), fill=1)
         incoming[incoming == 0] = 1
         always = self._always(batch)
-        sampled = sample_keep(connection_hashes(batch), incoming, rate, self.config.seed)
+        sampled = sample_keep(memo_connection_hashes(batch, memo), incoming, rate, self.config.seed)
         keep = always | sampled
         scaled = np.where(incoming > _MAX_RATE // rate, _MAX_RATE, incoming * rate)  # no int64 overflow
         new_rate = np.where(always, incoming, scaled)
-        dropped = n - int(keep.sum())
+        dropped = int(np.count_nonzero(among(~keep, alive)))
         if dropped:
             self._dropped.inc(dropped)
-        if always.any():
-            self._kept_always.inc(int(always.sum()))
+        kept_always = int(np.count_nonzero(among(always, alive)))
+        if kept_always:
+            self._kept_always.inc(kept_always)
         names = batch.schema.names
         columns = list(batch.columns)
         columns[names.index("sample_rate")] = pa.array(new_rate.astype(np.uint32), type=pa.uint32())
-        out = pa.RecordBatch.from_arrays(columns, schema=batch.schema)
-        return filter_rows(out, keep)
+        return pa.RecordBatch.from_arrays(columns, schema=batch.schema), keep

@@ -236,6 +236,18 @@ def test_per_sink_stages_apply_only_to_their_sink(tmp_path, all_flows):
     assert all(r.done for r in source.receipts)  # rows a stage removed count as delivered
 
 
+def test_a_fused_chain_that_drops_every_row_still_completes_each_receipt(tmp_path, all_flows):
+    sinks = {"a": RecordingSink()}
+    p, source = build(tmp_path, split(all_flows, 3), sinks,
+                      stages=[{"type": "healthcheck"}, {"type": "filter", "deny": [{"verdict": ["FORWARDED"]}]},
+                              {"type": "filter", "allow": [{"verdict": ["FORWARDED"]}]}, {"type": "sample"}])
+    summary = p.run()
+    assert summary.exit_code == EXIT_OK, summary
+    assert sinks["a"].envs == []
+    assert source.completions == {0: 1, 1: 1, 2: 1}
+    assert sum(summary.dropped.values()) == all_flows.num_rows
+
+
 def test_a_stop_flushes_held_rows_before_closing(tmp_path, all_flows):
     sinks = {"held": RecordingSink(hold=True)}
     p, source = build(tmp_path, split(all_flows, 4), sinks, follow=True)

@@ -310,3 +310,21 @@ def test_config_errors_name_the_key_path(option, message):
     with pytest.raises(ConfigError) as caught:
         load_text(f"sources: [{{type: stdin}}]\nsinks:\n  - type: parquet\n    {option}\n", "c.yaml")
     assert message in str(caught.value), str(caught.value)
+
+
+def test_rows_in_time_order_or_shuffled_give_the_same_sorted_file(tmp_path, ctx):
+    flows = pa.Table.from_batches([generated_flows(3000, start_ns=1_700_000_000 * 10**9, spread_s=60.0)])
+    in_order = flows.sort_by("time")
+    shuffled = in_order.take(pa.array(list(range(1, 3000, 2)) + list(range(0, 3000, 2))))
+    tables = []
+    for name, table in (("in_order", in_order), ("shuffled", shuffled)):
+        sink = new_sink(ctx, tmp_path / name, row_group_rows=1000)
+        for batch in table.to_batches(max_chunksize=700):
+            sink.write(Envelope(batch, [Receipt()]))
+        sink.flush()
+        [file] = published(tmp_path / name)
+        assert pq.ParquetFile(file).metadata.num_row_groups == 3
+        tables.append(pq.read_table(file))
+    got = tables[0].column("time").cast(pa.int64()).to_pylist()
+    assert got == sorted(got)
+    assert tables[0].equals(tables[1]) and tables[0].equals(in_order)
