@@ -2,7 +2,7 @@
 
 * protojson (Hubble JSON, aggregate rows as JSON): 0, 3, 6 or 9 fraction
   digits, as ``protojson`` prints a ``google.protobuf.Timestamp`` —
-  :func:`format_time` for one value, :func:`protojson_times` for a column;
+  :func:`format_time` for one value (the encoders build columns of it themselves);
 * ECS (``date_nanos``, Loki labels and logfmt): always nine digits —
   :func:`nanos_times`;
 * a Python ``datetime`` (aggregate values, "now"): :func:`datetime_text`.
@@ -76,34 +76,6 @@ def format_time(ns: int) -> str:
 def datetime_text(value: datetime) -> str:
     """A timezone-aware datetime as RFC 3339 (``isoformat`` with ``Z`` for UTC, microseconds when set)."""
     return value.isoformat().replace("+00:00", "Z")
-
-
-def protojson_times(ns: pa.Array) -> pa.Array:
-    """Timestamps as protojson prints them: seconds plus 0, 3, 6 or 9 fraction digits, Z."""
-    if ns.null_count == len(ns):
-        return pa.nulls(len(ns), pa.string())
-    ints = pc.cast(ns, pa.int64())
-    seconds = _floor_div(ints, 1_000_000_000)
-    base = pc.strftime(pc.cast(pc.multiply(seconds, 1_000_000_000), pa.timestamp("ns", tz="UTC")),
-                       format="%Y-%m-%dT%H:%M:%S", locale="C")
-    base = pc.utf8_slice_codeunits(base, 0, 19)
-    frac = pc.subtract(ints, pc.multiply(seconds, 1_000_000_000))
-    digits9 = pc.utf8_lpad(pc.cast(frac, pa.string()), 9, "0")
-    f = pc.fill_null(frac, 0).to_numpy(zero_copy_only=False)
-    nine = pa.array(f % 1000 != 0)
-    six = pa.array((f % 1_000_000 != 0) & (f % 1000 == 0))
-    three = pa.array((f != 0) & (f % 1_000_000 == 0))
-    fraction = pc.if_else(nine, pc.binary_join_element_wise(".", digits9, ""),
-                          pc.if_else(six, pc.binary_join_element_wise(".", pc.utf8_slice_codeunits(digits9, 0, 6), ""),
-                                     pc.if_else(three, pc.binary_join_element_wise(
-                                         ".", pc.utf8_slice_codeunits(digits9, 0, 3), ""), "")))
-    return pc.binary_join_element_wise(base, fraction, "Z", "")
-
-
-def _floor_div(values: pa.Array, divisor: int) -> pa.Array:
-    arr = pc.fill_null(values, 0).to_numpy(zero_copy_only=False)
-    mask = pc.is_null(values).to_numpy(zero_copy_only=False)
-    return pa.array(np.floor_divide(arr, divisor), type=pa.int64(), mask=mask if mask.any() else None)
 
 
 def nanos_times(ts: pa.Array) -> pa.Array:
