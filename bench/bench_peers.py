@@ -15,9 +15,10 @@ flows converted beforehand (not timed) to its own flat record form (``SrcAddr``,
 flows whose verdict is DROPPED, and the aggregate rows add up to every flow.
 
 Each run is a child process; its CPU time (user + system) and peak RSS come from ``os.wait4``. Benthos and
-flowship exit at the end of their input. flowlogs-pipeline does not (its pipeline keeps running once stdin
-is exhausted), so it is stopped once its input is consumed and it has been idle for a few seconds, and
-its wall time ends at its last activity (output, CPU or input read).
+flowship exit at the end of their input. flowlogs-pipeline is fed through a pipe left open: its stdin
+ingest may drop the lines still queued when it sees the end of input, and its aggregate stage never ends.
+It is stopped once everything is written and it has been idle for a few seconds (aggregate: once its
+rows have counted every flow), and its wall time ends at its last activity (output or CPU).
 
 Usage: python3 bench/bench_peers.py [-n FLOWS] [--runs 3] [--cases discard,filter,aggregate,parquet]
                                     [--tools flowship,flowlogs-pipeline,benthos] [--workdir DIR]
@@ -26,6 +27,7 @@ Usage: python3 bench/bench_peers.py [-n FLOWS] [--runs 3] [--cases discard,filte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import shutil
@@ -34,9 +36,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import orjson
 
@@ -241,7 +245,7 @@ def command(tool: str, case: str, run_dir: Path, binaries: dict[str, Path]) -> l
                 "export", "--config", str(config)]
     if tool == "flowlogs-pipeline":
         config.write_text(flp_config(case))
-        return [str(binaries[tool]), "--config", str(config), "--health.port", "0"]
+        return [str(binaries[tool]), "--config", str(config)]
     config.write_text(benthos_config(case))
     return [str(binaries[tool]), "-c", str(config)]
 
@@ -255,43 +259,72 @@ def _cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-def _stdin_pos(pid: int) -> int:
-    """Read offset of a live process's standard input (-1 once it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/fdinfo/0").read_text().splitlines():
-            if line.startswith("pos:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return -1
+def _feed(src: BinaryIO, pipe: BinaryIO | None) -> None:
+    """Copy a file into a child's stdin and leave the pipe open (an end of input is never seen)."""
+    assert pipe is not None
+    while chunk := src.read(1 << 20):
+        try:
+            pipe.write(chunk)
+            pipe.flush()
+        except BrokenPipeError:
+            return
 
 
-def measure(argv: list[str], stdin: Path, run_dir: Path, stop_on_idle: bool) -> Run:
-    """Run argv with stdin from a file and stdout to run_dir/out.jsonl; CPU, wall and peak RSS of the child."""
+class AggregateProgress:
+    """Flows counted so far in flowlogs-pipeline's aggregate output (the ``recent_count`` of each row).
+
+    Its aggregate stage re-emits every group on a timer even when nothing new came in, so the output never
+    goes quiet: the run is complete once the rows have counted every input flow.
+    """
+
+    def __init__(self, path: Path, flows: int) -> None:
+        self.path, self.flows, self.offset, self.counted, self.rest = path, flows, 0, 0, b""
+
+    def __call__(self) -> bool:
+        """Read what was appended since the last call; True once every flow is counted."""
+        with self.path.open("rb") as fh:
+            fh.seek(self.offset)
+            data = self.rest + fh.read()
+            self.offset = fh.tell()
+        *lines, self.rest = data.split(b"\n")
+        for line in lines:
+            if line.startswith(b'{"'):
+                self.counted += int(orjson.loads(line).get("recent_count", 0))
+        return self.counted >= self.flows
+
+
+def measure(argv: list[str], stdin: Path, run_dir: Path, stop_on_idle: bool, flows: int | None = None) -> Run:
+    """Run argv with stdin from a file and stdout to run_dir/out.jsonl; CPU, wall and peak RSS of the child.
+
+    With ``stop_on_idle`` the file is fed through a pipe that stays open, and the child is stopped (SIGTERM)
+    once all of it is written and the child has been idle (no output, no CPU) for IDLE_STOP_S, or, given
+    ``flows``, once its aggregate output has counted that many flows; its wall time ends at its last
+    activity.
+    """
     out, err = run_dir / "out.jsonl", run_dir / "stderr.txt"
-    size = stdin.stat().st_size
+    progress = AggregateProgress(out, flows) if flows is not None else None
     with stdin.open("rb") as fin, out.open("wb") as fout, err.open("wb") as ferr:
         start = time.monotonic()
-        proc = subprocess.Popen(argv, stdin=fin, stdout=fout, stderr=ferr, cwd=run_dir)
-        end = None
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stop_on_idle else fin, stdout=fout, stderr=ferr,
+                                cwd=run_dir)
         if stop_on_idle:
+            feeder = threading.Thread(target=_feed, args=(fin, proc.stdin), daemon=True)
+            feeder.start()
             last, last_change = None, start
             while True:
                 pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                end = time.monotonic()
                 if pid:
-                    end = time.monotonic()
                     break
-                now = time.monotonic()
-                state = (_stdin_pos(proc.pid), out.stat().st_size, _cpu_ticks(proc.pid))
+                state = (feeder.is_alive(), out.stat().st_size, _cpu_ticks(proc.pid))
                 if state != last:
-                    last, last_change = state, now
-                elif state[0] >= size and now - last_change >= IDLE_STOP_S:
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        _, status, usage = _wait4(proc.pid, timeout=10)
-                    except TimeoutError:
-                        proc.kill()
-                        _, status, usage = os.wait4(proc.pid, 0)
+                    last, last_change = state, end
+                consumed = not state[0]
+                if consumed and progress is not None and progress():
+                    status, usage = _stop(proc)
+                    break
+                if consumed and end - last_change >= IDLE_STOP_S:
+                    status, usage = _stop(proc)
                     end = last_change
                     break
                 time.sleep(0.05)
@@ -299,9 +332,23 @@ def measure(argv: list[str], stdin: Path, run_dir: Path, stop_on_idle: bool) -> 
             _, status, usage = os.wait4(proc.pid, 0)
             end = time.monotonic()
         proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
     if not stop_on_idle and proc.returncode != 0:
         raise RuntimeError(f"{argv[0]} exited {proc.returncode}:\n{err.read_text()[-4000:]}")
     return Run(usage.ru_utime + usage.ru_stime, end - start, usage.ru_maxrss / 1024, out)
+
+
+def _stop(proc: subprocess.Popen) -> tuple[int, resource.struct_rusage]:
+    """SIGTERM (then SIGKILL after 10 s) and reap; exit status and resource usage."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, status, usage = _wait4(proc.pid, timeout=10)
+    except TimeoutError:
+        proc.kill()
+        _, status, usage = os.wait4(proc.pid, 0)
+    return status, usage
 
 
 def _wait4(pid: int, timeout: float) -> tuple[int, int, resource.struct_rusage]:
@@ -316,11 +363,11 @@ def _wait4(pid: int, timeout: float) -> tuple[int, int, resource.struct_rusage]:
 
 
 def _lines(path: Path) -> list[dict]:
-    """The JSON objects of a JSON-lines file (lines that are not JSON objects are skipped)."""
+    """The JSON objects of a JSON-lines file (other lines, such as flowlogs-pipeline's start-up banner, are skipped)."""
     rows = []
     with path.open("rb") as fh:
         for line in fh:
-            if line.startswith(b"{"):
+            if line.startswith(b'{"'):
                 rows.append(orjson.loads(line))
     return rows
 
@@ -346,9 +393,8 @@ def check(tool: str, case: str, run: Run, inputs: Inputs) -> int:
     elif tool == "benthos":
         _expect(tool, case, "flows in aggregate rows", sum(row["flows"] for row in rows), inputs.flows)
     else:
-        # flowlogs-pipeline re-emits every group after each batch with cumulative totals: take the last
-        latest = {row["aggregate"]: row["total_count"] for row in rows}
-        _expect(tool, case, "flows in the last aggregate rows", int(sum(latest.values())), inputs.flows)
+        # flowlogs-pipeline re-emits every group after each batch: recent_count is the count since the last
+        _expect(tool, case, "flows in aggregate rows", int(sum(row["recent_count"] for row in rows)), inputs.flows)
     return len(rows)
 
 
@@ -366,7 +412,8 @@ def run_case(tool: str, case: str, inputs: Inputs, workdir: Path, binaries: dict
     run_dir.mkdir(parents=True)
     argv = command(tool, case, run_dir, binaries)
     stdin = inputs.flat if tool == "flowlogs-pipeline" else inputs.hubble
-    run = measure(argv, stdin, run_dir, stop_on_idle=tool == "flowlogs-pipeline")
+    flp = tool == "flowlogs-pipeline"
+    run = measure(argv, stdin, run_dir, stop_on_idle=flp, flows=inputs.flows if flp and case == "aggregate" else None)
     rows = check(tool, case, run, inputs)
     return run, rows
 
