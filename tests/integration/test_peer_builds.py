@@ -9,6 +9,7 @@ for the filter, aggregate rows that add up to every flow.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,7 +32,15 @@ def binaries() -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> bench_peers.Inputs:
-    made = bench_peers.make_inputs(tmp_path_factory.mktemp("peers"), FLOWS)
+    """100 generated flows, 10 of them DROPPED (the first 100 that flowgen makes have none)."""
+    workdir = tmp_path_factory.mktemp("peers")
+    pool = workdir / "pool.jsonl"
+    subprocess.run([sys.executable, str(REPO / "bench" / "flowgen.py"), str(pool), "-n", "5000"], check=True)
+    lines = pool.read_bytes().splitlines(keepends=True)
+    dropped = [line for line in lines if orjson.loads(line)["flow"].get("verdict") == "DROPPED"][:10]
+    others = [line for line in lines if line not in dropped][:FLOWS - len(dropped)]
+    (workdir / f"flows-{FLOWS}.jsonl").write_bytes(b"".join(others + dropped))
+    made = bench_peers.make_inputs(workdir, FLOWS)
     assert 0 < made.matching < FLOWS, "the generated flows need some, not all, with the filtered verdict"
     return made
 
