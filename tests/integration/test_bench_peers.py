@@ -1,10 +1,11 @@
-"""The peers of bench/bench_peers.py, built by their deploy/dev scripts, on 100 generated flows.
+"""bench/bench_peers.py's inputs and flowship's side of it, on 100 generated flows.
 
-flowlogs-pipeline and Benthos core are built from the Go module proxy by
-``deploy/dev/build-flowlogs-pipeline`` and ``deploy/dev/build-benthos`` (cached under ~/.cache/flowship;
-the first builds take several minutes). Each case of the benchmark runs with its real configs and the
-outputs are checked against counts taken from the input: nothing for discard, exactly the DROPPED flows
-for the filter, aggregate rows that add up to every flow.
+The flat records flowlogs-pipeline is fed carry the Hubble flows' values, and every case of the benchmark
+runs flowship with its real config, its output checked against counts taken from the input: nothing for
+discard, exactly the DROPPED flows for the filter, every flow in Parquet. The peers themselves
+(flowlogs-pipeline, Benthos, built from the Go module proxy by ``deploy/dev/build-flowlogs-pipeline`` and
+``deploy/dev/build-benthos``) are checked the same way by the benchmark on each of its runs; their first build
+takes tens of minutes, which is a benchmark's cost, not the test suite's.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from pathlib import Path
 
 import orjson
 import pytest
-from gotools import go_tool
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
@@ -23,11 +23,6 @@ sys.path.insert(0, str(REPO / "bench"))
 import bench_peers  # noqa: E402
 
 FLOWS = 100
-
-
-@pytest.fixture(scope="module")
-def binaries() -> dict[str, Path]:
-    return {tool: Path(go_tool(script)) for tool, script in bench_peers.BUILD_SCRIPTS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -55,19 +50,6 @@ def test_flat_records_carry_the_hubble_values(inputs: bench_peers.Inputs) -> Non
         assert record["SrcAddr"] == flow["IP"]["source"]
         assert record["SrcK8S_Namespace"] == flow["source"].get("namespace", "")
         assert record["DstK8S_Namespace"] == flow["destination"].get("namespace", "")
-
-
-@pytest.mark.timeout(3600)
-@pytest.mark.parametrize("case", ["discard", "filter", "aggregate"])
-@pytest.mark.parametrize("tool", ["flowlogs-pipeline", "benthos"])
-def test_peer_processes_the_bench_case(tool: str, case: str, binaries: dict[str, Path],
-                                       inputs: bench_peers.Inputs, tmp_path: Path) -> None:
-    run, rows = bench_peers.run_case(tool, case, inputs, tmp_path, binaries)
-    assert run.cpu_s > 0
-    if case == "filter":
-        assert rows == inputs.matching
-    elif case == "aggregate":
-        assert rows > 0
 
 
 @pytest.mark.parametrize("case", bench_peers.CASES)
