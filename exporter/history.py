@@ -228,7 +228,7 @@ def _time_sql(since_ns: int | None, until_ns: int | None) -> tuple[list[str], li
     return clauses, params
 
 
-def conform(batch: pa.RecordBatch) -> pa.RecordBatch:
+def _as_flow_schema(batch: pa.RecordBatch) -> pa.RecordBatch:
     """A batch DuckDB returned, in FLOW_SCHEMA: its time zone is named Etc/UTC, and files written before a
     column existed lack it (null)."""
     columns = []
@@ -437,7 +437,7 @@ class Archive:
     def _ordered(self, files: list[ArchiveFile], since_ns: int | None, until_ns: int | None,
                  whitelist: list[flow_pb2.FlowFilter] | None, filters: FilterSet | None,
                  newest_first: bool = False) -> Iterator[pa.RecordBatch]:
-        """One hour's matching flows sorted by (time, uuid): DuckDB for a local archive, pyarrow for S3."""
+        """The matching flows of ``files`` sorted by (time, uuid): DuckDB for a local archive, pyarrow for S3."""
         if isinstance(self.fs, fs.LocalFileSystem):
             return self._ordered_duckdb(files, since_ns, until_ns, list(whitelist or []), filters, newest_first)
         scan_filter = _time_filter(since_ns, until_ns)
@@ -482,7 +482,7 @@ class Archive:
         try:
             reader = con.sql(sql, params=[[f.path for f in files], *params]).to_arrow_reader(64 * 1024)
             for batch in reader:
-                batch = conform(batch)
+                batch = _as_flow_schema(batch)
                 if filters is not None:
                     batch = batch.filter(pa.array(filters.mask(batch), type=pa.bool_()))
                 if batch.num_rows:
@@ -548,10 +548,13 @@ def _widening(hours: list[list[ArchiveFile]]) -> Iterator[list[ArchiveFile]]:
     width, i = 1, 0
     while i < len(hours):
         group: list[ArchiveFile] = []
-        taken = 0
-        while i < len(hours) and taken < width and (
-                not group or sum(f.size for f in group) + sum(f.size for f in hours[i]) <= _QUERY_BYTES):
+        size = taken = 0
+        while i < len(hours) and taken < width:
+            hour_size = sum(f.size for f in hours[i])
+            if group and size + hour_size > _QUERY_BYTES:
+                break
             group.extend(hours[i])
+            size += hour_size
             i += 1
             taken += 1
         yield group

@@ -428,10 +428,12 @@ def _rpc_reason(exc: grpc.RpcError) -> str:
 
 
 def _response_time(response: observer_pb2.GetFlowsResponse) -> int | None:
+    from flowship.model.proto import timestamp_ns
+
     if response.flow.HasField("time"):
-        return response.flow.time.seconds * 1_000_000_000 + response.flow.time.nanos
+        return timestamp_ns(response.flow.time)
     if response.HasField("time"):
-        return response.time.seconds * 1_000_000_000 + response.time.nanos
+        return timestamp_ns(response.time)
     return None
 
 
